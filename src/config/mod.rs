@@ -1,0 +1,607 @@
+//! Region configuration: TOML file → parse → validate (every error at once) → typed config.
+//!
+//! A region file describes one gateway instance: where it listens, its Redis, and the upstream
+//! services it routes to. See the README's "Configuration reference" for every key.
+//!
+//! Three environment variables override the file, so one file can serve every instance of a
+//! region (containers, the demo): `TOLLGATE_LISTEN`, `TOLLGATE_ADMIN_LISTEN` and
+//! `TOLLGATE_REDIS_URL` (an empty `TOLLGATE_REDIS_URL` removes Redis).
+
+mod fields;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Uri;
+use http::uri::{Authority, Scheme};
+use toml::Table;
+
+pub use fields::{ByteSize, Errors, KeyError};
+use fields::{Section, parse_socket_addr};
+
+/// Environment variable overriding `listen`.
+pub const ENV_LISTEN: &str = "TOLLGATE_LISTEN";
+/// Environment variable overriding `admin_listen`.
+pub const ENV_ADMIN_LISTEN: &str = "TOLLGATE_ADMIN_LISTEN";
+/// Environment variable overriding `redis_url`; empty means "no Redis".
+pub const ENV_REDIS_URL: &str = "TOLLGATE_REDIS_URL";
+
+/// Why a config could not be loaded. Displays as one line per problem, each naming the file
+/// and key, so every mistake is fixed in one go.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", file.display())]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: invalid TOML: {message}", file.display())]
+    Syntax { file: PathBuf, message: String },
+    #[error("{}", render_invalid(file, problems))]
+    Invalid {
+        file: PathBuf,
+        problems: Vec<KeyError>,
+    },
+}
+
+fn render_invalid(file: &Path, problems: &[KeyError]) -> String {
+    let mut out = format!(
+        "{}: {} error{} in config",
+        file.display(),
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
+    for problem in problems {
+        out.push_str(&format!(
+            "\n  {}: {}: {}",
+            file.display(),
+            problem.key,
+            problem.message
+        ));
+    }
+    out
+}
+
+/// One regional gateway's configuration, validated.
+#[derive(Debug, Clone)]
+pub struct RegionConfig {
+    /// Region name, e.g. `us-east`; lowercase letters, digits and `-`.
+    pub region: String,
+    /// Where the proxy listens.
+    pub listen: SocketAddr,
+    /// Where the admin API (`/health`, `/ready`) listens; never shares the proxy's routes.
+    pub admin_listen: SocketAddr,
+    /// The region's Redis, if any.
+    pub redis_url: Option<String>,
+    /// Largest request body forwarded; larger ones get 413.
+    pub max_request_body: u64,
+    /// How long a graceful shutdown waits for in-flight requests.
+    pub drain_timeout: Duration,
+    /// Upstream services by name.
+    pub services: BTreeMap<String, ServiceConfig>,
+}
+
+/// One upstream service and how to reach it.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// Path prefixes routed here, matched on whole segments, longest first.
+    pub routes: Vec<String>,
+    /// Base URLs of the instances (`http://host:port`).
+    pub instances: Vec<Instance>,
+    pub connect_timeout: Duration,
+    /// Time allowed until the upstream's response headers; the body may stream for longer.
+    pub request_timeout: Duration,
+    /// Requests forwarded at once; beyond it requests queue briefly, then get 503.
+    pub concurrency_limit: usize,
+    /// Requests allowed to wait for a concurrency slot; more are refused at once.
+    pub queue_size: usize,
+    /// Longest wait for a concurrency slot.
+    pub queue_timeout: Duration,
+    /// How long an instance is left out after it refused a connection (passive ejection).
+    pub ejection_time: Duration,
+    pub health_check: Option<HealthCheckConfig>,
+}
+
+/// An upstream instance address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub scheme: Scheme,
+    pub authority: Authority,
+}
+
+impl fmt::Display for Instance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
+
+impl Instance {
+    /// Parses `http://host:port` (an optional trailing `/` is allowed, nothing else).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let uri: Uri = text
+            .parse()
+            .map_err(|e| format!("invalid URL {text:?}: {e}"))?;
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or_else(|| format!("{text:?} has no scheme: write http://host:port"))?;
+        if scheme != Scheme::HTTP {
+            return Err(format!(
+                "{text:?}: only http:// upstreams are supported (terminate TLS upstream of the instance)"
+            ));
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("{text:?} has no host"))?;
+        if authority.port_u16().is_none() {
+            return Err(format!("{text:?} has no port"));
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(format!(
+                "{text:?}: an instance is scheme://host:port, without a path or query"
+            ));
+        }
+        Ok(Self { scheme, authority })
+    }
+}
+
+/// Active health checking of a service's instances.
+#[derive(Debug, Clone)]
+pub struct HealthCheckConfig {
+    /// Path requested with GET; any 2xx is healthy.
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that bring an instance back.
+    pub healthy_threshold: u32,
+    /// Consecutive failures that take an instance out.
+    pub unhealthy_threshold: u32,
+}
+
+impl RegionConfig {
+    /// Reads, parses and validates a region file, applying the `TOLLGATE_*` overrides from
+    /// the process environment.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, |name| std::env::var(name).ok())
+    }
+
+    /// [`RegionConfig::load`] with an injected environment, for tests.
+    pub fn load_with_env(
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text, env)
+    }
+
+    /// Parses and validates config text; `file` is only used in messages.
+    pub fn parse(
+        file: &Path,
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let table: Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            file: file.to_owned(),
+            message: e.to_string(),
+        })?;
+        let mut errors = Errors::default();
+        let config = read_region(&table, &env, &mut errors);
+        match config {
+            Some(config) if errors.0.is_empty() => Ok(config),
+            _ => Err(ConfigError::Invalid {
+                file: file.to_owned(),
+                problems: errors.0,
+            }),
+        }
+    }
+}
+
+fn read_region(
+    table: &Table,
+    env: &impl Fn(&str) -> Option<String>,
+    errors: &mut Errors,
+) -> Option<RegionConfig> {
+    let mut root = Section::root(table);
+    let region: Option<String> = root.required("region", errors);
+    // The file's values are read even when the environment overrides them, so they are
+    // still checked and not reported as unknown keys.
+    let file_listen = root.optional("listen", errors);
+    let file_admin_listen = root.optional("admin_listen", errors);
+    let listen = env_or(env, ENV_LISTEN, errors).or(file_listen);
+    let admin_listen = env_or(env, ENV_ADMIN_LISTEN, errors).or(file_admin_listen);
+    for (key, value, var) in [
+        ("listen", listen, ENV_LISTEN),
+        ("admin_listen", admin_listen, ENV_ADMIN_LISTEN),
+    ] {
+        if value.is_none() && !table.contains_key(key) && env(var).is_none() {
+            errors.push(key, "missing required key");
+        }
+    }
+    let file_redis: Option<String> = root.optional("redis_url", errors);
+    let redis_url = match env(ENV_REDIS_URL) {
+        Some(value) if value.is_empty() => None,
+        Some(value) => Some(value),
+        None => file_redis,
+    };
+    let max_request_body = root.or("max_request_body", ByteSize(10 << 20), errors).0;
+    let drain_timeout = root.or("drain_timeout", Duration::from_secs(30), errors);
+
+    let mut services = BTreeMap::new();
+    match root.table("services", errors) {
+        Some(mut section) => {
+            let names: Vec<String> = section_keys(table, "services");
+            for name in names {
+                if let Some(service) = section.table(&name, errors)
+                    && let Some(config) = read_service(&name, service, errors)
+                {
+                    services.insert(name, config);
+                }
+            }
+            section.finish(errors);
+        }
+        None => errors.push(
+            "services",
+            "missing: at least one upstream service is required",
+        ),
+    }
+    root.finish(errors);
+
+    if let Some(region) = &region
+        && (region.is_empty()
+            || !region
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
+    {
+        errors.push(
+            "region",
+            format!("{region:?}: use lowercase letters, digits and '-'"),
+        );
+    }
+    if let (Some(a), Some(b)) = (listen, admin_listen)
+        && a == b
+    {
+        errors.push(
+            "admin_listen",
+            format!("{b} is also `listen`: the admin API needs its own port"),
+        );
+    }
+    if let Some(url) = &redis_url
+        && !(url.starts_with("redis://")
+            || url.starts_with("rediss://")
+            || url.starts_with("redis+unix://")
+            || url.starts_with("unix://"))
+    {
+        errors.push(
+            "redis_url",
+            format!("{url:?}: expected redis://host:port[/db]"),
+        );
+    }
+    check_route_overlaps(&services, errors);
+
+    Some(RegionConfig {
+        region: region?,
+        listen: listen?,
+        admin_listen: admin_listen?,
+        redis_url,
+        max_request_body,
+        drain_timeout,
+        services,
+    })
+}
+
+/// Keys of a sub-table of `table`, in file order as far as the TOML library keeps it.
+fn section_keys(table: &Table, key: &str) -> Vec<String> {
+    table
+        .get(key)
+        .and_then(|v| v.as_table())
+        .map(|t| t.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+fn env_or(
+    env: &impl Fn(&str) -> Option<String>,
+    name: &str,
+    errors: &mut Errors,
+) -> Option<SocketAddr> {
+    let value = env(name)?;
+    match parse_socket_addr(&value) {
+        Ok(addr) => Some(addr),
+        Err(message) => {
+            errors.push(format!("(environment) {name}"), message);
+            None
+        }
+    }
+}
+
+fn read_service(
+    name: &str,
+    mut section: Section<'_>,
+    errors: &mut Errors,
+) -> Option<ServiceConfig> {
+    let routes: Option<Vec<String>> = section.required("routes", errors);
+    let instance_urls: Option<Vec<String>> = section.required("instances", errors);
+    let connect_timeout = section.or("connect_timeout", Duration::from_secs(1), errors);
+    let request_timeout = section.or("request_timeout", Duration::from_secs(30), errors);
+    let concurrency_limit = section.or("concurrency_limit", 1024usize, errors);
+    let queue_size = section.or("queue_size", 256usize, errors);
+    let queue_timeout = section.or("queue_timeout", Duration::from_millis(100), errors);
+    let ejection_time = section.or("ejection_time", Duration::from_secs(10), errors);
+    let health_check = section
+        .table("health_check", errors)
+        .and_then(|hc| read_health_check(hc, errors));
+
+    let mut ok = true;
+    if let Some(routes) = &routes {
+        if routes.is_empty() {
+            errors.push(
+                section.key("routes"),
+                "at least one route prefix is required",
+            );
+        }
+        for (i, route) in routes.iter().enumerate() {
+            if !route.starts_with('/') {
+                errors.push(
+                    format!("{}[{i}]", section.key("routes")),
+                    format!("{route:?} must start with '/'"),
+                );
+            }
+        }
+    }
+    let mut instances = Vec::new();
+    if let Some(urls) = &instance_urls {
+        if urls.is_empty() {
+            errors.push(
+                section.key("instances"),
+                "at least one instance is required",
+            );
+        }
+        for (i, url) in urls.iter().enumerate() {
+            match Instance::parse(url) {
+                Ok(instance) => instances.push(instance),
+                Err(message) => {
+                    ok = false;
+                    errors.push(format!("{}[{i}]", section.key("instances")), message);
+                }
+            }
+        }
+    }
+    for (key, value) in [
+        ("connect_timeout", connect_timeout),
+        ("request_timeout", request_timeout),
+        ("queue_timeout", queue_timeout),
+        ("ejection_time", ejection_time),
+    ] {
+        if value.is_zero() {
+            errors.push(section.key(key), "must be greater than zero");
+        }
+    }
+    if concurrency_limit == 0 {
+        errors.push(section.key("concurrency_limit"), "must be at least 1");
+    }
+    section.finish(errors);
+    if !ok {
+        return None;
+    }
+    Some(ServiceConfig {
+        name: name.to_owned(),
+        routes: routes?.iter().map(|r| normalize_prefix(r)).collect(),
+        instances,
+        connect_timeout,
+        request_timeout,
+        concurrency_limit,
+        queue_size,
+        queue_timeout,
+        ejection_time,
+        health_check,
+    })
+}
+
+/// `/api/v1/users/` and `/api/v1/users` route the same paths.
+fn normalize_prefix(route: &str) -> String {
+    let trimmed = route.trim_end_matches('/');
+    if trimmed.is_empty() {
+        "/".to_owned()
+    } else {
+        trimmed.to_owned()
+    }
+}
+
+fn read_health_check(mut section: Section<'_>, errors: &mut Errors) -> Option<HealthCheckConfig> {
+    let path: String = section.or("path", "/health".to_owned(), errors);
+    let interval = section.or("interval", Duration::from_secs(2), errors);
+    let timeout = section.or("timeout", Duration::from_secs(1), errors);
+    let healthy_threshold = section.or("healthy_threshold", 1u32, errors);
+    let unhealthy_threshold = section.or("unhealthy_threshold", 2u32, errors);
+    if !path.starts_with('/') {
+        errors.push(section.key("path"), format!("{path:?} must start with '/'"));
+    }
+    if interval.is_zero() {
+        errors.push(section.key("interval"), "must be greater than zero");
+    }
+    if timeout.is_zero() || timeout > interval {
+        errors.push(
+            section.key("timeout"),
+            "must be greater than zero and at most `interval`",
+        );
+    }
+    if healthy_threshold == 0 {
+        errors.push(section.key("healthy_threshold"), "must be at least 1");
+    }
+    if unhealthy_threshold == 0 {
+        errors.push(section.key("unhealthy_threshold"), "must be at least 1");
+    }
+    section.finish(errors);
+    Some(HealthCheckConfig {
+        path,
+        interval,
+        timeout,
+        healthy_threshold,
+        unhealthy_threshold,
+    })
+}
+
+/// Two services claiming the same prefix would make routing depend on file order.
+fn check_route_overlaps(services: &BTreeMap<String, ServiceConfig>, errors: &mut Errors) {
+    let mut owners: BTreeMap<&str, &str> = BTreeMap::new();
+    for (name, service) in services {
+        for route in &service.routes {
+            if let Some(previous) = owners.insert(route, name)
+                && previous != name
+            {
+                errors.push(
+                    format!("services.{name}.routes"),
+                    format!("{route:?} is also routed to service {previous:?}"),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+region = "us-east"
+listen = "127.0.0.1:8081"
+admin_listen = "127.0.0.1:9081"
+
+[services.users]
+routes = ["/api/v1/users/"]
+instances = ["http://127.0.0.1:7001"]
+"#;
+
+    fn parse(text: &str) -> Result<RegionConfig, ConfigError> {
+        RegionConfig::parse(Path::new("test.toml"), text, |_| None)
+    }
+
+    fn problems(text: &str) -> Vec<KeyError> {
+        match parse(text) {
+            Err(ConfigError::Invalid { problems, .. }) => problems,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = parse(MINIMAL).unwrap();
+        let users = &config.services["users"];
+        assert_eq!(users.routes, ["/api/v1/users"]);
+        assert_eq!(users.instances[0].to_string(), "http://127.0.0.1:7001");
+        assert_eq!(users.request_timeout, Duration::from_secs(30));
+        assert_eq!(config.max_request_body, 10 << 20);
+        assert!(config.redis_url.is_none());
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_key() {
+        let text = r#"
+region = "US East"
+listen = "not an address"
+admin_listen = 9081
+colour = "blue"
+
+[services.users]
+routes = ["api/v1/users"]
+instances = ["https://users:7001", "http://users"]
+request_timeout = "soon"
+concurrency_limit = 0
+health_check = { interval = "1s", timeout = "2s", bogus = 1 }
+
+[services.bookings]
+routes = ["/api/v1/users"]
+instances = ["http://127.0.0.1:7101"]
+"#;
+        let keys: Vec<String> = problems(text).into_iter().map(|p| p.key).collect();
+        for expected in [
+            "region",
+            "listen",
+            "admin_listen",
+            "colour",
+            "services.users.routes[0]",
+            "services.users.instances[0]",
+            "services.users.instances[1]",
+            "services.users.request_timeout",
+            "services.users.concurrency_limit",
+            "services.users.health_check.timeout",
+            "services.users.health_check.bogus",
+        ] {
+            assert!(
+                keys.iter().any(|k| k == expected),
+                "{expected} missing from {keys:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn message_names_file_and_key_on_each_line() {
+        let err = parse(
+            "region = \"x\"\nlisten = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:1\"\nfoo = 1\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("test.toml: 3 errors"), "{err}");
+        assert!(err.contains("test.toml: foo: unknown key"), "{err}");
+        assert!(err.contains("test.toml: admin_listen:"), "{err}");
+        assert!(err.contains("test.toml: services:"), "{err}");
+    }
+
+    #[test]
+    fn overlapping_routes_are_refused() {
+        let text = format!(
+            "{MINIMAL}\n[services.other]\nroutes = [\"/api/v1/users\"]\ninstances = [\"http://127.0.0.1:1\"]\n"
+        );
+        let problems = problems(&text);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, "services.users.routes");
+    }
+
+    #[test]
+    fn environment_overrides_addresses_and_redis() {
+        let env = |name: &str| match name {
+            ENV_LISTEN => Some("0.0.0.0:18081".to_owned()),
+            ENV_REDIS_URL => Some("redis://10.0.0.1:6379/2".to_owned()),
+            _ => None,
+        };
+        let config = RegionConfig::parse(Path::new("t.toml"), MINIMAL, env).unwrap();
+        assert_eq!(config.listen.to_string(), "0.0.0.0:18081");
+        assert_eq!(config.admin_listen.to_string(), "127.0.0.1:9081");
+        assert_eq!(config.redis_url.as_deref(), Some("redis://10.0.0.1:6379/2"));
+    }
+
+    #[test]
+    fn invalid_environment_override_is_reported() {
+        let env = |name: &str| (name == ENV_ADMIN_LISTEN).then(|| "nope".to_owned());
+        let err = RegionConfig::parse(Path::new("t.toml"), MINIMAL, env).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("(environment) TOLLGATE_ADMIN_LISTEN"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_name_the_file() {
+        let err = parse("region = ").unwrap_err().to_string();
+        assert!(err.starts_with("test.toml: invalid TOML"), "{err}");
+    }
+
+    #[test]
+    fn shipped_region_files_are_valid() {
+        for region in ["us-east", "eu-west", "ap-south"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("regions")
+                .join(format!("{region}.toml"));
+            let config = RegionConfig::load_with_env(&path, |_| None).unwrap();
+            assert_eq!(config.region, region);
+        }
+    }
+}

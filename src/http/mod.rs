@@ -1,0 +1,7 @@
+//! HTTP plumbing: the gateway's layer stack and admin API, and what the gateway and the demo
+//! services share (correlation IDs, problem responses).
+
+pub mod admin;
+pub mod correlation;
+pub mod problem;
+pub mod stack;

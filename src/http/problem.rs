@@ -1,0 +1,120 @@
+//! RFC 9457 `application/problem+json` responses.
+//!
+//! Every error tollgate produces itself (not the upstream's) is a [`Problem`], so a client can
+//! always tell a gateway refusal from an upstream answer by the content type and the `type`
+//! URI, which names the failure in a stable, machine-readable way.
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use serde_json::{Map, Value};
+
+/// Media type of RFC 9457 problem documents.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// Prefix of every problem `type` URI; the suffix is a stable slug such as `no-route`.
+pub const PROBLEM_TYPE_PREFIX: &str = "urn:tollgate:problem:";
+
+/// An RFC 9457 problem document plus the HTTP details that travel with it.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    /// HTTP status of the response, repeated in the body's `status` member.
+    pub status: StatusCode,
+    /// Stable slug appended to [`PROBLEM_TYPE_PREFIX`] to form the `type` URI.
+    pub slug: &'static str,
+    /// Short human summary that does not change between occurrences.
+    pub title: &'static str,
+    /// Explanation specific to this occurrence.
+    pub detail: Option<String>,
+    /// Extension members (RFC 9457 section 3.2), e.g. field errors or violated policies.
+    pub extensions: Map<String, Value>,
+    /// Seconds for a `Retry-After` header, for refusals the client should retry later.
+    pub retry_after_secs: Option<u64>,
+}
+
+impl Problem {
+    pub fn new(status: StatusCode, slug: &'static str, title: &'static str) -> Self {
+        Self {
+            status,
+            slug,
+            title,
+            detail: None,
+            extensions: Map::new(),
+            retry_after_secs: None,
+        }
+    }
+
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    pub fn extension(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.extensions.insert(key.to_owned(), value.into());
+        self
+    }
+
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_secs = Some(secs);
+        self
+    }
+
+    /// The full `type` URI.
+    pub fn type_uri(&self) -> String {
+        format!("{PROBLEM_TYPE_PREFIX}{}", self.slug)
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Value {
+        let mut body = Map::new();
+        body.insert("type".into(), self.type_uri().into());
+        body.insert("title".into(), self.title.into());
+        body.insert("status".into(), self.status.as_u16().into());
+        if let Some(detail) = &self.detail {
+            body.insert("detail".into(), detail.clone().into());
+        }
+        for (key, value) in &self.extensions {
+            body.insert(key.clone(), value.clone());
+        }
+        Value::Object(body)
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let body = self.body().to_string();
+        let mut response = (self.status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        if let Some(secs) = self.retry_after_secs {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_carries_type_status_and_extensions() {
+        let problem = Problem::new(StatusCode::NOT_FOUND, "no-route", "No route matches")
+            .detail("nothing serves /x")
+            .extension("path", "/x");
+        let body = problem.body();
+        assert_eq!(body["type"], "urn:tollgate:problem:no-route");
+        assert_eq!(body["status"], 404);
+        assert_eq!(body["detail"], "nothing serves /x");
+        assert_eq!(body["path"], "/x");
+    }
+
+    #[test]
+    fn response_has_problem_content_type_and_retry_after() {
+        let response = Problem::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "Overloaded")
+            .retry_after(1)
+            .into_response();
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+    }
+}

@@ -1,0 +1,26 @@
+//! tollgate: a multi-region API gateway with rate limiting.
+//!
+//! Each regional gateway routes requests to upstream services with streaming bodies, load
+//! balancing, health checks and concurrency limits; gives every request a correlation ID; and
+//! answers its own failures as RFC 9457 problem documents.
+//!
+//! # Layout
+//!
+//! - [`config`]: region file → parse → validate (every error at once, with file and key).
+//! - [`proxy`]: routing, instance pools and health, concurrency limits, forwarding.
+//! - [`http`]: the gateway's layer stack ([`http::stack`], in one file), the admin API,
+//!   correlation IDs and problem responses shared with the services.
+//! - [`gateway`]: a regional gateway process: listeners and graceful shutdown.
+//! - [`services`]: the airline's upstream services, users and bookings.
+//! - [`demo`]: `tollgate demo`, three regions and the services on one machine.
+//! - [`telemetry`](crate::telemetry): logging.
+//! - [`shutdown`]: the process's SIGINT/SIGTERM future.
+
+pub mod config;
+pub mod demo;
+pub mod gateway;
+pub mod http;
+pub mod proxy;
+pub mod services;
+pub mod shutdown;
+pub mod telemetry;

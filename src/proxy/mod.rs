@@ -1,0 +1,287 @@
+//! The reverse proxy: route, admit into the service's concurrency limit, pick an instance,
+//! forward with bodies streaming both ways, and map every failure to a problem response.
+//!
+//! Retries: a request whose connection was refused is retried on another instance only when
+//! it has no body. A streamed body is consumed as it is sent and cannot be replayed, and
+//! buffering it to make retries possible is exactly what the gateway must not do.
+
+mod body;
+mod concurrency;
+mod error;
+mod headers;
+mod health;
+mod pool;
+mod routes;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::body::Body;
+use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Request, Response, Uri, Version};
+use http_body::Body as _;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::config::{RegionConfig, ServiceConfig};
+pub use body::{GuardedBody, LimitedBody};
+pub use concurrency::{ConcurrencyLimit, Refused};
+pub use error::ProxyError;
+pub use headers::{add_forwarded, strip_hop_by_hop};
+pub use pool::{Endpoint, Pool};
+pub use routes::RouteTable;
+
+/// Most instances one request is tried on (bodyless requests only).
+const MAX_ATTEMPTS: usize = 3;
+
+/// One upstream service: its instances, client, and limits.
+pub struct Upstream {
+    pub config: ServiceConfig,
+    pub pool: Pool,
+    client: Client<HttpConnector, LimitedBody>,
+    limit: ConcurrencyLimit,
+}
+
+impl Upstream {
+    fn new(config: ServiceConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(60))
+            // Keep enough idle connections for the concurrency the service allows.
+            .pool_max_idle_per_host(config.concurrency_limit)
+            .build(connector);
+        Self {
+            pool: Pool::new(&config.instances),
+            limit: ConcurrencyLimit::new(
+                config.concurrency_limit,
+                config.queue_size,
+                config.queue_timeout,
+            ),
+            client,
+            config,
+        }
+    }
+}
+
+/// Health of one service as the readiness endpoint reports it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceStatus {
+    pub name: String,
+    pub healthy_instances: usize,
+    pub instances: usize,
+    pub in_flight: usize,
+    pub queued: usize,
+}
+
+/// Every upstream of a region and the routes to them.
+pub struct Proxy {
+    routes: RouteTable,
+    upstreams: Vec<Arc<Upstream>>,
+    max_request_body: u64,
+}
+
+impl Proxy {
+    pub fn new(config: &RegionConfig) -> Self {
+        let upstreams: Vec<Arc<Upstream>> = config
+            .services
+            .values()
+            .cloned()
+            .map(|service| Arc::new(Upstream::new(service)))
+            .collect();
+        let routes = RouteTable::new(upstreams.iter().enumerate().flat_map(|(i, upstream)| {
+            upstream
+                .config
+                .routes
+                .iter()
+                .map(move |route| (route.clone(), i))
+        }));
+        Self {
+            routes,
+            upstreams,
+            max_request_body: config.max_request_body,
+        }
+    }
+
+    /// Starts the active health checks; they stop when the returned set is dropped.
+    pub fn spawn_health_checks(&self) -> JoinSet<()> {
+        let mut tasks = JoinSet::new();
+        for upstream in &self.upstreams {
+            if upstream.config.health_check.is_some() {
+                tasks.spawn(health::run(upstream.clone()));
+            }
+        }
+        tasks
+    }
+
+    pub fn status(&self) -> Vec<ServiceStatus> {
+        let now = Instant::now();
+        self.upstreams
+            .iter()
+            .map(|upstream| ServiceStatus {
+                name: upstream.config.name.clone(),
+                healthy_instances: upstream.pool.available(now),
+                instances: upstream.pool.endpoints.len(),
+                in_flight: upstream.pool.endpoints.iter().map(|e| e.in_flight()).sum(),
+                queued: upstream.limit.waiting(),
+            })
+            .collect()
+    }
+
+    /// Forwards `request` from `client` to the service its path routes to.
+    pub async fn forward(
+        &self,
+        request: Request<Body>,
+        client: IpAddr,
+    ) -> Result<Response<Body>, ProxyError> {
+        let path = request.uri().path();
+        let upstream = self
+            .routes
+            .lookup(path)
+            .map(|i| &self.upstreams[i])
+            .ok_or_else(|| ProxyError::NoRoute {
+                path: path.to_owned(),
+            })?;
+        let name = &upstream.config.name;
+        if content_length(&request).is_some_and(|len| len > self.max_request_body) {
+            return Err(ProxyError::BodyTooLarge {
+                limit: self.max_request_body,
+            });
+        }
+        let slot = upstream
+            .limit
+            .acquire()
+            .await
+            .map_err(|_| ProxyError::Overloaded {
+                service: name.clone(),
+            })?;
+
+        let (mut parts, body) = request.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        add_forwarded(&mut parts.headers, client, "http");
+        // The upstream sees its own authority in Host, as nginx does by default; the client's
+        // Host travels in X-Forwarded-Host. hyper sets Host from the URI.
+        parts.headers.remove(header::HOST);
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+
+        let has_body = !body.is_end_stream();
+        let too_large = Arc::new(AtomicBool::new(false));
+        let mut body = Some(LimitedBody::new(
+            body,
+            self.max_request_body,
+            too_large.clone(),
+        ));
+        let mut tried = 0u64;
+        let mut last_error = None;
+        for _ in 0..MAX_ATTEMPTS.min(upstream.pool.endpoints.len()) {
+            let now = Instant::now();
+            let Some(index) = upstream.pool.pick(now, tried) else {
+                break;
+            };
+            tried |= 1 << index.min(63);
+            let endpoint = &upstream.pool.endpoints[index];
+            let uri = Uri::builder()
+                .scheme(endpoint.instance.scheme.clone())
+                .authority(endpoint.instance.authority.clone())
+                .path_and_query(path_and_query.clone())
+                .build()
+                .map_err(|e| ProxyError::UpstreamFailed {
+                    service: name.clone(),
+                    instance: endpoint.instance.to_string(),
+                    reason: e.to_string(),
+                })?;
+            let mut outgoing = Request::new(body.take().unwrap_or_else(LimitedBody::empty));
+            *outgoing.method_mut() = parts.method.clone();
+            *outgoing.uri_mut() = uri;
+            *outgoing.version_mut() = Version::HTTP_11;
+            *outgoing.headers_mut() = parts.headers.clone();
+
+            let in_flight = endpoint.start_request();
+            let sent = tokio::time::timeout(
+                upstream.config.request_timeout,
+                upstream.client.request(outgoing),
+            )
+            .await;
+            match sent {
+                Ok(Ok(response)) => {
+                    let (mut head, incoming) = response.into_parts();
+                    strip_hop_by_hop(&mut head.headers);
+                    let body = Body::new(GuardedBody::new(incoming, (slot, in_flight)));
+                    return Ok(Response::from_parts(head, body));
+                }
+                Err(_elapsed) => {
+                    return Err(ProxyError::Timeout {
+                        service: name.clone(),
+                        timeout: upstream.config.request_timeout,
+                    });
+                }
+                Ok(Err(_)) if too_large.load(Ordering::Acquire) => {
+                    return Err(ProxyError::BodyTooLarge {
+                        limit: self.max_request_body,
+                    });
+                }
+                Ok(Err(error)) if error.is_connect() => {
+                    if endpoint.eject(now, upstream.config.ejection_time) {
+                        tracing::warn!(
+                            service = %name,
+                            instance = %endpoint.instance,
+                            error = %error_chain(&error),
+                            "instance refused a connection, ejected for {:?}",
+                            upstream.config.ejection_time
+                        );
+                    }
+                    last_error = Some(ProxyError::Unreachable {
+                        service: name.clone(),
+                        instance: endpoint.instance.to_string(),
+                        reason: error_chain(&error),
+                    });
+                    if has_body {
+                        break;
+                    }
+                }
+                Ok(Err(error)) => {
+                    return Err(ProxyError::UpstreamFailed {
+                        service: name.clone(),
+                        instance: endpoint.instance.to_string(),
+                        reason: error_chain(&error),
+                    });
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| ProxyError::NoHealthyInstance {
+            service: name.clone(),
+        }))
+    }
+}
+
+fn content_length<B>(request: &Request<B>) -> Option<u64> {
+    request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v: &HeaderValue| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// An error and its sources on one line, for logs.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
