@@ -451,7 +451,22 @@ fn print_banner(storage: &Storage, users: &[u16], bookings: &[u16], dir: &Path) 
     println!("  users     {}", list(users));
     println!("  bookings  {}", list(bookings));
     println!("  storage   {storage_line}");
-    println!("  configs   {}\n", dir.display());
+    println!("  configs   {}", dir.display());
+    println!("  metrics   http://127.0.0.1:9081/metrics (each gateway's admin port)");
+    // The children inherit the OTEL_* variables; each sets its own OTEL_SERVICE_NAME.
+    let endpoint = [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]
+    .iter()
+    .find_map(|name| std::env::var(name).ok().filter(|v| !v.trim().is_empty()));
+    match endpoint {
+        Some(endpoint) => println!(
+            "  traces    OTLP to {endpoint} as gateway, users, bookings \
+             (find one by tag correlation_id=<X-Request-ID>)\n"
+        ),
+        None => println!("  traces    off (set OTEL_EXPORTER_OTLP_ENDPOINT to export)\n"),
+    }
     println!("Try:");
     println!(
         "  curl -si -X POST http://127.0.0.1:8081/api/v1/users -H 'content-type: application/json' \\\n    -d '{{\"username\":\"ada\",\"password\":\"correct-horse\",\"name\":\"Ada\",\"lastName\":\"Lovelace\"}}'"

@@ -7,11 +7,15 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::Mutex;
 
 use crate::config::RegionConfig;
+use crate::http::ratelimit::RateLimiter;
 use crate::http::{admin::admin_app, stack::proxy_app};
+use crate::limit::breaker::Breaker;
 use crate::proxy::Proxy;
+use crate::store::memory::MemoryStore;
+use crate::store::redis::{RedisClusterStore, RedisStore};
+use crate::store::{BucketStore, StoreError};
 
 /// How long a readiness probe waits for Redis.
 const REDIS_PROBE_TIMEOUT: Duration = Duration::from_millis(250);
@@ -24,37 +28,76 @@ pub enum GatewayError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("invalid Redis URL: {0}")]
-    RedisUrl(redis::RedisError),
+    #[error("bucket store: {0}")]
+    Store(StoreError),
     #[error("server error: {0}")]
     Serve(std::io::Error),
+}
+
+/// Where the region's buckets live, kept concrete for readiness pings.
+enum Backend {
+    Memory,
+    Redis(Arc<RedisStore>),
+    Cluster(Arc<RedisClusterStore>),
 }
 
 /// Everything a gateway's handlers share.
 pub struct Gateway {
     pub config: RegionConfig,
     pub proxy: Proxy,
-    redis: Option<RedisProbe>,
+    pub limiter: Arc<RateLimiter>,
+    backend: Backend,
 }
 
 impl Gateway {
+    /// Builds the gateway. Redis need not be up: the store connects in the background and
+    /// policies apply their `on_store_error` until it answers.
     pub fn new(config: RegionConfig) -> Result<Self, GatewayError> {
-        let redis = config
-            .redis_url
-            .as_deref()
-            .map(RedisProbe::new)
-            .transpose()?;
+        let (store, backend): (Arc<dyn BucketStore>, Backend) = if !config.redis_cluster.is_empty()
+        {
+            let store = Arc::new(
+                RedisClusterStore::new(&config.redis_cluster, config.store_timeout)
+                    .map_err(GatewayError::Store)?,
+            );
+            (store.clone(), Backend::Cluster(store))
+        } else if let Some(url) = &config.redis_url {
+            let store =
+                Arc::new(RedisStore::new(url, config.store_timeout).map_err(GatewayError::Store)?);
+            (store.clone(), Backend::Redis(store))
+        } else {
+            (Arc::new(MemoryStore::new()), Backend::Memory)
+        };
+        let limiter = Arc::new(RateLimiter::new(
+            config.policies.clone(),
+            config.identity.clone(),
+            store,
+            config.store_timeout,
+            Breaker::new(config.store_breaker_failures, config.store_probe_interval),
+        ));
         Ok(Self {
             proxy: Proxy::new(&config),
-            redis,
+            limiter,
+            backend,
             config,
         })
     }
 
     pub async fn redis_status(&self) -> RedisStatus {
-        match &self.redis {
-            None => RedisStatus::NotConfigured,
-            Some(probe) => probe.ping().await,
+        let ping = match &self.backend {
+            Backend::Memory => return RedisStatus::NotConfigured,
+            Backend::Redis(store) => tokio::time::timeout(REDIS_PROBE_TIMEOUT, store.ping()).await,
+            Backend::Cluster(store) => {
+                tokio::time::timeout(REDIS_PROBE_TIMEOUT, store.ping()).await
+            }
+        };
+        match ping {
+            Ok(Ok(())) => RedisStatus::Up,
+            Ok(Err(error)) => RedisStatus::Down {
+                error: error.to_string(),
+            },
+            Err(_) => RedisStatus::Down {
+                error: format!("no answer within {REDIS_PROBE_TIMEOUT:?}"),
+            },
         }
     }
 }
@@ -71,43 +114,6 @@ pub enum RedisStatus {
 impl RedisStatus {
     pub fn is_ready(&self) -> bool {
         !matches!(self, Self::Down { .. })
-    }
-}
-
-/// Checks that the region's Redis answers, reusing one multiplexed connection.
-struct RedisProbe {
-    client: redis::Client,
-    connection: Mutex<Option<redis::aio::MultiplexedConnection>>,
-}
-
-impl RedisProbe {
-    fn new(url: &str) -> Result<Self, GatewayError> {
-        Ok(Self {
-            client: redis::Client::open(url).map_err(GatewayError::RedisUrl)?,
-            connection: Mutex::new(None),
-        })
-    }
-
-    async fn ping(&self) -> RedisStatus {
-        let attempt = async {
-            let mut slot = self.connection.lock().await;
-            let mut connection = match slot.take() {
-                Some(connection) => connection,
-                None => self.client.get_multiplexed_async_connection().await?,
-            };
-            let pong: String = redis::cmd("PING").query_async(&mut connection).await?;
-            *slot = Some(connection);
-            Ok::<_, redis::RedisError>(pong)
-        };
-        match tokio::time::timeout(REDIS_PROBE_TIMEOUT, attempt).await {
-            Ok(Ok(_)) => RedisStatus::Up,
-            Ok(Err(error)) => RedisStatus::Down {
-                error: error.to_string(),
-            },
-            Err(_) => RedisStatus::Down {
-                error: format!("no answer within {REDIS_PROBE_TIMEOUT:?}"),
-            },
-        }
     }
 }
 

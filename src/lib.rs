@@ -13,14 +13,18 @@
 //! - [`gateway`]: a regional gateway process: listeners and graceful shutdown.
 //! - [`services`]: the airline's upstream services, users and bookings.
 //! - [`demo`]: `tollgate demo`, three regions and the services on one machine.
-//! - [`telemetry`](crate::telemetry): logging.
+//! - [`telemetry`](crate::telemetry): logs, OTLP trace export, W3C trace context.
+//! - [`metrics`](crate::metrics): the Prometheus recorder and the metric catalogue.
 //! - [`shutdown`]: the process's SIGINT/SIGTERM future.
 
 pub mod config;
 pub mod demo;
 pub mod gateway;
 pub mod http;
+pub mod limit;
+pub mod metrics;
 pub mod proxy;
 pub mod services;
 pub mod shutdown;
+pub mod store;
 pub mod telemetry;

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tollgate::config::RegionConfig;
 use tollgate::services::{BookingsArgs, UsersArgs};
-use tollgate::telemetry::{self, LogFormat};
+use tollgate::telemetry::{self, LogFormat, Role};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -56,10 +56,20 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // Installed first, so a signal during startup still shuts down in order.
     let shutdown = tollgate::shutdown::signal();
+    // Each role returns its result instead of `?`-ing out, so that the pending spans are
+    // flushed (telemetry.shutdown) whether it succeeded or not.
     match cli.command {
         Command::Gateway(args) => {
-            telemetry::init(cli.log_format, "gateway");
-            let config = RegionConfig::load(&args.config)?;
+            // The config comes first: the gateway's traces carry its region.
+            let config = match RegionConfig::load(&args.config) {
+                Ok(config) => config,
+                Err(error) => {
+                    // A config mistake is the operator's to fix, not a crash: print every
+                    // problem, without anyhow's backtrace, and exit with a usage-error code.
+                    eprintln!("{error}");
+                    std::process::exit(2);
+                }
+            };
             if args.check {
                 println!(
                     "{}: valid (region {}, {} services)",
@@ -69,28 +79,39 @@ async fn main() -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
-            tollgate::gateway::run(config, shutdown)
+            let region = config.region.clone();
+            let telemetry = telemetry::init(cli.log_format, Role::Gateway { region: &region })?;
+            tollgate::metrics::install();
+            let result = tollgate::gateway::run(config, shutdown)
                 .await
-                .context("gateway failed")?;
+                .context("gateway failed");
+            telemetry.shutdown().await;
+            result
         }
         Command::Users(args) => {
-            telemetry::init(cli.log_format, "users");
-            tollgate::services::users::run(args, shutdown)
+            let telemetry = telemetry::init(cli.log_format, Role::Users)?;
+            let result = tollgate::services::users::run(args, shutdown)
                 .await
-                .context("users service failed")?;
+                .context("users service failed");
+            telemetry.shutdown().await;
+            result
         }
         Command::Bookings(args) => {
-            telemetry::init(cli.log_format, "bookings");
-            tollgate::services::bookings::run(args, shutdown)
+            let telemetry = telemetry::init(cli.log_format, Role::Bookings)?;
+            let result = tollgate::services::bookings::run(args, shutdown)
                 .await
-                .context("bookings service failed")?;
+                .context("bookings service failed");
+            telemetry.shutdown().await;
+            result
         }
         Command::Demo(args) => {
-            telemetry::init(cli.log_format, "demo");
-            tollgate::demo::run(args, shutdown)
+            // The demo serves nothing itself; its children export under their own names.
+            let telemetry = telemetry::init(cli.log_format, Role::Demo)?;
+            let result = tollgate::demo::run(args, shutdown)
                 .await
-                .context("demo failed")?;
+                .context("demo failed");
+            telemetry.shutdown().await;
+            result
         }
     }
-    Ok(())
 }

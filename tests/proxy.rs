@@ -4,7 +4,6 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -17,93 +16,14 @@ use axum::routing::{any, get};
 use http::StatusCode;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot};
-use tollgate::config::RegionConfig;
-use tollgate::gateway::{Gateway, serve as serve_gateway};
+use tokio::sync::mpsc;
 
+use support::gateway::{TestGateway, service};
 use support::{client, closed_addr, serve};
 
 /// Generous bound for anything that should happen promptly; hitting it means a bug (e.g. a
 /// body that was buffered instead of streamed), not a slow machine.
 const DEADLINE: Duration = Duration::from_secs(10);
-
-/// A gateway running in this process on free ports.
-struct TestGateway {
-    addr: SocketAddr,
-    admin: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl TestGateway {
-    /// `services` is the TOML of the `[services.*]` tables; `extra` top-level keys.
-    async fn start(extra: &str, services: &str) -> Self {
-        let text = format!(
-            "region = \"test\"\nlisten = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:2\"\n{extra}\n{services}"
-        );
-        let config = RegionConfig::parse(Path::new("test.toml"), &text, |_| None)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let gateway = Arc::new(Gateway::new(config).unwrap());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let admin = admin_listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            serve_gateway(gateway, listener, admin_listener, async move {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
-        Self {
-            addr,
-            admin,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    fn admin_url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.admin)
-    }
-
-    async fn ready(&self) -> Value {
-        client()
-            .get(self.admin_url("/ready"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(DEADLINE, &mut self.task)
-            .await
-            .expect("gateway did not stop")
-            .unwrap();
-    }
-}
-
-fn service(name: &str, route: &str, instances: &[SocketAddr], extra: &str) -> String {
-    let list: Vec<String> = instances
-        .iter()
-        .map(|a| format!("\"http://{a}\""))
-        .collect();
-    format!(
-        "[services.{name}]\nroutes = [\"{route}\"]\ninstances = [{}]\n{extra}\n",
-        list.join(", ")
-    )
-}
 
 /// An upstream that answers 201 with a JSON description of the request it received.
 async fn echo_upstream() -> SocketAddr {

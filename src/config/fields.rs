@@ -184,6 +184,11 @@ impl<'t> Section<'t> {
         }
     }
 
+    /// This table's own key path.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
     /// The full path of a key of this table.
     pub fn key(&self, key: &str) -> String {
         if self.path.is_empty() {
@@ -236,6 +241,31 @@ impl<'t> Section<'t> {
                 None
             }
         }
+    }
+
+    /// An array of tables (`[[key]]`), each with its indexed path (`key[0]`).
+    pub fn array_of_tables(&mut self, key: &str, errors: &mut Errors) -> Vec<Section<'t>> {
+        let Some(value) = self.take(key) else {
+            return Vec::new();
+        };
+        let Some(items) = value.as_array() else {
+            errors.push(self.key(key), type_error("an array of tables", value));
+            return Vec::new();
+        };
+        let mut sections = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("{}[{i}]", self.key(key));
+            match item.as_table() {
+                Some(table) => sections.push(Section::at(path, table)),
+                None => errors.push(path, type_error("a table", item)),
+            }
+        }
+        sections
+    }
+
+    /// The keys of this table, for tables whose keys are names (`[policies.NAME]`).
+    pub fn sub_keys_of_self(&self) -> Vec<String> {
+        self.table.keys().cloned().collect()
     }
 
     /// Reports every key of this table that no reader asked for.

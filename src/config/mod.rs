@@ -8,6 +8,7 @@
 //! `TOLLGATE_REDIS_URL` (an empty `TOLLGATE_REDIS_URL` removes Redis).
 
 mod fields;
+mod limits;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -21,6 +22,9 @@ use toml::Table;
 
 pub use fields::{ByteSize, Errors, KeyError};
 use fields::{Section, parse_socket_addr};
+
+use crate::limit::identity::IdentityConfig;
+use crate::limit::policy::Policy;
 
 /// Environment variable overriding `listen`.
 pub const ENV_LISTEN: &str = "TOLLGATE_LISTEN";
@@ -82,6 +86,18 @@ pub struct RegionConfig {
     pub drain_timeout: Duration,
     /// Upstream services by name.
     pub services: BTreeMap<String, ServiceConfig>,
+    /// Seed nodes of a Redis Cluster holding the buckets (instead of `redis_url`).
+    pub redis_cluster: Vec<String>,
+    /// Deadline of one bucket-store decision; past it the policy's `on_store_error` decides.
+    pub store_timeout: Duration,
+    /// Consecutive store failures that open the store breaker.
+    pub store_breaker_failures: u32,
+    /// While the breaker is open, how often one request probes the store.
+    pub store_probe_interval: Duration,
+    /// API keys, JWT verification and trusted proxies.
+    pub identity: IdentityConfig,
+    /// Rate-limit policies, in name order; a request must pass every one that matches.
+    pub policies: Vec<Policy>,
 }
 
 /// One upstream service and how to reach it.
@@ -193,7 +209,8 @@ impl RegionConfig {
             message: e.to_string(),
         })?;
         let mut errors = Errors::default();
-        let config = read_region(&table, &env, &mut errors);
+        let base_dir = file.parent().unwrap_or(Path::new("."));
+        let config = read_region(&table, &env, base_dir, &mut errors);
         match config {
             Some(config) if errors.0.is_empty() => Ok(config),
             _ => Err(ConfigError::Invalid {
@@ -207,6 +224,7 @@ impl RegionConfig {
 fn read_region(
     table: &Table,
     env: &impl Fn(&str) -> Option<String>,
+    base_dir: &Path,
     errors: &mut Errors,
 ) -> Option<RegionConfig> {
     let mut root = Section::root(table);
@@ -233,11 +251,31 @@ fn read_region(
     };
     let max_request_body = root.or("max_request_body", ByteSize(10 << 20), errors).0;
     let drain_timeout = root.or("drain_timeout", Duration::from_secs(30), errors);
+    let redis_cluster: Vec<String> = root.or("redis_cluster", Vec::new(), errors);
+    let store_timeout = root.or("store_timeout", Duration::from_millis(50), errors);
+    let store_breaker_failures = root.or("store_breaker_failures", 3u32, errors);
+    let store_probe_interval = root.or("store_probe_interval", Duration::from_millis(250), errors);
+    let identity_section = root.table("identity", errors);
+    let identity = limits::read_identity(identity_section, env, base_dir, errors);
+    let policies_section = root.table("policies", errors);
+    let policies = limits::read_policies(policies_section, errors);
+    if redis_url.is_some() && !redis_cluster.is_empty() {
+        errors.push(
+            "redis_cluster",
+            "set either redis_url or redis_cluster, not both",
+        );
+    }
+    if store_timeout.is_zero() {
+        errors.push("store_timeout", "must be greater than zero");
+    }
+    if store_probe_interval.is_zero() {
+        errors.push("store_probe_interval", "must be greater than zero");
+    }
 
     let mut services = BTreeMap::new();
     match root.table("services", errors) {
         Some(mut section) => {
-            let names: Vec<String> = section_keys(table, "services");
+            let names = section.sub_keys_of_self();
             for name in names {
                 if let Some(service) = section.table(&name, errors)
                     && let Some(config) = read_service(&name, service, errors)
@@ -294,16 +332,13 @@ fn read_region(
         max_request_body,
         drain_timeout,
         services,
+        redis_cluster,
+        store_timeout,
+        store_breaker_failures,
+        store_probe_interval,
+        identity,
+        policies,
     })
-}
-
-/// Keys of a sub-table of `table`, in file order as far as the TOML library keeps it.
-fn section_keys(table: &Table, key: &str) -> Vec<String> {
-    table
-        .get(key)
-        .and_then(|v| v.as_table())
-        .map(|t| t.keys().cloned().collect())
-        .unwrap_or_default()
 }
 
 fn env_or(

@@ -4,12 +4,25 @@
 //! the value ends up in log lines, spans and upstream headers, so only a short, inert alphabet
 //! is trusted; anything else is replaced by a fresh UUIDv7 (time-ordered, so IDs sort by
 //! arrival in log search).
+//!
+//! The layer that settles the ID also opens the request's OpenTelemetry server span (see
+//! [`crate::telemetry`]) with the ID as its `correlation_id` attribute, so a trace in Jaeger
+//! is found by the ID a client or a log line shows.
 
-use axum::extract::Request;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use http::{HeaderMap, HeaderName, HeaderValue};
+use tokio::time::Instant;
 use tracing::Instrument;
+use tracing::field::Empty;
+
+use crate::gateway::Gateway;
+use crate::metrics::Decision;
+use crate::telemetry;
 
 /// The header that carries the correlation ID in both directions.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -62,23 +75,100 @@ pub fn is_acceptable(id: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// Middleware: settles the request's ID, forwards it (the request header is overwritten, so
-/// whatever reaches the handler or upstream is the validated value), opens the request span
-/// that puts `correlation_id` on every log line, and echoes the ID on the response, errors
-/// included.
-pub async fn correlate(mut request: Request, next: Next) -> Response {
+/// Middleware for the services and the admin API: [`traced`] with axum's matched route
+/// template (e.g. `/api/v1/users/{username}`) as `http.route`.
+pub async fn correlate(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| path.as_str().to_owned());
+    let server = Server {
+        route: route.as_deref(),
+        region: None,
+    };
+    traced(request, next, server).await
+}
+
+/// Middleware for the gateway's proxy listener: [`traced`] with the matched route prefix as
+/// `http.route` and the region as `cloud.region`, and the request counted in the metrics
+/// ([`crate::metrics`]) under its service, status and rate-limit decision.
+///
+/// It is the outermost layer, so every answer, refusals and 429s included, is counted and
+/// traced, and the decision a limiter put in the response's extensions is seen.
+pub async fn correlate_gateway(
+    State(gateway): State<Arc<Gateway>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let routed = gateway.proxy.route(request.uri().path());
+    let server = Server {
+        route: routed.as_ref().map(|routed| routed.route),
+        region: Some(&gateway.config.region),
+    };
+    let response = traced(request, next, server).await;
+    crate::metrics::record_request(
+        routed.map_or(crate::metrics::UNROUTED, |routed| routed.service),
+        response.status(),
+        Decision::label_of(response.extensions()),
+        started.elapsed(),
+    );
+    response
+}
+
+/// What the server span knows about a request beyond the request itself.
+#[derive(Debug, Clone, Copy)]
+struct Server<'a> {
+    /// A low-cardinality route (template or prefix), never the raw path.
+    route: Option<&'a str>,
+    /// The gateway's region; services have none.
+    region: Option<&'a str>,
+}
+
+/// Settles the request's ID, forwards it (the request header is overwritten, so whatever
+/// reaches the handler or upstream is the validated value), opens the request's server span,
+/// and echoes the ID on the response, errors included.
+///
+/// The span follows the OpenTelemetry HTTP server conventions and carries `correlation_id`,
+/// so that every log line of the request has it and a trace can be found by it. It continues
+/// the caller's trace when the request brings a valid `traceparent`.
+async fn traced(mut request: Request, next: Next, server: Server<'_>) -> Response {
     let id = RequestId::from_headers(request.headers());
     request
         .headers_mut()
         .insert(X_REQUEST_ID.clone(), id.header_value().clone());
     request.extensions_mut().insert(id.clone());
+    let method = request.method().clone();
+    let client = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip());
+    // Span name per the conventions: "{method} {route}", or just the method without a route.
+    let name = match server.route {
+        Some(route) => format!("{method} {route}"),
+        None => method.to_string(),
+    };
     let span = tracing::info_span!(
         "request",
+        otel.name = name.as_str(),
+        otel.kind = "server",
+        otel.status_code = Empty,
         correlation_id = %id,
-        method = %request.method(),
-        path = %request.uri().path(),
+        http.request.method = %method,
+        http.route = server.route,
+        url.path = request.uri().path(),
+        client.address = client.map(display),
+        cloud.region = server.region,
+        http.response.status_code = Empty,
     );
-    let mut response = next.run(request).instrument(span).await;
+    telemetry::continue_trace(&span, request.headers());
+    let mut response = next.run(request).instrument(span.clone()).await;
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    // Server spans are errors only for 5xx: a 4xx is the client's mistake, not ours.
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
     response
         .headers_mut()
         .insert(X_REQUEST_ID.clone(), id.header_value().clone());

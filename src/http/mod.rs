@@ -4,4 +4,5 @@
 pub mod admin;
 pub mod correlation;
 pub mod problem;
+pub mod ratelimit;
 pub mod stack;

@@ -28,8 +28,11 @@ use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::config::{RegionConfig, ServiceConfig};
+use crate::telemetry;
 pub use body::{GuardedBody, LimitedBody};
 pub use concurrency::{ConcurrencyLimit, Refused};
 pub use error::ProxyError;
@@ -39,6 +42,9 @@ pub use routes::RouteTable;
 
 /// Most instances one request is tried on (bodyless requests only).
 const MAX_ATTEMPTS: usize = 3;
+
+/// `server.port` of an `http://` instance written without a port.
+const DEFAULT_HTTP_PORT: u16 = 80;
 
 /// One upstream service: its instances, client, and limits.
 pub struct Upstream {
@@ -80,6 +86,13 @@ pub struct ServiceStatus {
     pub instances: usize,
     pub in_flight: usize,
     pub queued: usize,
+}
+
+/// Where a path is routed: the matching route prefix and its service's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Routed<'a> {
+    pub route: &'a str,
+    pub service: &'a str,
 }
 
 /// Every upstream of a region and the routes to them.
@@ -136,7 +149,18 @@ impl Proxy {
             .collect()
     }
 
+    /// The route and service `path` goes to, if any (for spans and metrics; cheap).
+    pub fn route(&self, path: &str) -> Option<Routed<'_>> {
+        self.routes.lookup_prefix(path).map(|(route, i)| Routed {
+            route,
+            service: &self.upstreams[i].config.name,
+        })
+    }
+
     /// Forwards `request` from `client` to the service its path routes to.
+    ///
+    /// Each attempt is a client span (OpenTelemetry HTTP client conventions) whose context is
+    /// sent upstream as `traceparent`, so the upstream's server span is its child.
     pub async fn forward(
         &self,
         request: Request<Body>,
@@ -208,12 +232,31 @@ impl Proxy {
             *outgoing.version_mut() = Version::HTTP_11;
             *outgoing.headers_mut() = parts.headers.clone();
 
+            let authority = &endpoint.instance.authority;
+            let span = tracing::info_span!(
+                "upstream",
+                otel.name = parts.method.as_str(),
+                otel.kind = "client",
+                otel.status_code = Empty,
+                http.request.method = parts.method.as_str(),
+                server.address = authority.host(),
+                server.port = authority.port_u16().unwrap_or(DEFAULT_HTTP_PORT),
+                service = name.as_str(),
+                http.response.status_code = Empty,
+                error.type = Empty,
+            );
+            // Replaces the client's traceparent with this attempt's; without trace export the
+            // client's one travels on unchanged.
+            telemetry::inject(&span, outgoing.headers_mut());
+
             let in_flight = endpoint.start_request();
             let sent = tokio::time::timeout(
                 upstream.config.request_timeout,
                 upstream.client.request(outgoing),
             )
+            .instrument(span.clone())
             .await;
+            record_attempt(&span, &sent);
             match sent {
                 Ok(Ok(response)) => {
                     let (mut head, incoming) = response.into_parts();
@@ -264,6 +307,30 @@ impl Proxy {
             service: name.clone(),
         }))
     }
+}
+
+/// Puts an attempt's outcome on its client span: the status, or what kind of failure.
+fn record_attempt<B, E>(
+    span: &tracing::Span,
+    sent: &Result<Result<Response<B>, hyper_util::client::legacy::Error>, E>,
+) {
+    let error_type = match sent {
+        Ok(Ok(response)) => {
+            let status = response.status();
+            span.record("http.response.status_code", status.as_u16());
+            // For a client span every 4xx and 5xx is a failed call.
+            if status.is_client_error() || status.is_server_error() {
+                span.record("otel.status_code", "ERROR");
+                span.record("error.type", status.as_str());
+            }
+            return;
+        }
+        Err(_) => "timeout",
+        Ok(Err(error)) if error.is_connect() => "connect",
+        Ok(Err(_)) => "upstream_failed",
+    };
+    span.record("otel.status_code", "ERROR");
+    span.record("error.type", error_type);
 }
 
 fn content_length<B>(request: &Request<B>) -> Option<u64> {

@@ -20,10 +20,16 @@ impl RouteTable {
     /// The service for `path`. A prefix matches on whole segments: `/api/v1/users` matches
     /// `/api/v1/users` and `/api/v1/users/42` but not `/api/v1/usersettings`.
     pub fn lookup(&self, path: &str) -> Option<usize> {
+        self.lookup_prefix(path).map(|(_, service)| service)
+    }
+
+    /// Like [`lookup`](Self::lookup), with the prefix that matched (a bounded label for
+    /// metrics and spans, unlike the path).
+    pub fn lookup_prefix(&self, path: &str) -> Option<(&str, usize)> {
         self.routes
             .iter()
             .find(|(prefix, _)| matches_prefix(prefix, path))
-            .map(|(_, service)| *service)
+            .map(|(prefix, service)| (prefix.as_str(), *service))
     }
 }
 
@@ -59,6 +65,10 @@ mod tests {
         assert_eq!(table.lookup("/api/v1/bookings/1"), Some(1));
         assert_eq!(table.lookup("/api/v1/usersettings"), None);
         assert_eq!(table.lookup("/"), None);
+        assert_eq!(
+            table.lookup_prefix("/api/v1/users/admin/x"),
+            Some(("/api/v1/users/admin", 2))
+        );
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //!
 //! Both speak JSON in camelCase, report every error as RFC 9457 problem+json (see
 //! [`crate::http::problem`]), expose `GET /health`, and echo `X-Request-ID` on every response.
+//! Every request is a server span carrying its `correlation_id` and continuing the caller's
+//! W3C trace context (see [`crate::telemetry`]).
 
 use std::net::SocketAddr;
 
@@ -90,10 +92,14 @@ async fn serve(
     // The bound address differs from `addr` when port 0 was asked for; log the real one.
     let local = listener.local_addr().unwrap_or(addr);
     tracing::info!(service = name, addr = %local, storage = backend, "listening");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(ServiceError::Serve)?;
+    // Connect info gives the server span its `client.address`.
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    .map_err(ServiceError::Serve)?;
     tracing::info!(service = name, "stopped");
     Ok(())
 }

@@ -1,0 +1,399 @@
+//! The rate-limit layer: identify the caller, decide every matching policy in one store round
+//! trip, and answer 429 (or 401/503) before any upstream resource is taken.
+//!
+//! This is the IO shell around the pure [`crate::limit`] code. It owns the store, the local
+//! fallback and the breaker; it is where `on_store_error` is applied:
+//!
+//! - the store answers: its decisions stand, all or nothing across the request's policies;
+//! - the store fails or the breaker is open: `local` policies are decided by an in-process
+//!   bucket of the same shape, `open` policies admit (counted in metrics), `closed` policies
+//!   refuse with 503. With the breaker open the store is not even tried, so a decision costs
+//!   microseconds, not a timeout.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::http::problem::Problem;
+use crate::limit::breaker::{Breaker, Transition};
+use crate::limit::decision::{self, Outcome, PolicyResult, Verdict};
+use crate::limit::identity::{self, IdentityConfig, IdentityError};
+use crate::limit::policy::{self, Applied, OnStoreError, Policy};
+pub use crate::metrics::Decision;
+use crate::store::{BucketRequest, BucketStore, StoreError, memory::MemoryStore};
+
+/// Everything the layer needs, shared by all requests.
+pub struct RateLimiter {
+    policies: Vec<Policy>,
+    identity: IdentityConfig,
+    /// The region's store (Redis, or memory when there is no Redis).
+    store: Arc<dyn BucketStore>,
+    /// In-process buckets for `local` policies while the store is failing.
+    local: MemoryStore,
+    breaker: Mutex<Breaker>,
+    origin: Instant,
+    /// Belt and braces over the store's own deadline: a decision never waits longer.
+    deadline: Duration,
+}
+
+/// The result of checking one request.
+pub struct Checked {
+    pub decision: Decision,
+    /// Headers for the response (RateLimit, RateLimit-Policy, legacy).
+    pub headers: Vec<(http::HeaderName, HeaderValue)>,
+    /// Set when the request must not be forwarded.
+    pub refusal: Option<Response>,
+}
+
+impl RateLimiter {
+    pub fn new(
+        policies: Vec<Policy>,
+        identity: IdentityConfig,
+        store: Arc<dyn BucketStore>,
+        store_timeout: Duration,
+        breaker: Breaker,
+    ) -> Self {
+        Self {
+            policies,
+            identity,
+            store,
+            local: MemoryStore::new(),
+            breaker: Mutex::new(breaker),
+            origin: Instant::now(),
+            deadline: store_timeout * 2,
+        }
+    }
+
+    pub fn store_kind(&self) -> &'static str {
+        self.store.kind()
+    }
+
+    pub fn breaker_open(&self) -> bool {
+        self.breaker().is_open()
+    }
+
+    fn breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
+        // Never held across a panic point; recover rather than propagate poisoning.
+        self.breaker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn needs_identity(&self) -> bool {
+        !self.policies.is_empty()
+            || !self.identity.api_keys.is_empty()
+            || self.identity.jwt.is_some()
+    }
+
+    /// Decides one request.
+    pub async fn check(
+        &self,
+        method: &http::Method,
+        path: &str,
+        headers: &HeaderMap,
+        peer: IpAddr,
+    ) -> Checked {
+        if !self.needs_identity() {
+            return Checked {
+                decision: Decision::NoPolicy,
+                headers: Vec::new(),
+                refusal: None,
+            };
+        }
+        let now_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let identity = match identity::identify(&self.identity, headers, peer, now_unix) {
+            Ok(identity) => identity,
+            Err(error) => {
+                return Checked {
+                    decision: Decision::Unauthenticated,
+                    headers: Vec::new(),
+                    refusal: Some(unauthenticated(&error)),
+                };
+            }
+        };
+        let applied = policy::plan(&self.policies, method, path, &identity, headers);
+        if applied.is_empty() {
+            return Checked {
+                decision: Decision::NoPolicy,
+                headers: Vec::new(),
+                refusal: None,
+            };
+        }
+
+        let span = tracing::info_span!(
+            "rate_limit",
+            policy = %applied.iter().map(|a| a.policy.name.as_str()).collect::<Vec<_>>().join(","),
+            key_hash = %key_hash(&applied),
+            decision = tracing::field::Empty,
+            remaining = tracing::field::Empty,
+            store = self.store.kind(),
+            store_latency_ms = tracing::field::Empty,
+        );
+        let started = Instant::now();
+        let (results, used_fallback) = self.decide(&applied).await;
+        span.record("store_latency_ms", started.elapsed().as_secs_f64() * 1000.0);
+
+        let verdict = decision::verdict(&results);
+        let admitted = verdict == Verdict::Admitted;
+        let headers = decision::headers(&results, admitted);
+        if let Some(min) = results
+            .iter()
+            .filter_map(|r| match r.outcome {
+                Outcome::Decided(o) => Some(o.remaining),
+                _ => None,
+            })
+            .min()
+        {
+            span.record("remaining", min);
+        }
+        let (decision, refusal) = match verdict {
+            Verdict::Admitted => {
+                let decision = if results.iter().any(|r| r.outcome == Outcome::FailedOpen) {
+                    Decision::StoreFailOpen
+                } else if used_fallback {
+                    Decision::AdmittedLocal
+                } else {
+                    Decision::Admitted
+                };
+                (decision, None)
+            }
+            Verdict::Rejected {
+                violated,
+                retry_after_secs,
+            } => (
+                Decision::Rejected,
+                Some(too_many_requests(&violated, retry_after_secs)),
+            ),
+            Verdict::Unavailable { policies } => {
+                (Decision::Unavailable, Some(unavailable(&policies)))
+            }
+        };
+        span.record("decision", decision.as_str());
+        for applied in &applied {
+            metrics::counter!(
+                crate::metrics::RATELIMIT_DECISIONS_TOTAL,
+                "policy" => applied.policy.name.clone(),
+                "decision" => decision.as_str(),
+            )
+            .increment(1);
+        }
+        Checked {
+            decision,
+            headers,
+            refusal,
+        }
+    }
+
+    /// Asks the store (unless the breaker is open), falling back per policy on failure.
+    /// Returns the results and whether the local fallback decided any of them.
+    async fn decide(&self, applied: &[Applied<'_>]) -> (Vec<PolicyResult>, bool) {
+        let buckets: Vec<BucketRequest> = applied.iter().map(|a| a.bucket.clone()).collect();
+        let use_store = self.breaker().allow(self.origin.elapsed());
+        if use_store {
+            let answer =
+                match tokio::time::timeout(self.deadline, self.store.acquire(&buckets)).await {
+                    Ok(answer) => answer,
+                    Err(_) => Err(StoreError::Timeout(self.deadline)),
+                };
+            match answer {
+                Ok(outcomes) if outcomes.len() == applied.len() => {
+                    if self.breaker().on_success() == Some(Transition::Closed) {
+                        tracing::info!(
+                            store = self.store.kind(),
+                            "bucket store answering again, back to normal"
+                        );
+                    }
+                    let results = applied
+                        .iter()
+                        .zip(outcomes)
+                        .map(|(a, outcome)| result(a, Outcome::Decided(outcome)))
+                        .collect();
+                    return (results, false);
+                }
+                Ok(outcomes) => {
+                    let error = StoreError::Protocol(format!(
+                        "{} outcomes for {} buckets",
+                        outcomes.len(),
+                        applied.len()
+                    ));
+                    self.record_failure(&error);
+                }
+                Err(error) => self.record_failure(&error),
+            }
+        }
+        self.fallback(applied).await
+    }
+
+    fn record_failure(&self, error: &StoreError) {
+        let kind = match error {
+            StoreError::Timeout(_) => "timeout",
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::Protocol(_) => "protocol",
+        };
+        metrics::counter!(crate::metrics::STORE_ERRORS_TOTAL, "store" => self.store.kind(), "kind" => kind)
+            .increment(1);
+        if self.breaker().on_failure(self.origin.elapsed()) == Some(Transition::Opened) {
+            metrics::gauge!(crate::metrics::STORE_BREAKER_OPEN, "store" => self.store.kind())
+                .set(1.0);
+            tracing::warn!(
+                store = self.store.kind(),
+                %error,
+                "bucket store failing: breaker open, policies fall back to their on_store_error"
+            );
+        }
+    }
+
+    async fn fallback(&self, applied: &[Applied<'_>]) -> (Vec<PolicyResult>, bool) {
+        let local: Vec<BucketRequest> = applied
+            .iter()
+            .filter(|a| a.policy.on_store_error == OnStoreError::Local)
+            .map(|a| a.bucket.clone())
+            .collect();
+        // The memory store cannot fail; an error would only mean a bug, and is treated as
+        // "store down" for those policies rather than silently admitting.
+        let mut local_outcomes = if local.is_empty() {
+            Vec::new().into_iter()
+        } else {
+            self.local
+                .acquire(&local)
+                .await
+                .unwrap_or_default()
+                .into_iter()
+        };
+        let mut used_local = false;
+        let results = applied
+            .iter()
+            .map(|a| {
+                let outcome = match a.policy.on_store_error {
+                    OnStoreError::Open => Outcome::FailedOpen,
+                    OnStoreError::Closed => Outcome::StoreDown,
+                    OnStoreError::Local => match local_outcomes.next() {
+                        Some(outcome) => {
+                            used_local = true;
+                            Outcome::Decided(outcome)
+                        }
+                        None => Outcome::StoreDown,
+                    },
+                };
+                result(a, outcome)
+            })
+            .collect();
+        (results, used_local)
+    }
+}
+
+fn result(applied: &Applied<'_>, outcome: Outcome) -> PolicyResult {
+    PolicyResult {
+        name: applied.policy.name.clone(),
+        limit: applied.limit,
+        legacy_headers: applied.policy.legacy_headers,
+        outcome,
+    }
+}
+
+/// Bucket keys can hold addresses and key names: spans get a short hash instead.
+fn key_hash(applied: &[Applied<'_>]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for a in applied {
+        hasher.update(a.key.as_bytes());
+        hasher.update(b"\n");
+    }
+    hex::encode(&hasher.finalize()[..8])
+}
+
+fn too_many_requests(violated: &[String], retry_after_secs: Option<u64>) -> Response {
+    let mut problem = Problem::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "quota-exceeded",
+        "Rate limit exceeded",
+    )
+    .extension("violatedPolicies", json!(violated));
+    problem = match retry_after_secs {
+        Some(secs) => problem
+            .detail(format!(
+                "quota exhausted for {}; retry in {secs} s",
+                violated.join(", ")
+            ))
+            .retry_after(secs),
+        None => problem.detail(format!(
+            "the request costs more than {} allows at once: it can never be admitted",
+            violated.join(", ")
+        )),
+    };
+    problem.into_response()
+}
+
+fn unavailable(policies: &[String]) -> Response {
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "rate-limit-unavailable",
+        "Rate limit cannot be checked",
+    )
+    .detail(format!(
+        "the rate-limit store is unavailable and {} refuse requests then",
+        policies.join(", ")
+    ))
+    .extension("policies", json!(policies))
+    .retry_after(1)
+    .into_response()
+}
+
+fn unauthenticated(error: &IdentityError) -> Response {
+    let mut response = Problem::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthenticated",
+        "Credentials not accepted",
+    )
+    .detail(error.to_string())
+    .into_response();
+    if matches!(
+        error,
+        IdentityError::InvalidToken(_) | IdentityError::Expired | IdentityError::NotYetValid
+    ) {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer error=\"invalid_token\""),
+        );
+    }
+    response
+}
+
+/// Middleware: checks the request; refuses it, or forwards it and adds the headers.
+pub async fn rate_limit(
+    State(limiter): State<Arc<RateLimiter>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let checked = limiter
+        .check(
+            request.method(),
+            request.uri().path(),
+            request.headers(),
+            peer,
+        )
+        .await;
+    let mut response = match checked.refusal {
+        Some(refusal) => refusal,
+        None => next.run(request).await,
+    };
+    let headers = response.headers_mut();
+    for (name, value) in checked.headers {
+        headers.insert(name, value);
+    }
+    response.extensions_mut().insert(checked.decision);
+    response
+}

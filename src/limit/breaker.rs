@@ -1,0 +1,149 @@
+//! A circuit breaker around the bucket store, as a pure state machine taking `now`.
+//!
+//! While Redis is down, paying a command timeout on every request would add the timeout to
+//! every request's latency. After `failure_threshold` consecutive failures the breaker opens
+//! and decisions skip the store entirely (each policy's `on_store_error` decides instead);
+//! every `probe_interval` one request is let through as a probe, and its success closes the
+//! breaker, so the store is used again within one probe interval of coming back.
+
+use std::time::Duration;
+
+/// Breaker state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// The store is used.
+    Closed { consecutive_failures: u32 },
+    /// The store is skipped until `probe_at`.
+    Open { probe_at: Duration },
+    /// One probe is in flight; others skip the store.
+    Probing { since: Duration },
+}
+
+/// A state change worth one log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    Opened,
+    Closed,
+}
+
+#[derive(Debug, Clone)]
+pub struct Breaker {
+    state: State,
+    failure_threshold: u32,
+    probe_interval: Duration,
+}
+
+impl Breaker {
+    pub fn new(failure_threshold: u32, probe_interval: Duration) -> Self {
+        Self {
+            state: State::Closed {
+                consecutive_failures: 0,
+            },
+            failure_threshold: failure_threshold.max(1),
+            probe_interval,
+        }
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    pub fn is_open(&self) -> bool {
+        !matches!(self.state, State::Closed { .. })
+    }
+
+    /// Whether this request should use the store. `now` is time since any fixed origin.
+    pub fn allow(&mut self, now: Duration) -> bool {
+        match self.state {
+            State::Closed { .. } => true,
+            State::Open { probe_at } if now >= probe_at => {
+                self.state = State::Probing { since: now };
+                true
+            }
+            // A probe that never reported back (its task was cancelled) must not wedge the
+            // breaker open forever: after another interval, probe again.
+            State::Probing { since } if now >= since + self.probe_interval => {
+                self.state = State::Probing { since: now };
+                true
+            }
+            State::Open { .. } | State::Probing { .. } => false,
+        }
+    }
+
+    pub fn on_success(&mut self) -> Option<Transition> {
+        let was_open = self.is_open();
+        self.state = State::Closed {
+            consecutive_failures: 0,
+        };
+        was_open.then_some(Transition::Closed)
+    }
+
+    pub fn on_failure(&mut self, now: Duration) -> Option<Transition> {
+        match self.state {
+            State::Closed {
+                consecutive_failures,
+            } => {
+                let failures = consecutive_failures + 1;
+                if failures >= self.failure_threshold {
+                    self.state = State::Open {
+                        probe_at: now + self.probe_interval,
+                    };
+                    Some(Transition::Opened)
+                } else {
+                    self.state = State::Closed {
+                        consecutive_failures: failures,
+                    };
+                    None
+                }
+            }
+            State::Open { .. } | State::Probing { .. } => {
+                self.state = State::Open {
+                    probe_at: now + self.probe_interval,
+                };
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn opens_after_threshold_and_probes_each_interval() {
+        let mut b = Breaker::new(3, 250 * MS);
+        assert_eq!(b.on_failure(Duration::ZERO), None);
+        assert_eq!(b.on_failure(1 * MS), None);
+        assert!(b.allow(2 * MS));
+        assert_eq!(b.on_failure(2 * MS), Some(Transition::Opened));
+        assert!(!b.allow(100 * MS));
+        assert!(b.allow(252 * MS), "probe after the interval");
+        assert!(!b.allow(253 * MS), "only one probe at a time");
+        assert_eq!(b.on_failure(260 * MS), None);
+        assert!(!b.allow(400 * MS));
+        assert!(b.allow(510 * MS));
+        assert_eq!(b.on_success(), Some(Transition::Closed));
+        assert!(b.allow(511 * MS));
+    }
+
+    #[test]
+    fn success_resets_the_failure_count() {
+        let mut b = Breaker::new(2, 250 * MS);
+        b.on_failure(Duration::ZERO);
+        assert_eq!(b.on_success(), None);
+        assert_eq!(b.on_failure(1 * MS), None);
+        assert_eq!(b.on_failure(2 * MS), Some(Transition::Opened));
+    }
+
+    #[test]
+    fn lost_probe_does_not_wedge_the_breaker() {
+        let mut b = Breaker::new(1, 100 * MS);
+        b.on_failure(Duration::ZERO);
+        assert!(b.allow(100 * MS));
+        assert!(!b.allow(150 * MS));
+        assert!(b.allow(200 * MS));
+    }
+}

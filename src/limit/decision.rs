@@ -1,0 +1,256 @@
+//! From per-policy outcomes to one verdict and its response headers.
+//!
+//! Headers follow draft-ietf-httpapi-ratelimit-headers-10: `RateLimit-Policy` announces each
+//! policy's quota `q` per window `w` seconds; `RateLimit` reports what is left, `r`, and `t`,
+//! the seconds until more quota becomes available. A rejection's `Retry-After` is never
+//! earlier than that `t`: it is the time until the request's whole cost fits.
+
+use http::{HeaderName, HeaderValue};
+
+use super::policy::Limit;
+use crate::store::BucketOutcome;
+
+pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+pub static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+pub static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
+/// How one policy fared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A store (Redis, memory, or the local fallback) decided.
+    Decided(BucketOutcome),
+    /// The store failed and the policy says `open`: admitted without a count.
+    FailedOpen,
+    /// The store failed and the policy says `closed`.
+    StoreDown,
+}
+
+/// One policy's result for one request.
+#[derive(Debug, Clone)]
+pub struct PolicyResult {
+    pub name: String,
+    pub limit: Limit,
+    pub legacy_headers: bool,
+    pub outcome: Outcome,
+}
+
+/// The request's fate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Admitted,
+    /// 429: these policies had no room.
+    Rejected {
+        violated: Vec<String>,
+        /// Whole seconds; `None` when the cost can never fit (cost above burst).
+        retry_after_secs: Option<u64>,
+    },
+    /// 503: a `closed` policy could not be checked.
+    Unavailable {
+        policies: Vec<String>,
+    },
+}
+
+/// Microseconds to whole seconds, rounding up so a client waiting that long is not early.
+pub fn ceil_secs(us: u64) -> u64 {
+    us.div_ceil(1_000_000)
+}
+
+pub fn verdict(results: &[PolicyResult]) -> Verdict {
+    let down: Vec<String> = results
+        .iter()
+        .filter(|r| r.outcome == Outcome::StoreDown)
+        .map(|r| r.name.clone())
+        .collect();
+    if !down.is_empty() {
+        return Verdict::Unavailable { policies: down };
+    }
+    let mut violated = Vec::new();
+    let mut retry_after: Option<u64> = Some(0);
+    for result in results {
+        if let Outcome::Decided(outcome) = result.outcome
+            && !outcome.admitted
+        {
+            violated.push(result.name.clone());
+            retry_after = match (retry_after, outcome.retry_after_us) {
+                (_, u64::MAX) | (None, _) => None,
+                (Some(max), us) => Some(max.max(ceil_secs(us).max(1))),
+            };
+        }
+    }
+    if violated.is_empty() {
+        Verdict::Admitted
+    } else {
+        Verdict::Rejected {
+            violated,
+            retry_after_secs: retry_after,
+        }
+    }
+}
+
+/// The `RateLimit-Policy`, `RateLimit` and legacy headers for a response.
+pub fn headers(results: &[PolicyResult], admitted: bool) -> Vec<(HeaderName, HeaderValue)> {
+    if results.is_empty() {
+        return Vec::new();
+    }
+    let policy = results
+        .iter()
+        .map(|r| {
+            format!(
+                "\"{}\";q={};w={}",
+                r.name,
+                r.limit.rate.amount,
+                r.limit.rate.window_secs()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut items = Vec::new();
+    let mut legacy: Option<(u64, u64, u64)> = None;
+    for result in results {
+        let Outcome::Decided(outcome) = result.outcome else {
+            continue;
+        };
+        let remaining = if admitted && outcome.admitted {
+            outcome.remaining
+        } else if outcome.admitted {
+            // Admitted by this policy but refused by another: nothing was consumed, so one
+            // more request's worth is still there.
+            outcome.remaining.saturating_add(1).min(result.limit.burst)
+        } else {
+            0
+        };
+        let t = ceil_secs(outcome.next_token_us);
+        items.push(format!("\"{}\";r={remaining};t={t}", result.name));
+        if result.legacy_headers && legacy.is_none_or(|(_, r, _)| remaining < r) {
+            legacy = Some((result.limit.rate.amount, remaining, t));
+        }
+    }
+    let mut out = Vec::new();
+    // Policy names are validated to be token characters, so these are valid header values.
+    if let Ok(value) = HeaderValue::from_str(&policy) {
+        out.push((RATELIMIT_POLICY.clone(), value));
+    }
+    if !items.is_empty()
+        && let Ok(value) = HeaderValue::from_str(&items.join(", "))
+    {
+        out.push((RATELIMIT.clone(), value));
+    }
+    if let Some((limit, remaining, reset)) = legacy {
+        out.push((X_RATELIMIT_LIMIT.clone(), HeaderValue::from(limit)));
+        out.push((X_RATELIMIT_REMAINING.clone(), HeaderValue::from(remaining)));
+        out.push((X_RATELIMIT_RESET.clone(), HeaderValue::from(reset)));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limit::rate::Rate;
+    use std::time::Duration;
+
+    fn result(
+        name: &str,
+        admitted: bool,
+        remaining: u64,
+        next_us: u64,
+        retry_us: u64,
+    ) -> PolicyResult {
+        PolicyResult {
+            name: name.into(),
+            limit: Limit {
+                rate: Rate {
+                    amount: 100,
+                    period: Duration::from_secs(10),
+                },
+                burst: 100,
+            },
+            legacy_headers: false,
+            outcome: Outcome::Decided(BucketOutcome {
+                admitted,
+                remaining,
+                next_token_us: next_us,
+                retry_after_us: retry_us,
+            }),
+        }
+    }
+
+    fn header<'a>(headers: &'a [(HeaderName, HeaderValue)], name: &HeaderName) -> &'a str {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.to_str().unwrap())
+            .unwrap()
+    }
+
+    #[test]
+    fn admitted_headers_follow_the_draft_syntax() {
+        let results = [result("per-client", true, 42, 2_100_000, 0)];
+        assert_eq!(verdict(&results), Verdict::Admitted);
+        let h = headers(&results, true);
+        assert_eq!(header(&h, &RATELIMIT_POLICY), "\"per-client\";q=100;w=10");
+        assert_eq!(header(&h, &RATELIMIT), "\"per-client\";r=42;t=3");
+    }
+
+    #[test]
+    fn rejection_names_violators_and_retry_after_is_not_before_t() {
+        let results = [
+            result("a", true, 5, 0, 0),
+            result("b", false, 0, 1_500_000, 1_500_000),
+            result("c", false, 0, 200_000, 3_200_000),
+        ];
+        assert_eq!(
+            verdict(&results),
+            Verdict::Rejected {
+                violated: vec!["b".into(), "c".into()],
+                retry_after_secs: Some(4)
+            }
+        );
+        let h = headers(&results, false);
+        assert_eq!(
+            header(&h, &RATELIMIT),
+            "\"a\";r=6;t=0, \"b\";r=0;t=2, \"c\";r=0;t=1"
+        );
+    }
+
+    #[test]
+    fn cost_above_burst_has_no_retry_after() {
+        let results = [result("a", false, 100, 0, u64::MAX)];
+        assert_eq!(
+            verdict(&results),
+            Verdict::Rejected {
+                violated: vec!["a".into()],
+                retry_after_secs: None
+            }
+        );
+    }
+
+    #[test]
+    fn closed_policy_with_store_down_is_unavailable() {
+        let mut down = result("strict", true, 0, 0, 0);
+        down.outcome = Outcome::StoreDown;
+        let mut open = result("lenient", true, 0, 0, 0);
+        open.outcome = Outcome::FailedOpen;
+        assert_eq!(verdict(&[open.clone()]), Verdict::Admitted);
+        assert_eq!(
+            verdict(&[open, down]),
+            Verdict::Unavailable {
+                policies: vec!["strict".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn legacy_headers_report_the_tightest_policy() {
+        let mut a = result("a", true, 7, 1_000_000, 0);
+        a.legacy_headers = true;
+        let mut b = result("b", true, 3, 2_000_000, 0);
+        b.legacy_headers = true;
+        let h = headers(&[a, b], true);
+        assert_eq!(header(&h, &X_RATELIMIT_REMAINING), "3");
+        assert_eq!(header(&h, &X_RATELIMIT_LIMIT), "100");
+        assert_eq!(header(&h, &X_RATELIMIT_RESET), "2");
+    }
+}

@@ -1,0 +1,311 @@
+//! Rate-limit policies: what they match, whom they key on, and how much they allow.
+
+use std::collections::BTreeMap;
+
+use http::{HeaderMap, HeaderName, Method};
+use sha2::{Digest, Sha256};
+
+use super::bucket::BucketSpec;
+use super::identity::Identity;
+use super::rate::Rate;
+use crate::store::BucketRequest;
+
+/// What a policy keys its buckets on. A policy lists several, tried in order; the first that
+/// yields a value is used (`["api_key", "ip"]`: per key when one is sent, else per address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    Ip,
+    ApiKey,
+    JwtSub,
+    Header(HeaderName),
+}
+
+impl KeySource {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "ip" => Ok(Self::Ip),
+            "api_key" => Ok(Self::ApiKey),
+            "jwt_sub" => Ok(Self::JwtSub),
+            other => match other.strip_prefix("header:") {
+                Some(name) => HeaderName::from_bytes(name.as_bytes())
+                    .map(Self::Header)
+                    .map_err(|_| format!("{name:?} is not a valid header name")),
+                None => Err(format!(
+                    "unknown key {other:?}: use ip, api_key, jwt_sub or header:NAME"
+                )),
+            },
+        }
+    }
+}
+
+/// A rate and a burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub rate: Rate,
+    /// Bucket capacity: how many may be spent at once.
+    pub burst: u64,
+}
+
+impl Limit {
+    pub fn spec(&self) -> BucketSpec {
+        BucketSpec::new(self.rate.amount, self.rate.period_us(), self.burst)
+    }
+}
+
+/// Where a policy is enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// In this region's Redis only.
+    Region,
+    /// Across regions (enforced by the global-limits milestone; the regional bucket applies
+    /// meanwhile and keeps applying as the shape of bursts within a region).
+    Global(GlobalMode),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GlobalMode {
+    Strict,
+    Eventual,
+}
+
+/// What to do with a request when the bucket store cannot answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStoreError {
+    /// Admit (and count the admission as unlimited in metrics).
+    Open,
+    /// Refuse with 503.
+    Closed,
+    /// Decide with an in-process bucket of the same shape until the store is back.
+    Local,
+}
+
+impl OnStoreError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Closed => "closed",
+            Self::Local => "local",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub name: String,
+    /// Path prefixes (whole segments); empty matches every path.
+    pub routes: Vec<String>,
+    /// Methods; empty matches every method.
+    pub methods: Vec<Method>,
+    pub key: Vec<KeySource>,
+    pub limit: Limit,
+    /// Per-tier overrides of `limit`.
+    pub tiers: BTreeMap<String, Limit>,
+    /// Tokens per request.
+    pub cost: u64,
+    pub scope: Scope,
+    pub on_store_error: OnStoreError,
+    /// Also send `X-RateLimit-Limit/Remaining/Reset`.
+    pub legacy_headers: bool,
+}
+
+impl Policy {
+    pub fn matches(&self, method: &Method, path: &str) -> bool {
+        (self.methods.is_empty() || self.methods.contains(method))
+            && (self.routes.is_empty() || self.routes.iter().any(|r| path_has_prefix(path, r)))
+    }
+
+    /// The limit for a tier (the default when the tier has no override).
+    pub fn limit_for(&self, tier: Option<&str>) -> Limit {
+        tier.and_then(|t| self.tiers.get(t))
+            .copied()
+            .unwrap_or(self.limit)
+    }
+
+    /// The bucket key value for this caller, or `None` if no key source applies (the
+    /// policy then does not apply to the request).
+    pub fn key_for(&self, identity: &Identity, headers: &HeaderMap) -> Option<String> {
+        self.key.iter().find_map(|source| match source {
+            KeySource::Ip => Some(format!("ip:{}", identity.ip)),
+            KeySource::ApiKey => identity
+                .api_key
+                .as_ref()
+                .map(|(name, _)| format!("key:{name}")),
+            KeySource::JwtSub => identity
+                .jwt
+                .as_ref()
+                .map(|(sub, _)| format!("sub:{}", short_hash(sub.as_bytes()))),
+            KeySource::Header(name) => headers
+                .get(name)
+                .map(|value| format!("h:{name}:{}", short_hash(value.as_bytes()))),
+        })
+    }
+}
+
+/// `/api/v1/users` is a prefix of `/api/v1/users/x` but not of `/api/v1/usersx`; `/` of all.
+pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    let prefix = prefix.trim_end_matches('/');
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// Caller-controlled text (subjects, header values) goes into Redis keys hashed: bounded
+/// length, no `{`/`}` to break hash tags, and no raw identifiers in Redis or logs.
+fn short_hash(bytes: &[u8]) -> String {
+    hex::encode(&Sha256::digest(bytes)[..12])
+}
+
+/// One policy applied to one request.
+#[derive(Debug, Clone)]
+pub struct Applied<'p> {
+    pub policy: &'p Policy,
+    pub limit: Limit,
+    /// The bucket key value (`ip:...`, `key:NAME`, ...), hashed where caller-controlled.
+    pub key: String,
+    pub bucket: BucketRequest,
+}
+
+/// Storage key of a bucket. The key value is the hash tag, so every policy keyed on the same
+/// identity lands in one Redis Cluster slot and is decided by one script.
+pub fn bucket_key(policy: &str, key: &str) -> String {
+    format!("tollgate:rl:{{{key}}}:{policy}")
+}
+
+/// The policies that apply to a request, with their buckets.
+pub fn plan<'p>(
+    policies: &'p [Policy],
+    method: &Method,
+    path: &str,
+    identity: &Identity,
+    headers: &HeaderMap,
+) -> Vec<Applied<'p>> {
+    policies
+        .iter()
+        .filter(|policy| policy.matches(method, path))
+        .filter_map(|policy| {
+            let key = policy.key_for(identity, headers)?;
+            let limit = policy.limit_for(identity.tier());
+            let bucket = BucketRequest {
+                key: bucket_key(&policy.name, &key),
+                spec: limit.spec(),
+                cost: policy.cost,
+            };
+            Some(Applied {
+                policy,
+                limit,
+                key,
+                bucket,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn policy(name: &str, key: Vec<KeySource>) -> Policy {
+        Policy {
+            name: name.into(),
+            routes: vec!["/api".into()],
+            methods: vec![],
+            key,
+            limit: Limit {
+                rate: Rate {
+                    amount: 10,
+                    period: Duration::from_secs(10),
+                },
+                burst: 10,
+            },
+            tiers: BTreeMap::from([(
+                "premium".to_owned(),
+                Limit {
+                    rate: Rate {
+                        amount: 100,
+                        period: Duration::from_secs(10),
+                    },
+                    burst: 100,
+                },
+            )]),
+            cost: 1,
+            scope: Scope::Region,
+            on_store_error: OnStoreError::Local,
+            legacy_headers: false,
+        }
+    }
+
+    fn identity(api_key: Option<(&str, &str)>) -> Identity {
+        Identity {
+            ip: "203.0.113.7".parse().unwrap(),
+            api_key: api_key.map(|(n, t)| (n.to_owned(), Some(t.to_owned()))),
+            jwt: None,
+        }
+    }
+
+    #[test]
+    fn key_falls_back_in_order() {
+        let p = policy("p", vec![KeySource::ApiKey, KeySource::Ip]);
+        let headers = HeaderMap::new();
+        assert_eq!(
+            p.key_for(&identity(Some(("demo", "free"))), &headers)
+                .unwrap(),
+            "key:demo"
+        );
+        assert_eq!(
+            p.key_for(&identity(None), &headers).unwrap(),
+            "ip:203.0.113.7"
+        );
+        let only_key = policy("p", vec![KeySource::ApiKey]);
+        assert_eq!(only_key.key_for(&identity(None), &headers), None);
+    }
+
+    #[test]
+    fn tiers_override_the_default_limit() {
+        let p = policy("p", vec![KeySource::Ip]);
+        assert_eq!(p.limit_for(Some("premium")).burst, 100);
+        assert_eq!(p.limit_for(Some("unknown")).burst, 10);
+        assert_eq!(p.limit_for(None).burst, 10);
+    }
+
+    #[test]
+    fn plan_selects_matching_policies_with_tagged_keys() {
+        let mut reads = policy("reads", vec![KeySource::Ip]);
+        reads.methods = vec![Method::GET];
+        let policies = vec![reads, policy("all", vec![KeySource::Ip])];
+        let headers = HeaderMap::new();
+        let id = identity(None);
+        let get = plan(&policies, &Method::GET, "/api/x", &id, &headers);
+        assert_eq!(get.len(), 2);
+        assert_eq!(get[0].bucket.key, "tollgate:rl:{ip:203.0.113.7}:reads");
+        assert_eq!(get[0].bucket.hash_tag(), get[1].bucket.hash_tag());
+        assert_eq!(
+            plan(&policies, &Method::POST, "/api/x", &id, &headers).len(),
+            1
+        );
+        assert!(plan(&policies, &Method::GET, "/apix", &id, &headers).is_empty());
+    }
+
+    #[test]
+    fn header_keys_are_hashed() {
+        let p = policy("p", vec![KeySource::parse("header:x-tenant").unwrap()]);
+        let mut headers = HeaderMap::new();
+        headers.insert("x-tenant", "{evil}".parse().unwrap());
+        let key = p.key_for(&identity(None), &headers).unwrap();
+        assert!(
+            !key.contains('{') && key.starts_with("h:x-tenant:"),
+            "{key}"
+        );
+    }
+
+    #[test]
+    fn key_sources_parse() {
+        assert_eq!(KeySource::parse("jwt_sub"), Ok(KeySource::JwtSub));
+        assert!(KeySource::parse("cookie").is_err());
+        assert!(KeySource::parse("header:bad header").is_err());
+    }
+}

@@ -1,0 +1,235 @@
+//! Prometheus metrics: the process's recorder, the catalogue of every metric name, and the
+//! rate-limit decision a request's response carries.
+//!
+//! Everything is recorded through the [`::metrics`] facade (`metrics::counter!` and friends)
+//! and rendered by the gateway's admin listener at `GET /metrics` in the Prometheus text
+//! format. There is no extra HTTP listener: the admin route renders from [`handle`].
+//!
+//! # Catalogue
+//!
+//! Every metric is named `tollgate_*`. Labels have bounded values only: a service name from
+//! the config, never a raw path, key or client address.
+//!
+//! | name | type | labels | meaning |
+//! |---|---|---|---|
+//! | [`REQUESTS_TOTAL`] `tollgate_requests_total` | counter | `service`, `status`, `decision` | requests answered by the proxy listener |
+//! | [`REQUEST_DURATION_SECONDS`] `tollgate_request_duration_seconds` | histogram | `service` | time to the response headers |
+//! | [`UPSTREAM_IN_FLIGHT`] `tollgate_upstream_in_flight` | gauge | `service` | requests sent upstream whose response has not finished |
+//! | [`UPSTREAM_HEALTHY_INSTANCES`] `tollgate_upstream_healthy_instances` | gauge | `service` | instances that may take traffic |
+//! | [`RATELIMIT_DECISIONS_TOTAL`] `tollgate_ratelimit_decisions_total` | counter | `policy`, `decision` | rate-limit decisions (limiter) |
+//! | [`STORE_LATENCY_SECONDS`] `tollgate_store_latency_seconds` | histogram | `store` | one limiter store round trip (limiter) |
+//! | [`STORE_ERRORS_TOTAL`] `tollgate_store_errors_total` | counter | `store`, `kind` | failed store operations (limiter) |
+//! | [`STORE_BREAKER_OPEN`] `tollgate_store_breaker_open` | gauge | `store` | 1 while the store's circuit breaker is open, else 0 (limiter) |
+//!
+//! `service` is the routed service's config name, or [`UNROUTED`] when no route matched.
+//! `status` is the numeric HTTP status. `decision` is [`Decision::as_str`]: `admitted`,
+//! `rejected` (429), `none` (no policy matched, or no limiter), `fail_open` (the store failed
+//! and the request was let through uncounted), `admitted_local` (the store failed and a local
+//! fallback bucket admitted), `unauthenticated` (401) or `unavailable` (the store failed and
+//! a closed policy refused: 503). The two gauges are sampled from the proxy when `/metrics`
+//! is scraped, so they cost nothing on the request path. Gossip metrics join this list later.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use http::StatusCode;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const REQUESTS_TOTAL: &str = "tollgate_requests_total";
+pub const REQUEST_DURATION_SECONDS: &str = "tollgate_request_duration_seconds";
+pub const UPSTREAM_IN_FLIGHT: &str = "tollgate_upstream_in_flight";
+pub const UPSTREAM_HEALTHY_INSTANCES: &str = "tollgate_upstream_healthy_instances";
+pub const RATELIMIT_DECISIONS_TOTAL: &str = "tollgate_ratelimit_decisions_total";
+pub const STORE_LATENCY_SECONDS: &str = "tollgate_store_latency_seconds";
+pub const STORE_ERRORS_TOTAL: &str = "tollgate_store_errors_total";
+pub const STORE_BREAKER_OPEN: &str = "tollgate_store_breaker_open";
+
+/// The `service` label of a request no route matched.
+pub const UNROUTED: &str = "unrouted";
+
+/// The `Content-Type` of the Prometheus text exposition format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Request durations: 1 ms to 30 s, the range between a cached answer and a request timeout.
+const REQUEST_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Store round trips: 100 µs (local Redis) to 250 ms (well past any sane breaker timeout).
+const STORE_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+];
+
+/// How often histogram samples are folded into buckets when nobody scrapes. Without upkeep
+/// an unscraped gateway would keep every sample it ever recorded.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A request's rate-limit outcome. The limiter puts it in the response's extensions; the
+/// request metrics read it from there (absent means no limiter ran: `none`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Decision {
+    /// A policy matched and the request had a token.
+    Admitted,
+    /// A policy matched and the request was refused (429).
+    Rejected,
+    /// No policy matched the request.
+    NoPolicy,
+    /// The store failed and the policy let the request through without counting it.
+    StoreFailOpen,
+    /// The store failed and an in-process fallback bucket (`on_store_error = "local"`) admitted.
+    AdmittedLocal,
+    /// Identity could not be established (401: unknown API key, bad token).
+    Unauthenticated,
+    /// The store failed and a `closed` policy refused (503).
+    Unavailable,
+}
+
+impl Decision {
+    /// The `decision` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admitted => "admitted",
+            Self::Rejected => "rejected",
+            Self::NoPolicy => "none",
+            Self::StoreFailOpen => "fail_open",
+            Self::AdmittedLocal => "admitted_local",
+            Self::Unauthenticated => "unauthenticated",
+            Self::Unavailable => "unavailable",
+        }
+    }
+
+    /// The label of a response: its decision, or `none` if no limiter set one.
+    pub fn label_of(extensions: &http::Extensions) -> &'static str {
+        extensions
+            .get::<Decision>()
+            .copied()
+            .unwrap_or(Decision::NoPolicy)
+            .as_str()
+    }
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder as the process's `metrics` recorder, once; later calls
+/// (several gateways in one test process) return the same handle.
+///
+/// If some other recorder was installed first, ours stays private and renders nothing
+/// recorded: a warning says so, nothing fails.
+pub fn install() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let recorder = builder().build_recorder();
+        let handle = recorder.handle();
+        if let Err(error) = ::metrics::set_global_recorder(recorder) {
+            tracing::warn!(%error, "another metrics recorder is installed; /metrics stays empty");
+        }
+        let upkeep = handle.clone();
+        // A plain thread, not a task: the recorder outlives any one Tokio runtime (tests run
+        // many), and upkeep is a few microseconds every few seconds.
+        let spawned = std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(UPKEEP_INTERVAL);
+                    upkeep.run_upkeep();
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "no metrics upkeep thread; histograms drain only on scrape");
+        }
+        handle
+    })
+}
+
+/// The handle to render from, installing the recorder if nothing did yet.
+pub fn handle() -> &'static PrometheusHandle {
+    install()
+}
+
+/// Every metric in the Prometheus text format.
+pub fn render() -> String {
+    handle().render()
+}
+
+fn builder() -> PrometheusBuilder {
+    // Explicit buckets make these true Prometheus histograms (aggregatable across gateways)
+    // instead of per-process summaries.
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(REQUEST_DURATION_SECONDS.to_owned()),
+            REQUEST_BUCKETS,
+        )
+        .and_then(|builder| {
+            builder.set_buckets_for_metric(
+                Matcher::Full(STORE_LATENCY_SECONDS.to_owned()),
+                STORE_BUCKETS,
+            )
+        })
+        // Only an empty bucket list is an error, and both lists are constant and non-empty.
+        .unwrap_or_else(|_| PrometheusBuilder::new())
+}
+
+/// Counts one answered proxy request and its duration.
+pub fn record_request(
+    service: &str,
+    status: StatusCode,
+    decision: &'static str,
+    elapsed: Duration,
+) {
+    ::metrics::counter!(
+        REQUESTS_TOTAL,
+        "service" => service.to_owned(),
+        "status" => status.as_u16().to_string(),
+        "decision" => decision,
+    )
+    .increment(1);
+    ::metrics::histogram!(REQUEST_DURATION_SECONDS, "service" => service.to_owned())
+        .record(elapsed.as_secs_f64());
+}
+
+/// Samples one upstream service's gauges (called when `/metrics` is scraped).
+pub fn record_upstream(service: &str, in_flight: usize, healthy_instances: usize) {
+    // Counts far below 2^52 are exact as f64.
+    ::metrics::gauge!(UPSTREAM_IN_FLIGHT, "service" => service.to_owned()).set(in_flight as f64);
+    ::metrics::gauge!(UPSTREAM_HEALTHY_INSTANCES, "service" => service.to_owned())
+        .set(healthy_instances as f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decision_labels() {
+        let mut extensions = http::Extensions::new();
+        assert_eq!(Decision::label_of(&extensions), "none");
+        extensions.insert(Decision::Rejected);
+        assert_eq!(Decision::label_of(&extensions), "rejected");
+        assert_eq!(Decision::Admitted.as_str(), "admitted");
+        assert_eq!(Decision::StoreFailOpen.as_str(), "fail_open");
+    }
+
+    #[test]
+    fn install_is_idempotent_and_renders_what_was_recorded() {
+        let first: *const PrometheusHandle = install();
+        let second: *const PrometheusHandle = install();
+        assert_eq!(first, second);
+        record_request(
+            "unit-test-svc",
+            StatusCode::OK,
+            "none",
+            Duration::from_millis(3),
+        );
+        let text = render();
+        assert!(
+            text.contains(
+                r#"tollgate_requests_total{service="unit-test-svc",status="200",decision="none"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"tollgate_request_duration_seconds_bucket{service="unit-test-svc",le="0.005"} 1"#
+            ),
+            "{text}"
+        );
+    }
+}

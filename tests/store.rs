@@ -1,0 +1,572 @@
+//! The Redis bucket stores against real `redis-server` processes: exact admissions, atomicity
+//! under concurrency, all-or-nothing, TTLs, script reloads, and the failure modes the gateway
+//! must survive (Redis killed, frozen, not yet started), plus Redis Cluster.
+//!
+//! Every test starts its own server(s); none is skipped when Redis is missing (the support
+//! module fails the test instead). Waits for recovery poll with a deadline.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use redis::aio::MultiplexedConnection;
+use tollgate::limit::bucket::{self, BucketSpec};
+use tollgate::store::redis::{RedisClusterStore, RedisStore};
+use tollgate::store::{BucketOutcome, BucketRequest, BucketStore, StoreError};
+
+use support::{RedisCluster, RedisServer};
+
+const TIMEOUT: Duration = Duration::from_millis(50);
+/// A refill so slow that the milliseconds a test takes do not change any count.
+const HOUR_US: u64 = 3_600_000_000;
+/// How long a recovery may take before the test fails.
+const RECOVERY_DEADLINE: Duration = Duration::from_secs(5);
+
+fn request(key: &str, burst: u64, interval_us: u64, cost: u64) -> BucketRequest {
+    BucketRequest {
+        key: key.to_owned(),
+        spec: BucketSpec { burst, interval_us },
+        cost,
+    }
+}
+
+/// One token per hour, capacity `burst`.
+fn slow(key: &str, burst: u64) -> BucketRequest {
+    request(key, burst, HOUR_US, 1)
+}
+
+async fn admin(url: &str) -> MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("valid url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("admin connection")
+}
+
+/// Redis `TIME` in microseconds.
+async fn redis_now(conn: &mut MultiplexedConnection) -> u64 {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.expect("TIME");
+    secs * 1_000_000 + micros
+}
+
+async fn one(store: &dyn BucketStore, request: &BucketRequest) -> BucketOutcome {
+    let outcomes = store
+        .acquire(std::slice::from_ref(request))
+        .await
+        .expect("store answers");
+    assert_eq!(outcomes.len(), 1);
+    outcomes[0]
+}
+
+/// Polls `acquire` until it succeeds; returns how long that took. Fails after the deadline.
+async fn wait_until_working(store: &dyn BucketStore, request: &BucketRequest) -> Duration {
+    let start = Instant::now();
+    loop {
+        match store.acquire(std::slice::from_ref(request)).await {
+            Ok(_) => {
+                eprintln!("store working after {:?}", start.elapsed());
+                return start.elapsed();
+            }
+            Err(error) => assert!(
+                start.elapsed() < RECOVERY_DEADLINE,
+                "store still failing after {RECOVERY_DEADLINE:?}: {error}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The acquire fails, and within `limit`.
+async fn fails_within(
+    store: &dyn BucketStore,
+    request: &BucketRequest,
+    limit: Duration,
+) -> StoreError {
+    let start = Instant::now();
+    let result = store.acquire(std::slice::from_ref(request)).await;
+    let took = start.elapsed();
+    eprintln!("failed in {took:?}: {result:?}");
+    assert!(took < limit, "acquire took {took:?} (limit {limit:?})");
+    match result {
+        Ok(outcomes) => panic!("expected an error, got {outcomes:?}"),
+        Err(error) => error,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_then_rejection_with_exact_remaining_and_retry_after() {
+    let server = RedisServer::start();
+    let store = RedisStore::new(&server.url(), TIMEOUT).expect("store");
+    assert_eq!(store.kind(), "redis");
+    store.ping().await.expect("ping");
+    let req = slow("tollgate:rl:{ip:203.0.113.7}:per-client", 3);
+
+    let start = Instant::now();
+    for expected in [2, 1, 0] {
+        let o = one(&store, &req).await;
+        assert!(o.admitted);
+        assert_eq!((o.remaining, o.retry_after_us), (expected, 0));
+        assert!(o.next_token_us <= HOUR_US && o.next_token_us > HOUR_US - 60_000_000);
+    }
+    let rejected = one(&store, &req).await;
+    let elapsed_us = start.elapsed().as_micros() as u64 + 1_000;
+    assert!(!rejected.admitted);
+    assert_eq!(rejected.remaining, 0);
+    // The first token comes back one interval after the first draw.
+    assert!(
+        rejected.retry_after_us <= HOUR_US && rejected.retry_after_us >= HOUR_US - elapsed_us,
+        "retry_after {} µs",
+        rejected.retry_after_us
+    );
+    assert_eq!(rejected.next_token_us, rejected.retry_after_us);
+
+    // A cost above burst is never admitted.
+    let huge = request(&req.key, 3, HOUR_US, 4);
+    let never = one(&store, &huge).await;
+    assert!(!never.admitted);
+    assert_eq!(never.retry_after_us, u64::MAX);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_independent() {
+    let server = RedisServer::start();
+    let store = RedisStore::new(&server.url(), TIMEOUT).expect("store");
+    let a = slow("tollgate:rl:{a}:p", 1);
+    let b = slow("tollgate:rl:{b}:p", 1);
+    assert!(one(&store, &a).await.admitted);
+    assert!(!one(&store, &a).await.admitted);
+    assert!(one(&store, &b).await.admitted, "a's bucket is not b's");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_concurrent_acquires_admit_exactly_burst() {
+    let server = RedisServer::start();
+    // A generous deadline: this measures atomicity, not latency on a loaded CI machine.
+    let store = Arc::new(RedisStore::new(&server.url(), Duration::from_secs(10)).expect("store"));
+    let req = Arc::new(slow("tollgate:rl:{hot}:p", 100));
+    let tasks = (0..1000).map(|_| {
+        let store = store.clone();
+        let req = req.clone();
+        tokio::spawn(async move { one(&*store, &req).await.admitted })
+    });
+    let admitted = join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task"))
+        .filter(|&admitted| admitted)
+        .count();
+    assert_eq!(admitted, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejection_by_one_bucket_consumes_nothing_from_the_other() {
+    let server = RedisServer::start();
+    let store = RedisStore::new(&server.url(), TIMEOUT).expect("store");
+    let wide = slow("tollgate:rl:{c}:wide", 5);
+    let narrow = slow("tollgate:rl:{c}:narrow", 1);
+    let both = [wide.clone(), narrow.clone()];
+
+    let first = store.acquire(&both).await.expect("ok");
+    assert!(first.iter().all(|o| o.admitted));
+    assert_eq!((first[0].remaining, first[1].remaining), (4, 0));
+
+    let mut conn = admin(&server.url()).await;
+    let tat_before: u64 = redis::cmd("GET")
+        .arg(&wide.key)
+        .query_async(&mut conn)
+        .await
+        .expect("GET");
+    let second = store.acquire(&both).await.expect("ok");
+    assert!(!second[1].admitted, "narrow is empty");
+    assert!(second[0].admitted, "wide had room");
+    assert_eq!(second[0].remaining, 4, "wide reports its untouched level");
+    let tat_after: u64 = redis::cmd("GET")
+        .arg(&wide.key)
+        .query_async(&mut conn)
+        .await
+        .expect("GET");
+    assert_eq!(tat_before, tat_after, "nothing was written");
+    assert_eq!(one(&store, &wide).await.remaining, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_written_key_expires_within_one_refill() {
+    let server = RedisServer::start();
+    let store = RedisStore::new(&server.url(), TIMEOUT).expect("store");
+    let mut conn = admin(&server.url()).await;
+    let requests = [
+        request("tollgate:rl:{t}:a", 10, 100_000, 3), // refills fully in 1 s
+        request("tollgate:rl:{t}:b", 2, HOUR_US, 1),
+        request("tollgate:rl:{t}:c", 1, 1_500, 1), // 1.5 ms: PX rounds up
+    ];
+    assert!(
+        store
+            .acquire(&requests)
+            .await
+            .expect("ok")
+            .iter()
+            .all(|o| o.admitted)
+    );
+    for req in &requests {
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(&req.key)
+            .query_async(&mut conn)
+            .await
+            .expect("PTTL");
+        let full_ms = req.spec.full_refill_us().div_ceil(1000) as i64 + 1;
+        // `c` may already have expired (full again) by the time PTTL runs: -2, never -1.
+        assert!(pttl != -1, "{} has no TTL", req.key);
+        if req.key.ends_with(":c") && pttl == -2 {
+            continue;
+        }
+        assert!(
+            pttl > 0 && pttl <= full_ms,
+            "{}: PTTL {pttl}, full refill {full_ms} ms",
+            req.key
+        );
+    }
+}
+
+/// The script against `decide` with the same TAT and a `now` between the Redis `TIME` before
+/// and after the call: for random specs (up to the exactness bound), costs and stored TATs,
+/// the outcome and the stored TAT must equal `decide` at one of those instants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_matches_decide_to_the_microsecond() {
+    let server = RedisServer::start();
+    let store = RedisStore::new(&server.url(), Duration::from_secs(5)).expect("store");
+    let mut conn = admin(&server.url()).await;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move |below: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % below.max(1)
+    };
+    for case in 0..300 {
+        let burst = 1 + next(if case % 3 == 0 { 1 << 20 } else { 20 });
+        let interval_us = 1 + next(if case % 2 == 0 { 1 << 32 } else { 5_000 });
+        if burst.checked_mul(interval_us).is_none_or(|c| c > 1 << 52) {
+            continue;
+        }
+        let capacity = burst * interval_us;
+        let cost = next(burst + 3);
+        let key = format!("tollgate:rl:{{prop}}:{case}");
+        let req = request(&key, burst, interval_us, cost);
+
+        let before = redis_now(&mut conn).await;
+        // A stored TAT anywhere from long past to beyond capacity (as after a shrunk burst).
+        let offset = next(capacity * 2 + 2) as i64 - (capacity / 2) as i64;
+        let tat = before.saturating_add_signed(offset);
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(tat)
+            .query_async(&mut conn)
+            .await
+            .expect("SET");
+        let outcome = one(&store, &req).await;
+        let after = redis_now(&mut conn).await;
+        let stored: Option<u64> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("GET");
+
+        let matches = (before..=after).any(|now| {
+            let d = bucket::decide(req.spec, tat, now, cost);
+            let expected_stored = if !d.admitted {
+                Some(tat)
+            } else if d.tat_us > now {
+                Some(d.tat_us)
+            } else {
+                None
+            };
+            let same_outcome = d.admitted == outcome.admitted
+                && d.remaining == outcome.remaining
+                && d.next_token_us == outcome.next_token_us
+                && d.retry_after_us == outcome.retry_after_us;
+            // An admitted write may have expired already if the bucket was almost full.
+            same_outcome && (stored == expected_stored || (stored.is_none() && d.admitted))
+        });
+        assert!(
+            matches,
+            "case {case}: burst {burst} interval {interval_us} cost {cost} tat {tat} \
+             now {before}..={after}: got {outcome:?}, stored {stored:?}, decide at start {:?}",
+            bucket::decide(req.spec, tat, before, cost)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_flush_is_recovered_by_reloading() {
+    let server = RedisServer::start();
+    let store = RedisStore::new(&server.url(), TIMEOUT).expect("store");
+    let req = slow("tollgate:rl:{s}:p", 5);
+    assert_eq!(one(&store, &req).await.remaining, 4);
+    let mut conn = admin(&server.url()).await;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .expect("SCRIPT FLUSH");
+    assert_eq!(
+        one(&store, &req).await.remaining,
+        3,
+        "NOSCRIPT → SCRIPT LOAD → retry"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_redis_fails_fast_and_a_restart_on_the_same_port_is_used_within_a_second() {
+    let server = RedisServer::start();
+    let port = server.port();
+    let store = RedisStore::new(&server.url(), TIMEOUT).expect("store");
+    let req = slow("tollgate:rl:{k}:p", 1000);
+    assert!(one(&store, &req).await.admitted);
+
+    drop(server); // SIGKILL and reap
+    for _ in 0..5 {
+        let error = fails_within(&store, &req, Duration::from_millis(300)).await;
+        assert!(
+            matches!(error, StoreError::Unavailable(_) | StoreError::Timeout(_)),
+            "{error:?}"
+        );
+    }
+    assert!(store.ping().await.is_err());
+
+    let _server = RedisServer::start_on(port);
+    let took = wait_until_working(&store, &req).await;
+    assert!(took < Duration::from_secs(1), "recovered after {took:?}");
+    store.ping().await.expect("ping after restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_redis_times_out_within_the_deadline_and_recovers_after_sigcont() {
+    let server = RedisServer::start();
+    let store = RedisStore::new(&server.url(), TIMEOUT).expect("store");
+    let req = slow("tollgate:rl:{f}:p", 1000);
+    assert!(one(&store, &req).await.admitted);
+
+    let pid = Pid::from_raw(i32::try_from(server.pid()).expect("pid fits i32"));
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+    // Long enough for the store to give up on the silent connection and open another one
+    // (which the frozen server's kernel accepts but never answers).
+    let frozen = Instant::now();
+    let mut calls = 0;
+    while frozen.elapsed() < Duration::from_millis(1500) {
+        let error = fails_within(&store, &req, Duration::from_millis(200)).await;
+        assert!(matches!(error, StoreError::Timeout(_)), "{error:?}");
+        calls += 1;
+    }
+    assert!(calls >= 5);
+    assert!(matches!(store.ping().await, Err(StoreError::Timeout(_))));
+
+    kill(pid, Signal::SIGCONT).expect("SIGCONT");
+    let took = wait_until_working(&store, &req).await;
+    assert!(took < Duration::from_secs(1), "recovered after {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_made_while_redis_is_down_is_unavailable_then_works() {
+    let port = support::free_port();
+    let store = RedisStore::new(&format!("redis://127.0.0.1:{port}/"), TIMEOUT)
+        .expect("construction needs no server");
+    let req = slow("tollgate:rl:{d}:p", 5);
+    for _ in 0..3 {
+        let error = fails_within(&store, &req, Duration::from_millis(300)).await;
+        assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
+    }
+
+    let _server = RedisServer::start_on(port);
+    let took = wait_until_working(&store, &req).await;
+    assert!(took < Duration::from_secs(1), "usable after {took:?}");
+}
+
+#[test]
+fn construction_outside_a_runtime_does_not_panic_and_bad_urls_fail() {
+    assert!(RedisStore::new("redis://127.0.0.1:1/", TIMEOUT).is_ok());
+    assert!(RedisStore::new("not a url", TIMEOUT).is_err());
+    assert!(RedisStore::new("http://127.0.0.1/", TIMEOUT).is_err());
+}
+
+/// Rough latency of one acquire against a local Redis (printed; asserted only loosely).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acquire_latency_against_local_redis() {
+    let server = RedisServer::start();
+    let store = RedisStore::new(&server.url(), Duration::from_secs(1)).expect("store");
+    let reqs = [
+        slow("tollgate:rl:{ip:203.0.113.7}:per-client", 1 << 20),
+        slow("tollgate:rl:{ip:203.0.113.7}:per-route", 1 << 20),
+    ];
+    store.acquire(&reqs).await.expect("warm up");
+    let mut samples: Vec<Duration> = Vec::with_capacity(2000);
+    for _ in 0..2000 {
+        let start = Instant::now();
+        store.acquire(&reqs).await.expect("acquire");
+        samples.push(start.elapsed());
+    }
+    samples.sort();
+    let p50 = samples[samples.len() / 2];
+    let p99 = samples[samples.len() * 99 / 100];
+    eprintln!("redis acquire (2 buckets), sequential: p50 {p50:?}, p99 {p99:?}");
+
+    let store = Arc::new(store);
+    let start = Instant::now();
+    let tasks = (0..4000).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let req = slow(&format!("tollgate:rl:{{c{}}}:p", i % 50), 1 << 20);
+            store.acquire(std::slice::from_ref(&req)).await.map(|_| ())
+        })
+    });
+    for task in join_all(tasks).await {
+        task.expect("task").expect("acquire");
+    }
+    let took = start.elapsed();
+    eprintln!(
+        "redis acquire, 4000 concurrent on one connection: {took:?} ({:.0}/s)",
+        4000.0 / took.as_secs_f64()
+    );
+    assert!(p50 < Duration::from_millis(10), "p50 {p50:?}");
+}
+
+// ----- Redis Cluster -----
+
+async fn cluster_admin(cluster: &RedisCluster) -> redis::cluster_async::ClusterConnection {
+    redis::cluster::ClusterClient::new(cluster.urls())
+        .expect("cluster client")
+        .get_async_connection()
+        .await
+        .expect("cluster admin connection")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_exact_burst_on_one_tagged_key() {
+    let cluster = RedisCluster::start();
+    let store = RedisClusterStore::new(&cluster.urls(), TIMEOUT).expect("store");
+    assert_eq!(store.kind(), "redis-cluster");
+    let req = slow("tollgate:rl:{ip:198.51.100.1}:per-client", 3);
+    wait_until_working(&store, &slow("tollgate:rl:{warm}:p", 1)).await;
+    store.ping().await.expect("ping");
+    for expected in [2, 1, 0] {
+        let o = one(&store, &req).await;
+        assert!(o.admitted);
+        assert_eq!(o.remaining, expected);
+    }
+    let rejected = one(&store, &req).await;
+    assert!(!rejected.admitted);
+    assert!(rejected.retry_after_us <= HOUR_US && rejected.retry_after_us > HOUR_US - 60_000_000);
+
+    // Two buckets with one tag: one script call, atomic.
+    let pair = [
+        slow("tollgate:rl:{u:1}:a", 2),
+        slow("tollgate:rl:{u:1}:b", 1),
+    ];
+    assert!(
+        store
+            .acquire(&pair)
+            .await
+            .expect("ok")
+            .iter()
+            .all(|o| o.admitted)
+    );
+    let second = store.acquire(&pair).await.expect("ok");
+    assert!(second[0].admitted && !second[1].admitted);
+    assert_eq!(second[0].remaining, 1, "untouched");
+
+    // NOSCRIPT on the key's node: the script is loaded again (on every primary) and retried.
+    for port in cluster.ports() {
+        support::redis_cli(port, &["SCRIPT", "FLUSH"]).expect("SCRIPT FLUSH");
+    }
+    let fresh = slow("tollgate:rl:{after-flush}:p", 2);
+    assert_eq!(one(&store, &fresh).await.remaining, 1);
+    assert_eq!(one(&store, &pair[0]).await.remaining, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_refunds_the_admitted_slot_when_another_rejects() {
+    let cluster = RedisCluster::start();
+    let store = RedisClusterStore::new(&cluster.urls(), TIMEOUT).expect("store");
+    let wide = slow("tollgate:rl:{alpha}:wide", 5);
+    let narrow = slow("tollgate:rl:{beta}:narrow", 1);
+    let slots: Vec<i64> = [&wide.key, &narrow.key]
+        .iter()
+        .map(|key| {
+            support::redis_cli(cluster.node(0).port(), &["CLUSTER", "KEYSLOT", key])
+                .expect("CLUSTER KEYSLOT")
+                .trim()
+                .parse()
+                .expect("slot number")
+        })
+        .collect();
+    assert_ne!(
+        slots[0], slots[1],
+        "the two keys must live in different slots"
+    );
+
+    wait_until_working(&store, &slow("tollgate:rl:{warm}:p", 1)).await;
+    let both = [wide.clone(), narrow.clone()];
+    let first = store.acquire(&both).await.expect("ok");
+    assert!(first.iter().all(|o| o.admitted));
+    assert_eq!((first[0].remaining, first[1].remaining), (4, 0));
+
+    let mut conn = cluster_admin(&cluster).await;
+    let tat_before: u64 = redis::cmd("GET")
+        .arg(&wide.key)
+        .query_async(&mut conn)
+        .await
+        .expect("GET");
+    let second = store.acquire(&both).await.expect("ok");
+    assert!(!second[1].admitted, "narrow rejects");
+    assert!(second[0].admitted, "wide had room");
+    assert_eq!(second[0].remaining, 4, "wide is reported after its refund");
+    let tat_after: u64 = redis::cmd("GET")
+        .arg(&wide.key)
+        .query_async(&mut conn)
+        .await
+        .expect("GET");
+    assert_eq!(
+        tat_before, tat_after,
+        "the refund restored wide's TAT exactly"
+    );
+    assert_eq!(one(&store, &wide).await.remaining, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_thousand_concurrent_acquires_admit_exactly_burst() {
+    let cluster = RedisCluster::start();
+    let store =
+        Arc::new(RedisClusterStore::new(&cluster.urls(), Duration::from_secs(10)).expect("store"));
+    let req = Arc::new(slow("tollgate:rl:{hot}:p", 100));
+    wait_until_working(&*store, &slow("tollgate:rl:{warm}:p", 1)).await;
+    let tasks = (0..1000).map(|_| {
+        let store = store.clone();
+        let req = req.clone();
+        tokio::spawn(async move { one(&*store, &req).await.admitted })
+    });
+    let admitted = join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task"))
+        .filter(|&admitted| admitted)
+        .count();
+    assert_eq!(admitted, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_store_without_a_cluster_fails_fast() {
+    let ports: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", support::free_port()))
+        .collect();
+    let store = RedisClusterStore::new(&ports, TIMEOUT).expect("construction needs no server");
+    let req = slow("tollgate:rl:{e}:p", 5);
+    let error = fails_within(&store, &req, Duration::from_millis(300)).await;
+    assert!(
+        matches!(error, StoreError::Unavailable(_) | StoreError::Timeout(_)),
+        "{error:?}"
+    );
+    assert!(store.ping().await.is_err());
+}
