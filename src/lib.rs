@@ -20,6 +20,7 @@
 pub mod config;
 pub mod demo;
 pub mod gateway;
+pub mod gossip;
 pub mod http;
 pub mod limit;
 pub mod metrics;
