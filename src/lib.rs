@@ -18,6 +18,7 @@
 //! - [`shutdown`]: the process's SIGINT/SIGTERM future.
 
 pub mod config;
+pub mod crdt;
 pub mod demo;
 pub mod gateway;
 pub mod gossip;
