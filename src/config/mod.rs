@@ -630,6 +630,94 @@ instances = ["http://127.0.0.1:7101"]
     }
 
     #[test]
+    fn identity_and_policies_parse_with_keys_from_files() {
+        let text = format!(
+            r#"{MINIMAL}
+[identity]
+trusted_proxies = ["10.0.0.0/8", "192.0.2.1"]
+
+[[identity.api_keys]]
+name = "partner"
+sha256 = "{hash}"
+tier = "premium"
+
+[identity.jwt]
+issuer = "https://issuer.example"
+
+[[identity.jwt.keys]]
+algorithm = "RS256"
+public_key_file = "rs256-public.pem"
+
+[policies.per-client]
+routes = ["/api"]
+methods = ["get", "POST"]
+key = ["api_key", "ip"]
+rate = "100/10s"
+
+[policies.per-client.tiers.premium]
+rate = "1000/10s"
+burst = 500
+"#,
+            hash = "ab".repeat(32)
+        );
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/limit/testdata/region.toml");
+        let config = RegionConfig::parse(&file, &text, |_| None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.identity.trusted_proxies.len(), 2);
+        assert_eq!(config.identity.api_keys[0].name, "partner");
+        assert_eq!(config.identity.jwt.as_ref().unwrap().keys.len(), 1);
+        let policy = &config.policies[0];
+        assert_eq!(
+            policy.limit.burst, 100,
+            "burst defaults to the rate's amount"
+        );
+        assert_eq!(policy.tiers["premium"].burst, 500);
+        assert_eq!(policy.methods, [http::Method::GET, http::Method::POST]);
+    }
+
+    #[test]
+    fn policy_and_identity_errors_are_all_reported() {
+        let text = format!(
+            r#"{MINIMAL}
+[identity]
+trusted_proxies = ["not-a-net"]
+
+[[identity.api_keys]]
+name = "k"
+sha256 = "zz"
+
+[[identity.jwt.keys]]
+algorithm = "none"
+
+[policies.regional]
+key = ["cookie"]
+rate = "ten per second"
+mode = "strict"
+
+[policies.costly]
+key = ["ip"]
+rate = "10/1s"
+burst = 2
+cost = 3
+"#
+        );
+        let keys: Vec<String> = problems(&text).into_iter().map(|p| p.key).collect();
+        for expected in [
+            "identity.trusted_proxies[0]",
+            "identity.api_keys[0].sha256",
+            "identity.jwt.keys",
+            "policies.regional.key[0]",
+            "policies.regional.rate",
+            "policies.regional.mode",
+            "policies.costly.burst",
+        ] {
+            assert!(
+                keys.iter().any(|k| k.starts_with(expected)),
+                "{expected} missing from {keys:?}"
+            );
+        }
+    }
+
+    #[test]
     fn shipped_region_files_are_valid() {
         for region in ["us-east", "eu-west", "ap-south"] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR"))

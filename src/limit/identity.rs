@@ -389,6 +389,68 @@ mod tests {
     }
 
     #[test]
+    fn rs256_and_es256_tokens_verify_with_public_keys_from_config() {
+        let cases = [
+            (
+                Algorithm::RS256,
+                EncodingKey::from_rsa_pem(include_bytes!("testdata/rs256-private.pem")).unwrap(),
+                DecodingKey::from_rsa_pem(include_bytes!("testdata/rs256-public.pem")).unwrap(),
+            ),
+            (
+                Algorithm::ES256,
+                EncodingKey::from_ec_pem(include_bytes!("testdata/es256-private.pem")).unwrap(),
+                DecodingKey::from_ec_pem(include_bytes!("testdata/es256-public.pem")).unwrap(),
+            ),
+        ];
+        for (algorithm, signing, verifying) in cases {
+            let mut config = config();
+            if let Some(jwt) = config.jwt.as_mut() {
+                jwt.keys = vec![JwtKey {
+                    kid: Some("k1".into()),
+                    algorithm,
+                    key: verifying,
+                }];
+            }
+            let mut header = Header::new(algorithm);
+            header.kid = Some("k1".into());
+            let claims = json!({"sub": "svc", "tier": "premium", "exp": NOW + 60, "iss": "issuer", "aud": "tollgate"});
+            let token = encode(&header, &claims, &signing).unwrap();
+            let bearer = format!("Bearer {token}");
+            let id = identify(
+                &config,
+                &headers(&[("authorization", &bearer)]),
+                peer(),
+                NOW,
+            )
+            .unwrap();
+            assert_eq!(
+                id.jwt,
+                Some(("svc".into(), Some("premium".into()))),
+                "{algorithm:?}"
+            );
+
+            // A token signed with the other algorithm's key, or an HS256 token made with the
+            // public key as the secret (the classic confusion attack), is refused.
+            let hs = encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(include_bytes!("testdata/rs256-public.pem")),
+            )
+            .unwrap();
+            let confused = identify(
+                &config,
+                &headers(&[("authorization", &format!("Bearer {hs}"))]),
+                peer(),
+                NOW,
+            );
+            assert!(
+                matches!(confused, Err(IdentityError::InvalidToken(_))),
+                "{confused:?}"
+            );
+        }
+    }
+
+    #[test]
     fn bad_jwts_are_refused() {
         let cases = [
             (
