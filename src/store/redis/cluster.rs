@@ -91,13 +91,9 @@ impl RedisClusterStore {
 
     /// Readiness: every primary answered `PING` within the deadline.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let deadline = Instant::now() + self.command_timeout;
-        let result = match timeout_at(deadline, self.ping_inner()).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Timeout(self.command_timeout)),
-        };
-        self.connection.record(&result);
-        result
+        self.connection
+            .guard(self.command_timeout, self.ping_inner())
+            .await
     }
 
     async fn ping_inner(&self) -> Result<(), StoreError> {

@@ -105,6 +105,21 @@ impl<C: Clone> Lazy<C> {
         Ok(connection)
     }
 
+    /// Runs `call` under the store's hard deadline (`timeout` from now) and notes how it
+    /// ended, so every call of every store shares one timeout-and-stale-connection policy.
+    async fn guard<T>(
+        &self,
+        timeout: Duration,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let result = match tokio::time::timeout(timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout(timeout)),
+        };
+        self.record(&result);
+        result
+    }
+
     /// Notes how a call ended; after [`STALE_CONNECTION_AFTER`] of nothing but timeouts the
     /// connection is dropped so the next call makes a new one.
     fn record<T>(&self, result: &Result<T, StoreError>) {

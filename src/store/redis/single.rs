@@ -10,7 +10,6 @@ use std::time::Duration;
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{Client, Value};
 use futures_util::future::BoxFuture;
-use tokio::time::{Instant, timeout_at};
 
 use super::script::{self, Mode};
 use super::{Lazy, connect_timeout, store_error};
@@ -72,13 +71,9 @@ impl RedisStore {
 
     /// Readiness: `PING` answered within the deadline.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let deadline = Instant::now() + self.command_timeout;
-        let result = match timeout_at(deadline, self.ping_inner()).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Timeout(self.command_timeout)),
-        };
-        self.connection.record(&result);
-        result
+        self.connection
+            .guard(self.command_timeout, self.ping_inner())
+            .await
     }
 
     async fn ping_inner(&self) -> Result<(), StoreError> {
@@ -140,13 +135,9 @@ impl BucketStore for RedisStore {
                 return Ok(Vec::new());
             }
             script::check(requests)?;
-            let deadline = Instant::now() + self.command_timeout;
-            let result = match timeout_at(deadline, self.acquire_inner(requests)).await {
-                Ok(result) => result,
-                Err(_) => Err(StoreError::Timeout(self.command_timeout)),
-            };
-            self.connection.record(&result);
-            result
+            self.connection
+                .guard(self.command_timeout, self.acquire_inner(requests))
+                .await
         })
     }
 
