@@ -16,7 +16,9 @@
 //! - [`telemetry`](crate::telemetry): logs, OTLP trace export, W3C trace context.
 //! - [`metrics`](crate::metrics): the Prometheus recorder and the metric catalogue.
 //! - [`shutdown`]: the process's SIGINT/SIGTERM future.
+//! - [`certs`]: `tollgate certs`, the deployment CA and region certificates for gossip.
 
+pub mod certs;
 pub mod config;
 pub mod crdt;
 pub mod demo;

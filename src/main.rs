@@ -39,6 +39,8 @@ enum Command {
     Bookings(BookingsArgs),
     /// Run three regional gateways and the services on this machine.
     Demo(tollgate::demo::DemoArgs),
+    /// Create the deployment CA and one gossip certificate per region.
+    Certs(tollgate::certs::CertsArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -59,6 +61,16 @@ async fn main() -> anyhow::Result<()> {
     // Each role returns its result instead of `?`-ing out, so that the pending spans are
     // flushed (telemetry.shutdown) whether it succeeded or not.
     match cli.command {
+        Command::Certs(args) => {
+            // Offline and one-shot: no telemetry. Errors are the operator's to fix (a bad
+            // name, an existing CA, an unwritable directory): print them without anyhow's
+            // backtrace.
+            if let Err(error) = tollgate::certs::run(&args) {
+                eprintln!("tollgate certs: {error}");
+                std::process::exit(if error.is_usage() { 2 } else { 1 });
+            }
+            Ok(())
+        }
         Command::Gateway(args) => {
             // The config comes first: the gateway's traces carry its region.
             let config = match RegionConfig::load(&args.config) {
