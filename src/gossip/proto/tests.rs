@@ -1,0 +1,905 @@
+//! Deterministic tests of the gossip state machine over an in-memory network.
+//!
+//! The harness is a tiny discrete-event loop: a queue of `(deliver_at, seq) → event` with
+//! per-link latency, loss, duplication and partitions drawn from a seeded PRNG. Every message
+//! goes through the real codec (encoded, hashed into a trace, decoded), so the tests also
+//! check that everything the machine emits frames and decodes.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::*;
+use crate::crdt::Col;
+use crate::crdt::bounded::StrictPolicy;
+use crate::gossip::codec::{self, DEFAULT_MAX_FRAME, Decoder};
+
+/// A realistic wall-clock start (2025), so sub-window numbers look like production ones.
+const T0: u64 = 1_750_000_000_000_000;
+const MS: u64 = 1_000;
+const SEC: u64 = 1_000_000;
+/// Eventual policy with a long window (convergence tests).
+const LONG: PolicyId = 1;
+/// Strict policy.
+const STRICT: PolicyId = 2;
+/// Eventual policy with a short window (the hopping client).
+const SHORT: PolicyId = 3;
+const STRICT_QUOTA: u64 = 300;
+const SHORT_LIMIT: u64 = 300;
+const DIGEST: u64 = 0xC0FF_EE00;
+/// Seeds every randomized scenario runs with.
+const SEEDS: std::ops::Range<u64> = 0..25;
+
+fn slots() -> Vec<Slot> {
+    (0..3).map(|i| Slot::new(format!("r{i}"), "i0")).collect()
+}
+
+fn config() -> GossipConfig {
+    GossipConfig {
+        interval_us: 50 * MS,
+        max_entries_per_frame: 64,
+        keepalive_us: 500 * MS,
+        idle_timeout_us: 2 * SEC,
+        backoff_base_us: 100 * MS,
+        backoff_cap_us: SEC,
+        anti_entropy_every_us: SEC,
+        announce_every_us: 200 * MS,
+        gc_every_us: SEC,
+    }
+}
+
+fn short_spec() -> WindowSpec {
+    WindowSpec::new(2 * SEC, 10).unwrap()
+}
+
+fn policies() -> Policies {
+    Policies {
+        eventual: vec![
+            (LONG, WindowSpec::new(60 * SEC, 10).unwrap()),
+            (SHORT, short_spec()),
+        ],
+        strict: vec![(
+            STRICT,
+            StrictPolicy {
+                quota: STRICT_QUOTA,
+                spec: short_spec(),
+            },
+        )],
+    }
+}
+
+/// FNV-1a over the transmitted stream: the determinism fingerprint.
+#[derive(Debug, Clone, Copy)]
+struct Fnv(u64);
+
+impl Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Net {
+    min_latency_us: u64,
+    max_latency_us: u64,
+    loss: f64,
+    dup: f64,
+}
+
+const CALM: Net = Net {
+    min_latency_us: 10 * MS,
+    max_latency_us: 30 * MS,
+    loss: 0.0,
+    dup: 0.0,
+};
+
+#[derive(Debug)]
+enum Event {
+    Deliver {
+        from: usize,
+        msg: Message,
+    },
+    /// A dial by `from` reaches its target (or fails, if the link is cut by then).
+    Connect {
+        from: usize,
+    },
+    DialFailed {
+        from: usize,
+    },
+    Closed {
+        from: usize,
+    },
+}
+
+struct Sim {
+    now: u64,
+    nodes: Vec<Gossip>,
+    /// `(time, seq) → (target node, event)`.
+    queue: BTreeMap<(u64, u64), (usize, Event)>,
+    seq: u64,
+    rng: SplitMix64,
+    net: Net,
+    cut: BTreeSet<(usize, usize)>,
+    trace: Fnv,
+    transmitted: u64,
+}
+
+impl Sim {
+    fn new(seed: u64, net: Net) -> Self {
+        let nodes = slots()
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                Gossip::new(
+                    s.actor(1),
+                    slots(),
+                    config(),
+                    policies(),
+                    DIGEST,
+                    seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9),
+                    T0,
+                )
+                .unwrap()
+            })
+            .collect();
+        Self {
+            now: T0,
+            nodes,
+            queue: BTreeMap::new(),
+            seq: 0,
+            rng: SplitMix64::new(seed),
+            net,
+            cut: BTreeSet::new(),
+            trace: Fnv(0xcbf2_9ce4_8422_2325),
+            transmitted: 0,
+        }
+    }
+
+    fn is_cut(&self, a: usize, b: usize) -> bool {
+        self.cut.contains(&(a.min(b), a.max(b)))
+    }
+
+    fn partition(&mut self, island: usize) {
+        for other in 0..self.nodes.len() {
+            if other != island {
+                self.cut.insert((island.min(other), island.max(other)));
+            }
+        }
+    }
+
+    fn heal(&mut self) {
+        self.cut.clear();
+    }
+
+    fn latency(&mut self) -> u64 {
+        let spread = self.net.max_latency_us - self.net.min_latency_us;
+        self.net.min_latency_us + self.rng.up_to(spread)
+    }
+
+    fn schedule(&mut self, at: u64, to: usize, event: Event) {
+        self.seq += 1;
+        self.queue.insert((at, self.seq), (to, event));
+    }
+
+    /// Collects every node's output at `now`.
+    fn pump(&mut self) {
+        let now = self.now;
+        for i in 0..self.nodes.len() {
+            while let Some(peer) = self.nodes[i].poll_connect(now) {
+                let to = usize::from(peer.0);
+                let lat = self.latency();
+                if self.is_cut(i, to) {
+                    self.schedule(
+                        now + 2 * self.net.max_latency_us,
+                        i,
+                        Event::DialFailed { from: to },
+                    );
+                } else {
+                    self.schedule(now + lat, to, Event::Connect { from: i });
+                }
+            }
+            while let Some(peer) = self.nodes[i].poll_close() {
+                let to = usize::from(peer.0);
+                if !self.is_cut(i, to) {
+                    let lat = self.latency();
+                    self.schedule(now + lat, to, Event::Closed { from: i });
+                }
+            }
+            while let Some((peer, msg)) = self.nodes[i].poll_transmit(now) {
+                let to = usize::from(peer.0);
+                let bytes = codec::encode(&msg, DEFAULT_MAX_FRAME).expect("every message frames");
+                self.trace.write(&now.to_le_bytes());
+                self.trace.write(&[i as u8, to as u8]);
+                self.trace.write(&bytes);
+                self.transmitted += 1;
+                if self.is_cut(i, to) || self.rng.chance(self.net.loss) {
+                    continue;
+                }
+                let copies = if self.rng.chance(self.net.dup) { 2 } else { 1 };
+                for _ in 0..copies {
+                    let mut decoder = Decoder::new(DEFAULT_MAX_FRAME);
+                    decoder.extend(&bytes);
+                    let decoded: Message = decoder.decode().unwrap().expect("a whole frame");
+                    assert_eq!(decoded, msg, "codec round trip");
+                    let lat = self.latency();
+                    self.schedule(
+                        now + lat,
+                        to,
+                        Event::Deliver {
+                            from: i,
+                            msg: decoded,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, to: usize, event: Event) {
+        let now = self.now;
+        match event {
+            Event::Deliver { from, msg } => {
+                if !self.is_cut(from, to) {
+                    self.nodes[to].handle(now, PeerId(from as u16), msg);
+                }
+            }
+            Event::Connect { from } => {
+                if self.is_cut(from, to) {
+                    let lat = self.latency();
+                    self.schedule(now + lat, from, Event::DialFailed { from: to });
+                } else {
+                    self.nodes[to].on_connected(PeerId(from as u16), now);
+                    // The dialler learns of the connection (simplification: at once).
+                    self.nodes[from].on_connected(PeerId(to as u16), now);
+                }
+            }
+            Event::DialFailed { from } => self.nodes[to].on_disconnected(PeerId(from as u16), now),
+            Event::Closed { from } => self.nodes[to].on_disconnected(PeerId(from as u16), now),
+        }
+    }
+
+    /// Runs the network until `end`.
+    fn run_until(&mut self, end: u64) {
+        let mut spins = 0u32;
+        loop {
+            self.pump();
+            let next_event = self.queue.keys().next().map(|k| k.0);
+            let next_timer = self.nodes.iter().filter_map(Gossip::poll_timeout).min();
+            let Some(t) = next_event.into_iter().chain(next_timer).min() else {
+                break;
+            };
+            let t = t.max(self.now);
+            if t > end {
+                break;
+            }
+            if t == self.now {
+                spins += 1;
+                assert!(spins < 100_000, "livelock at {}", self.now);
+            } else {
+                spins = 0;
+            }
+            self.now = t;
+            while let Some(entry) = self.queue.first_entry() {
+                if entry.key().0 > t {
+                    break;
+                }
+                let (to, event) = entry.remove();
+                self.apply(to, event);
+            }
+            for n in &mut self.nodes {
+                if n.poll_timeout().is_some_and(|d| d <= t) {
+                    n.handle_timeout(t);
+                }
+            }
+        }
+        self.now = self.now.max(end);
+    }
+
+    fn counts(&self, policy: PolicyId, key: &str) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .map(|n| n.count(policy, key, self.now))
+            .collect()
+    }
+
+    fn all_connected(&self) -> bool {
+        self.nodes.iter().all(|n| {
+            n.peer_status()
+                .iter()
+                .all(|p| p.status == PeerStatus::Ok && matches!(p.link, LinkState::Up { .. }))
+        })
+    }
+}
+
+fn keys(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("client-{i}")).collect()
+}
+
+/// Every node admits `per_node` on each key of `keys` (no limit in the way).
+fn burst(sim: &mut Sim, keys: &[String], per_node: u64) {
+    let now = sim.now;
+    for node in &mut sim.nodes {
+        for k in keys {
+            for _ in 0..per_node {
+                assert!(node.try_admit_eventual(LONG, k, 1, u64::MAX / 4, now));
+            }
+        }
+    }
+}
+
+fn assert_converged(sim: &Sim, keys: &[String], expected: u64) {
+    for k in keys {
+        assert_eq!(
+            sim.counts(LONG, k),
+            vec![expected; 3],
+            "key {k} at {}",
+            sim.now - T0
+        );
+    }
+}
+
+#[test]
+fn handshake_connects_everyone() {
+    let mut sim = Sim::new(1, CALM);
+    sim.run_until(T0 + 500 * MS);
+    assert!(sim.all_connected());
+    for n in &sim.nodes {
+        assert_eq!(n.stats().before_hello, 0);
+        assert_eq!(n.stats().refused_hello, 0);
+    }
+}
+
+#[test]
+fn burst_converges_within_three_intervals_plus_latency() {
+    for seed in SEEDS {
+        burst_converges_within_three_intervals_plus_latency_with(seed);
+    }
+}
+
+fn burst_converges_within_three_intervals_plus_latency_with(seed: u64) {
+    let mut sim = Sim::new(seed, CALM);
+    sim.run_until(T0 + SEC);
+    assert!(sim.all_connected());
+    let ks = keys(200);
+    burst(&mut sim, &ks, 2);
+    let deadline = sim.now + 3 * config().interval_us + CALM.max_latency_us;
+    sim.run_until(deadline);
+    assert_converged(&sim, &ks, 6);
+}
+
+#[test]
+fn loss_and_duplication_are_repaired() {
+    for seed in SEEDS {
+        loss_and_duplication_are_repaired_with(seed);
+    }
+}
+
+fn loss_and_duplication_are_repaired_with(seed: u64) {
+    let lossy = Net {
+        loss: 0.2,
+        dup: 0.1,
+        ..CALM
+    };
+    let mut sim = Sim::new(seed, lossy);
+    let ks = keys(100);
+    // Admissions spread over two seconds while a fifth of all messages are lost.
+    for round in 0..20 {
+        sim.run_until(T0 + 500 * MS + round * 100 * MS);
+        burst(&mut sim, &ks[..(round as usize * 5 + 5)], 1);
+    }
+    sim.run_until(sim.now + 200 * MS);
+    sim.net = CALM;
+    let stop = sim.now;
+    // Deltas are resent after two intervals without confirmation; a digest round is the
+    // backstop. Allow two anti-entropy periods.
+    sim.run_until(stop + 2 * config().anti_entropy_every_us);
+    let expected: Vec<u64> = (0..100u64).map(|i| 3 * (20 - i / 5)).collect();
+    for (k, e) in ks.iter().zip(expected) {
+        assert_eq!(sim.counts(LONG, k), vec![e; 3], "key {k}");
+    }
+    assert!(sim.all_connected());
+}
+
+#[test]
+fn partition_then_heal_converges() {
+    for seed in SEEDS {
+        partition_then_heal_converges_with(seed);
+    }
+}
+
+fn partition_then_heal_converges_with(seed: u64) {
+    let mut sim = Sim::new(seed, CALM);
+    sim.run_until(T0 + SEC);
+    let ks = keys(50);
+    burst(&mut sim, &ks, 1);
+    sim.run_until(sim.now + 200 * MS);
+    assert_converged(&sim, &ks, 3);
+    sim.partition(2);
+    // Longer than the idle timeout: connections drop and redials fail and back off.
+    for _ in 0..10 {
+        sim.run_until(sim.now + 500 * MS);
+        burst(&mut sim, &ks[..10], 1);
+    }
+    assert!(
+        sim.nodes[2]
+            .peer_status()
+            .iter()
+            .all(|p| !matches!(p.link, LinkState::Up { .. })),
+        "idle timeout closed the partitioned links"
+    );
+    assert_eq!(sim.nodes[2].count(LONG, &ks[0], sim.now), 3 + 10);
+    sim.heal();
+    let c = config();
+    let rtt = 2 * CALM.max_latency_us;
+    // Dial + Hello + FullState, each one way.
+    let handshake = 3 * CALM.max_latency_us;
+    // A dial in flight at the heal fails first.
+    let failed_dial = 2 * CALM.max_latency_us;
+    sim.run_until(sim.now + 3 * c.interval_us + rtt + c.backoff_cap_us + handshake + failed_dial);
+    for (i, k) in ks.iter().enumerate() {
+        let expected = if i < 10 { 3 + 30 } else { 3 };
+        assert_eq!(sim.counts(LONG, k), vec![expected; 3], "key {k}");
+    }
+    assert!(sim.all_connected());
+}
+
+#[test]
+fn a_restarted_peer_is_a_new_actor_and_its_predecessor_still_counts() {
+    let mut sim = Sim::new(7, CALM);
+    sim.run_until(T0 + 3 * SEC);
+    assert!(sim.nodes.iter().all(|n| n.strict().is_reclaimed()));
+    let ks = keys(10);
+    burst(&mut sim, &ks, 1);
+    sim.run_until(sim.now + 300 * MS);
+    assert_converged(&sim, &ks, 3);
+    // Slot 1 restarts as incarnation 2; its connections close.
+    let now = sim.now;
+    sim.nodes[1] = Gossip::new(
+        slots()[1].actor(2),
+        slots(),
+        config(),
+        policies(),
+        DIGEST,
+        77,
+        now,
+    )
+    .unwrap();
+    for other in [0, 2] {
+        sim.nodes[other].on_disconnected(PeerId(1), now);
+    }
+    sim.run_until(now + 2 * SEC);
+    assert!(sim.all_connected());
+    let report = sim.nodes[0].peer_status();
+    assert_eq!(report[0].actor, Some(slots()[1].actor(2)));
+    // The new incarnation learned its predecessor's admissions from the full states, and the
+    // predecessor still counts in the eventual rule's N until its admissions expire.
+    assert_converged(&sim, &ks, 3);
+    assert_eq!(sim.nodes[0].eventual().acks().n_actors(), 4);
+    // Strict: the new incarnation waits a window plus a sub-window, then reclaims.
+    assert!(!sim.nodes[1].strict().is_reclaimed());
+    sim.run_until(now + 3 * SEC);
+    assert!(sim.nodes[1].strict().is_reclaimed());
+    // Once the predecessor's admissions expired, it leaves the peer set.
+    sim.run_until(now + 70 * SEC);
+    assert_eq!(sim.nodes[0].eventual().acks().n_actors(), 3);
+}
+
+/// Admission times (µs) → the most admitted in any closed interval of length `w`.
+fn max_in_any_window(times: &[u64], w: u64) -> usize {
+    let mut best = 0;
+    let mut j = 0;
+    for i in 0..times.len() {
+        while j < times.len() && times[j] <= times[i] + w {
+            j += 1;
+        }
+        best = best.max(j - i);
+    }
+    best
+}
+
+#[test]
+fn region_hopping_client_gets_at_most_the_limit() {
+    let lossy = Net {
+        loss: 0.1,
+        dup: 0.1,
+        ..CALM
+    };
+    for seed in SEEDS {
+        region_hopping_client_gets_at_most_the_limit_with(seed, CALM);
+        region_hopping_client_gets_at_most_the_limit_with(seed, lossy);
+    }
+}
+
+fn region_hopping_client_gets_at_most_the_limit_with(seed: u64, net: Net) {
+    let mut sim = Sim::new(seed, net);
+    // Strict mode: every slot waits a window plus a sub-window, then hands over (announces
+    // repeat until then, so lost handovers only delay it).
+    sim.run_until(T0 + 3 * SEC);
+    while !sim.nodes.iter().all(|n| n.strict().is_reclaimed()) {
+        assert!(
+            sim.now < T0 + 10 * SEC,
+            "strict reclaim stuck (seed {seed})"
+        );
+        sim.run_until(sim.now + 100 * MS);
+    }
+    let start = sim.now;
+    let (mut eventual, mut strict) = (Vec::new(), Vec::new());
+    let mut t = start;
+    let mut i = 0usize;
+    while t < start + 8 * SEC {
+        sim.run_until(t);
+        let node = &mut sim.nodes[i % 3];
+        if node.try_admit_eventual(SHORT, "hopper", 1, SHORT_LIMIT, t) {
+            eventual.push(t);
+        }
+        if node.try_admit_strict(STRICT, "hopper", 1, t) {
+            strict.push(t);
+        }
+        i += 1;
+        t += 500;
+    }
+    let w = short_spec().window_us();
+    let e = max_in_any_window(&eventual, w);
+    let s = max_in_any_window(&strict, w);
+    eprintln!(
+        "DBG hop eventual={e} total={} strict={s} total={} msgs={}",
+        eventual.len(),
+        strict.len(),
+        sim.transmitted
+    );
+    assert!(
+        e as f64 <= SHORT_LIMIT as f64 * 1.01,
+        "eventual admitted {e} in a window"
+    );
+    assert!(s as u64 <= STRICT_QUOTA, "strict admitted {s} in a window");
+    // And the limits are not met by refusing everything.
+    assert!(e as u64 >= SHORT_LIMIT / 2, "eventual only admitted {e}");
+    assert!(s as u64 >= STRICT_QUOTA / 2, "strict only admitted {s}");
+}
+
+/// A lossy run with admissions: the fingerprint of everything transmitted.
+fn lossy_run(seed: u64) -> (u64, u64, Vec<u64>) {
+    let net = Net {
+        loss: 0.1,
+        dup: 0.05,
+        ..CALM
+    };
+    let mut sim = Sim::new(seed, net);
+    let ks = keys(20);
+    for round in 0..10 {
+        sim.run_until(T0 + 300 * MS + round * 150 * MS);
+        burst(&mut sim, &ks, 1);
+    }
+    sim.partition(1);
+    sim.run_until(sim.now + 3 * SEC);
+    sim.heal();
+    sim.run_until(sim.now + 3 * SEC);
+    (sim.trace.0, sim.transmitted, sim.counts(LONG, &ks[0]))
+}
+
+#[test]
+fn same_seed_same_transmissions() {
+    let a = lossy_run(42);
+    let b = lossy_run(42);
+    assert_eq!(a, b);
+    assert!(a.1 > 100, "a real run");
+    let c = lossy_run(43);
+    assert_ne!(a.0, c.0, "another seed takes another path");
+}
+
+#[test]
+fn config_mismatch_is_reported_and_not_merged() {
+    let mut sim = Sim::new(6, CALM);
+    sim.nodes[2] = Gossip::new(
+        slots()[2].actor(1),
+        slots(),
+        config(),
+        policies(),
+        DIGEST + 1,
+        9,
+        T0,
+    )
+    .unwrap();
+    sim.run_until(T0 + SEC);
+    let now = sim.now;
+    assert!(sim.nodes[2].try_admit_eventual(LONG, "k", 5, 1000, now));
+    assert!(sim.nodes[0].try_admit_eventual(LONG, "k", 1, 1000, now));
+    sim.run_until(now + SEC);
+    let report = sim.nodes[0].peer_status();
+    assert_eq!(
+        report[1].status,
+        PeerStatus::ConfigMismatch { theirs: DIGEST + 1 }
+    );
+    assert_eq!(report[0].status, PeerStatus::Ok);
+    assert_eq!(sim.counts(LONG, "k"), vec![1, 1, 5]);
+    // Node 0's admission stays unsettled: the mismatched peer is silent for the rule.
+    let inspection = sim.nodes[0].inspect(LONG, "k", sim.now);
+    let ev = inspection.eventual.unwrap();
+    assert_eq!((ev.n_actors, ev.unsettled), (3, 1));
+    assert!(inspection.peers[0].last_delta_age_us.is_some());
+    assert_eq!(inspection.peers[1].last_delta_age_us, None);
+}
+
+#[test]
+fn hostile_input_is_dropped_without_panicking() {
+    let mut g = Gossip::new(
+        slots()[0].actor(1),
+        slots(),
+        config(),
+        policies(),
+        DIGEST,
+        1,
+        T0,
+    )
+    .unwrap();
+    g.handle(T0, PeerId(99), Message::KeepAlive);
+    g.handle(T0, PeerId(0), Message::KeepAlive);
+    g.on_connected(PeerId(500), T0);
+    g.on_disconnected(PeerId(500), T0);
+    g.handle(T0, PeerId(1), Message::Ack(Ack::default()));
+    assert_eq!(g.stats().unknown_peer, 4);
+    assert_eq!(g.stats().no_connection, 1);
+    g.on_connected(PeerId(1), T0);
+    g.handle(T0, PeerId(1), Message::Ack(Ack::default()));
+    assert_eq!(g.stats().before_hello, 1);
+    // A Hello claiming another slot, then one with absurd names.
+    g.handle(
+        T0,
+        PeerId(1),
+        Message::Hello {
+            actor: slots()[2].actor(1),
+            config_digest: DIGEST,
+        },
+    );
+    g.handle(
+        T0,
+        PeerId(1),
+        Message::Hello {
+            actor: Actor::new("x".repeat(10_000), "i0", 1),
+            config_digest: DIGEST,
+        },
+    );
+    assert_eq!(g.peer_status()[0].status, PeerStatus::BadHello);
+    g.handle(
+        T0,
+        PeerId(1),
+        Message::Hello {
+            actor: slots()[1].actor(u64::MAX),
+            config_digest: DIGEST,
+        },
+    );
+    assert_eq!(g.peer_status()[0].status, PeerStatus::Ok);
+    // Strict messages claiming another sender, and a delta full of nonsense.
+    g.handle(
+        T0,
+        PeerId(1),
+        Message::Announce(Announce {
+            slot: 2,
+            incarnation: 7,
+            want_handover: true,
+        }),
+    );
+    g.handle(
+        T0,
+        PeerId(1),
+        Message::Delta {
+            delta: Delta {
+                from_version: u64::MAX,
+                to_version: 0,
+                chunk: 9,
+                chunks: 0,
+                actors: vec![],
+                policies: vec![crate::crdt::PolicyDelta {
+                    policy: 77,
+                    base_sub: u64::MAX,
+                    entries: vec![crate::crdt::DeltaEntry {
+                        key: "k".into(),
+                        sub_off: u32::MAX,
+                        counts: vec![(9, u64::MAX, u64::MAX)],
+                    }],
+                }],
+            },
+            ack: Ack {
+                heard_from_you: u64::MAX,
+                my_version: u64::MAX,
+            },
+        },
+    );
+    g.handle(
+        T0,
+        PeerId(1),
+        Message::Digest {
+            digest: 1,
+            version: u64::MAX,
+        },
+    );
+    assert_eq!(g.stats().misattributed, 1);
+    assert!(g.stats().merge_refusals > 0);
+    while g.poll_transmit(T0).is_some() {}
+    g.handle_timeout(T0 + 10 * SEC);
+    g.gc(T0 + 100 * SEC);
+}
+
+#[test]
+fn many_waiting_changes_are_sent_before_the_interval() {
+    let mut sim = Sim::new(8, CALM);
+    sim.run_until(T0 + SEC);
+    assert!(sim.all_connected());
+    // Right after a flush: the next one is almost an interval away.
+    let g = &mut sim.nodes[0];
+    let now = sim.now;
+    while g.poll_transmit(now).is_some() {}
+    let ks = keys(config().max_entries_per_frame - 1);
+    for k in &ks {
+        assert!(g.try_admit_eventual(LONG, k, 1, 1000, now));
+    }
+    assert!(
+        g.poll_transmit(now).is_none(),
+        "few changes wait for the interval"
+    );
+    assert!(g.try_admit_eventual(LONG, "one-more", 1, 1000, now));
+    assert!(g.poll_timeout().is_some_and(|t| t <= now), "due now");
+    let mut deltas = 0;
+    while let Some((_, m)) = g.poll_transmit(now) {
+        if let Message::Delta { delta, .. } = m {
+            deltas += 1;
+            assert_eq!(delta.entry_count(), config().max_entries_per_frame);
+        }
+    }
+    // One full chunk to each of the two peers.
+    assert_eq!(deltas, 2);
+}
+
+#[test]
+fn reconnects_back_off_with_jitter_up_to_the_cap() {
+    let mut g = Gossip::new(
+        slots()[0].actor(1),
+        slots(),
+        config(),
+        policies(),
+        DIGEST,
+        3,
+        T0,
+    )
+    .unwrap();
+    let mut now = T0;
+    let mut delays = Vec::new();
+    for _ in 0..12 {
+        // Dial both peers, and both dials fail.
+        let mut dialled = Vec::new();
+        while let Some(p) = g.poll_connect(now) {
+            dialled.push(p);
+        }
+        assert_eq!(dialled, vec![PeerId(1), PeerId(2)]);
+        for p in dialled {
+            g.on_disconnected(p, now);
+        }
+        let retry = match g.peer_status()[0].link {
+            LinkState::Down {
+                retry_at_us: Some(at),
+            } => at,
+            other => panic!("{other:?}"),
+        };
+        assert!(g.poll_connect(now).is_none());
+        delays.push(retry - now);
+        now = g.poll_timeout().unwrap().max(retry);
+        while let LinkState::Down {
+            retry_at_us: Some(at),
+        } = g.peer_status()[1].link
+        {
+            if at <= now {
+                break;
+            }
+            now = at;
+        }
+    }
+    let c = config();
+    assert!(delays[0] >= c.backoff_base_us / 2 && delays[0] <= c.backoff_base_us);
+    assert!(delays.iter().all(|&d| d <= c.backoff_cap_us));
+    assert!(delays[11] >= c.backoff_cap_us / 2);
+    assert!(delays.windows(2).any(|w| w[0] != w[1]), "jittered");
+}
+
+#[test]
+fn every_message_variant_round_trips_through_the_codec() {
+    let actor = Actor::new("us-east", "i1", 3);
+    let delta = Delta {
+        from_version: 4,
+        to_version: 9,
+        chunk: 0,
+        chunks: 2,
+        actors: vec![actor.clone()],
+        policies: vec![crate::crdt::PolicyDelta {
+            policy: 1,
+            base_sub: 123_456,
+            entries: vec![crate::crdt::DeltaEntry {
+                key: "10.0.0.1".into(),
+                sub_off: 3,
+                counts: vec![(0, 7, 1)],
+            }],
+        }],
+    };
+    let ack = Ack {
+        heard_from_you: 5,
+        my_version: 9,
+    };
+    let col = crate::crdt::Col {
+        total: 10,
+        to_inc: 2,
+        base: 4,
+    };
+    let messages = vec![
+        Message::Hello {
+            actor,
+            config_digest: 77,
+        },
+        Message::Delta {
+            delta: delta.clone(),
+            ack,
+        },
+        Message::FullState { delta, ack },
+        Message::Ack(ack),
+        Message::Announce(Announce {
+            slot: 1,
+            incarnation: 2,
+            want_handover: true,
+        }),
+        Message::Ask(Ask {
+            policy: 2,
+            key: "k".into(),
+            slot: 0,
+            incarnation: 1,
+            want: 5,
+        }),
+        Message::Transfer(Transfer {
+            policy: 2,
+            key: "k".into(),
+            from: 1,
+            from_incarnation: 1,
+            to: 0,
+            given: col,
+        }),
+        Message::Handover(Handover {
+            from: 1,
+            from_incarnation: 1,
+            to: 0,
+            to_incarnation: 2,
+            settled: true,
+            chunk: 0,
+            chunks: 1,
+            entries: vec![crate::crdt::bounded::HandoverEntry {
+                policy: 2,
+                key: "k".into(),
+                you_gave_me: col,
+                i_gave_you: Col::default(),
+            }],
+        }),
+        Message::Digest {
+            digest: u64::MAX,
+            version: 12,
+        },
+        Message::KeepAlive,
+    ];
+    let mut stream = Vec::new();
+    for m in &messages {
+        stream.extend(codec::encode(m, DEFAULT_MAX_FRAME).unwrap());
+    }
+    let mut decoder = Decoder::new(DEFAULT_MAX_FRAME);
+    decoder.extend(&stream);
+    let mut decoded = Vec::new();
+    while let Some(m) = decoder.decode::<Message>().unwrap() {
+        decoded.push(m);
+    }
+    assert_eq!(decoded, messages);
+}
+
+#[test]
+fn splitmix_is_the_reference_sequence() {
+    // First outputs of SplitMix64 seeded with 0 (from the reference implementation).
+    let mut r = SplitMix64::new(0);
+    assert_eq!(r.next_u64(), 0xe220_a839_7b1d_cdaf);
+    assert_eq!(r.next_u64(), 0x6e78_9e6a_a1b9_65f4);
+    assert!(r.up_to(0) == 0);
+    let _ = r.up_to(u64::MAX);
+}
