@@ -1,7 +1,9 @@
-//! Gossip between regions: frames ([`codec`]), mutual-TLS QUIC transport ([`quic`], [`tls`]),
-//! and the pure protocol state machine ([`proto`]) that the QUIC driver will run.
+//! Gossip between regions: frames ([`codec`]), the mutual-TLS QUIC transport ([`quic`],
+//! [`tls`]), the pure protocol state machine ([`proto`]) and the thin driver that runs it over
+//! QUIC ([`driver`]).
 
 pub mod codec;
+pub mod driver;
 pub mod proto;
 pub mod quic;
 pub mod tls;
