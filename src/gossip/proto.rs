@@ -5,8 +5,8 @@
 //! Everything that decides *what* to say to whom and *when* lives here, and nothing here does
 //! IO, reads a clock or draws entropy: time is the `now_us` every method takes, and the only
 //! randomness (reconnect jitter) comes from a [`SplitMix64`] seeded by the caller. The QUIC
-//! driver (`driver.rs`, over the QUIC transport in `quic.rs`) and the deterministic simulator run the very same code, so a schedule the
-//! simulator finds can be replayed exactly, and the properties tested below (convergence, loss
+//! driver (`driver.rs`, over the transport in `quic.rs`) and the deterministic simulator run
+//! the very same code, so a schedule the simulator finds can be replayed exactly, and the properties tested below (convergence, loss
 //! repair, partition healing, the global limits) hold for the production driver too.
 //!
 //! # Driving it
