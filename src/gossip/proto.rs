@@ -6,8 +6,9 @@
 //! IO, reads a clock or draws entropy: time is the `now_us` every method takes, and the only
 //! randomness (reconnect jitter) comes from a [`SplitMix64`] seeded by the caller. The QUIC
 //! driver (`driver.rs`, over the transport in `quic.rs`) and the deterministic simulator run
-//! the very same code, so a schedule the simulator finds can be replayed exactly, and the properties tested below (convergence, loss
-//! repair, partition healing, the global limits) hold for the production driver too.
+//! the very same code, so a schedule the simulator finds can be replayed exactly, and the
+//! properties tested below (convergence, loss repair, partition healing, the global limits)
+//! hold for the production driver too.
 //!
 //! # Driving it
 //!
