@@ -130,13 +130,20 @@ impl RateLimiter {
 
         let span = tracing::info_span!(
             "rate_limit",
-            policy = %applied.iter().map(|a| a.policy.name.as_str()).collect::<Vec<_>>().join(","),
-            key_hash = %key_hash(&applied),
+            policy = tracing::field::Empty,
+            key_hash = tracing::field::Empty,
             decision = tracing::field::Empty,
             remaining = tracing::field::Empty,
             store = self.store.kind(),
             store_latency_ms = tracing::field::Empty,
         );
+        // Joining names and hashing keys costs allocations and a SHA-256 per request: only
+        // pay for them when the span is recorded somewhere.
+        if !span.is_disabled() {
+            let policies: Vec<&str> = applied.iter().map(|a| a.policy.name.as_str()).collect();
+            span.record("policy", policies.join(","));
+            span.record("key_hash", key_hash(&applied));
+        }
         let started = Instant::now();
         let (results, used_fallback) = self.decide(&applied).await;
         span.record("store_latency_ms", started.elapsed().as_secs_f64() * 1000.0);
