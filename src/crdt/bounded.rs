@@ -336,6 +336,8 @@ pub struct BoundedTable {
     done: Vec<u64>,
     reclaimed: bool,
     superseded: bool,
+    /// Handed its rights back for a graceful shutdown.
+    retired: bool,
     policies: BTreeMap<PolicyId, StrictPolicy>,
     keys: BTreeMap<PolicyId, BTreeMap<Box<str>, KeyRights>>,
     key_count: usize,
@@ -398,6 +400,7 @@ impl BoundedTable {
             done: vec![0; n],
             reclaimed: false,
             superseded: false,
+            retired: false,
             policies,
             keys: BTreeMap::new(),
             key_count: 0,
@@ -513,7 +516,7 @@ impl BoundedTable {
         let Some(p) = self.policies.get(&policy) else {
             return 0;
         };
-        if self.superseded {
+        if self.superseded || self.retired {
             return 0;
         }
         let me = usize::from(self.me);
@@ -626,6 +629,7 @@ impl BoundedTable {
         if self.learn(ask.slot, ask.incarnation) == Learn::Stale
             || !self.reclaimed
             || self.superseded
+            || self.retired
         {
             return None;
         }
@@ -635,29 +639,111 @@ impl BoundedTable {
         if give == 0 {
             return None;
         }
-        let to = usize::from(ask.slot);
-        let Ok(kr) = self.rights_mut(ask.policy, &ask.key) else {
+        self.give(ask.policy, &ask.key, ask.slot, ask.incarnation, give)
+    }
+
+    /// Records a gift of `amount` rights to incarnation `to_inc` of slot `to` in our column
+    /// (before anything is sent, as the module docs require) and returns the transfer.
+    fn give(
+        &mut self,
+        policy: PolicyId,
+        key: &str,
+        to: u16,
+        to_inc: u64,
+        amount: u64,
+    ) -> Option<Transfer> {
+        let (me, inc) = (self.me, self.inc);
+        let Ok(kr) = self.rights_mut(policy, key) else {
             self.stats.refused += 1;
             return None;
         };
-        let col = &mut kr.given[to];
-        if col.to_inc > ask.incarnation {
+        let col = &mut kr.given[usize::from(to)];
+        if col.to_inc > to_inc {
             return None;
         }
-        if col.to_inc < ask.incarnation {
+        if col.to_inc < to_inc {
             col.base = col.total;
-            col.to_inc = ask.incarnation;
+            col.to_inc = to_inc;
         }
-        col.total = col.total.saturating_add(give);
+        col.total = col.total.saturating_add(amount);
         let given = *col;
         Some(Transfer {
-            policy: ask.policy,
-            key: ask.key.clone(),
-            from: self.me,
-            from_incarnation: self.inc,
-            to: ask.slot,
+            policy,
+            key: key.to_owned(),
+            from: me,
+            from_incarnation: inc,
+            to,
             given,
         })
+    }
+
+    /// Gives back `cost` rights consumed at `admitted_at_us` (our clock, as passed to
+    /// [`BoundedTable::try_admit`]) by a request that was then not served (another policy
+    /// refused it). Returns how many came back.
+    ///
+    /// Safe because consumption only has to bound what was *served*: lowering it by exactly
+    /// what was not served keeps it an upper bound. A refund for a sub-window already
+    /// released (or never charged) finds nothing and returns 0.
+    pub fn refund(
+        &mut self,
+        policy: PolicyId,
+        key: &str,
+        admitted_at_us: u64,
+        cost: u64,
+        now_us: u64,
+    ) -> u64 {
+        self.tick(now_us);
+        let Some(p) = self.policies.get(&policy) else {
+            return 0;
+        };
+        let sub = p.spec.sub_window(admitted_at_us);
+        let Some(kr) = self.keys.get_mut(&policy).and_then(|k| k.get_mut(key)) else {
+            return 0;
+        };
+        match kr.consumed.iter_mut().find(|(s, _)| *s == sub) {
+            Some((_, consumed)) => {
+                let back = (*consumed).min(cost);
+                *consumed -= back;
+                back
+            }
+            None => 0,
+        }
+    }
+
+    /// Graceful shutdown: gives every idle right of every key we hold state for to slot `to`
+    /// (its newest known incarnation), then stops admitting and giving. Returns the
+    /// transfers to send. Rights whose transfer is lost are not lost: the slot's next
+    /// incarnation reclaims them (the receiver's handover does not list them).
+    ///
+    /// Keys we never touched hold only our initial share, which our next incarnation
+    /// reclaims anyway; handing those back would mean enumerating every possible key.
+    pub fn retire(&mut self, to: u16, now_us: u64) -> Vec<Transfer> {
+        self.tick(now_us);
+        let to_inc = self.incs.get(usize::from(to)).copied().unwrap_or(0);
+        if self.superseded || self.retired || !self.valid_peer(to) || to_inc == 0 {
+            self.retired = true;
+            return Vec::new();
+        }
+        let mut idle = Vec::new();
+        for (&policy, keys) in &self.keys {
+            for key in keys.keys() {
+                let available = self.available(policy, key, now_us);
+                if available > 0 {
+                    idle.push((policy, key.clone(), available));
+                }
+            }
+        }
+        let transfers = idle
+            .into_iter()
+            .filter_map(|(policy, key, amount)| self.give(policy, &key, to, to_inc, amount))
+            .collect();
+        self.retired = true;
+        transfers
+    }
+
+    /// Whether [`BoundedTable::retire`] was called: we admit and give nothing any more.
+    pub fn is_retired(&self) -> bool {
+        self.retired
     }
 
     /// Our current column for slot `to` on `(policy, key)` as a [`Transfer`], to resend
@@ -1217,6 +1303,10 @@ mod tests {
         Restart(usize, u64),
         Partition(usize, usize),
         Gc(usize),
+        /// Refund a past admission (the request was refused by another policy).
+        Refund(prop::sample::Index),
+        /// Graceful shutdown of a slot, handing its rights to another.
+        Retire(usize, usize),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -1232,6 +1322,8 @@ mod tests {
             1 => (0usize..16, 0u64..50_000).prop_map(|(a, o)| Step::Restart(a, o)),
             1 => (0usize..4, 0usize..4).prop_map(|(a, b)| Step::Partition(a, b)),
             1 => (0usize..4).prop_map(Step::Gc),
+            2 => any::<prop::sample::Index>().prop_map(Step::Refund),
+            1 => (0usize..4, 0usize..4).prop_map(|(a, b)| Step::Retire(a, b)),
         ]
     }
 
@@ -1265,6 +1357,8 @@ mod tests {
             let mut cut = vec![vec![false; n]; n];
             let mut net: Vec<(usize, usize, Msg)> = Vec::new();
             let mut admitted: Vec<(u64, u64)> = Vec::new();
+            // (slot, incarnation, its clock at admission, index in `admitted`)
+            let mut admissions: Vec<(usize, u64, u64, usize)> = Vec::new();
             let own = |s: &Sim, now: u64| BASE + s.offset + now;
             for st in steps {
                 match st {
@@ -1273,6 +1367,7 @@ mod tests {
                         let s = &mut sims[a % n];
                         let t = own(s, now);
                         if s.node.try_admit(1, "k", t, cost).unwrap() {
+                            admissions.push((a % n, s.node.incarnation(), t, admitted.len()));
                             admitted.push((now, cost));
                         }
                     }
@@ -1346,6 +1441,27 @@ mod tests {
                         let s = &mut sims[a % n];
                         let t = own(s, now);
                         s.node.gc(t);
+                    }
+                    Step::Refund(i) => {
+                        if admissions.is_empty() { continue; }
+                        let (a, inc, at, idx) = admissions.remove(i.index(admissions.len()));
+                        let s = &mut sims[a];
+                        if s.node.incarnation() == inc {
+                            let t = own(s, now);
+                            let back = s.node.refund(1, "k", at, admitted[idx].1, t);
+                            prop_assert!(back <= admitted[idx].1);
+                            admitted[idx].1 -= back;
+                        }
+                    }
+                    Step::Retire(a, b) => {
+                        let (a, b) = (a % n, b % n);
+                        let t = own(&sims[a], now);
+                        for tr in sims[a].node.retire(b as u16, t) {
+                            if a != b && !cut[a][b] {
+                                net.push((a, b, Msg::Transfer(tr)));
+                            }
+                        }
+                        prop_assert!(!sims[a].node.try_admit(1, "k", t, 1).unwrap());
                     }
                 }
                 // Conservation, on the reference timeline.
