@@ -6,6 +6,9 @@
 //! when `redis-server` is on PATH (started here on a free port and stopped on exit), two
 //! instances of each service share Redis; otherwise each service runs once with the embedded
 //! in-memory store, which cannot be shared between processes.
+//!
+//! The gateways gossip their global limits over QUIC on loopback (UDP 7401-7403), with a
+//! deployment CA and region certificates generated into the demo's directory at start.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdTcpListener};
@@ -74,6 +77,8 @@ pub enum DemoError {
         dir: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot generate the gossip certificates: {0}")]
+    Certs(#[from] crate::certs::CertsError),
     #[error("cannot prepare the {region} config: {reason}")]
     Config { region: String, reason: String },
     #[error("{role} did not become ready within {STARTUP_DEADLINE:?}")]
@@ -174,6 +179,9 @@ async fn start_and_wait(
         dir: dir.to_owned(),
         source,
     })?;
+    // The region files name `certs/<region>.pem` relative to themselves.
+    let regions: Vec<String> = REGIONS.iter().map(|(r, ..)| (*r).to_owned()).collect();
+    crate::certs::generate(&dir.join("certs"), &regions, true)?;
     for (db, (region, text, _, _)) in (1..).zip(REGIONS) {
         let config = region_config(
             region,
@@ -193,6 +201,14 @@ async fn start_and_wait(
         command.env_remove(crate::config::ENV_REDIS_URL);
         command.env_remove(crate::config::ENV_LISTEN);
         command.env_remove(crate::config::ENV_ADMIN_LISTEN);
+        for var in [
+            crate::config::ENV_GOSSIP_LISTEN,
+            crate::config::ENV_GOSSIP_PEERS,
+            crate::config::ENV_GOSSIP_CERTS,
+            crate::config::ENV_INSTANCE,
+        ] {
+            command.env_remove(var);
+        }
         spawn(roles, logs, region.to_owned(), command)?;
     }
 
@@ -340,15 +356,55 @@ async fn wait_ready(
     admin_port: u16,
     deadline: Instant,
 ) -> Result<(), DemoError> {
+    wait_for(roles, role, admin_port, "/ready", deadline, |_| true).await?;
+    // The strict demo policy serves once every gateway has handed over (a cold start waits
+    // one window plus one sub-window): wait for it, so the banner's booking works at once.
+    wait_for(
+        roles,
+        role,
+        admin_port,
+        "/limits/bookings-global?key=ip:127.0.0.1",
+        deadline,
+        |body| {
+            serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| {
+                v["tiers"][0]["strict"]["share_reclaimed"] == serde_json::Value::Bool(true)
+            })
+        },
+    )
+    .await
+}
+
+/// Polls `path` on the admin port until it answers 2xx with a body `accept` likes.
+async fn wait_for(
+    roles: &mut [Role],
+    role: &str,
+    admin_port: u16,
+    path: &str,
+    deadline: Instant,
+    accept: impl Fn(&[u8]) -> bool,
+) -> Result<(), DemoError> {
+    use http_body_util::BodyExt;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let uri: http::Uri = format!("http://127.0.0.1:{admin_port}/ready")
+    let uri: http::Uri = format!("http://127.0.0.1:{admin_port}{path}")
         .parse()
         .map_err(|_| DemoError::NotReady { role: role.into() })?;
     loop {
-        if let Ok(Ok(response)) =
-            tokio::time::timeout(Duration::from_secs(1), client.get(uri.clone())).await
-            && response.status().is_success()
+        let answer = tokio::time::timeout(Duration::from_secs(1), async {
+            let response = client.get(uri.clone()).await.ok()?;
+            if !response.status().is_success() {
+                return None;
+            }
+            response
+                .into_body()
+                .collect()
+                .await
+                .ok()
+                .map(|b| b.to_bytes())
+        })
+        .await;
+        if let Ok(Some(body)) = answer
+            && accept(&body)
         {
             return Ok(());
         }
@@ -453,6 +509,14 @@ fn print_banner(storage: &Storage, users: &[u16], bookings: &[u16], dir: &Path) 
     println!("  storage   {storage_line}");
     println!("  configs   {}", dir.display());
     println!("  metrics   http://127.0.0.1:9081/metrics (each gateway's admin port)");
+    println!(
+        "  gossip    QUIC + mutual TLS on 127.0.0.1:7401-7403 (certificates in configs/certs)"
+    );
+    println!(
+        "  global    bookings-global: strict, 10 POST /api/v1/bookings per 10 s per client, all regions together\n            \
+         (the demo waits the 11 s a cold start needs: see the README's \"Global limits\")\n            \
+         reads-global: eventual, about 600 GET /api/v1/... a minute per client, all regions together"
+    );
     // The children inherit the OTEL_* variables; each sets its own OTEL_SERVICE_NAME.
     let endpoint = [
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
@@ -476,7 +540,8 @@ fn print_banner(storage: &Storage, users: &[u16], bookings: &[u16], dir: &Path) 
         "  curl -si -X POST http://127.0.0.1:8083/api/v1/bookings -H 'content-type: application/json' \\\n    -d '{{\"user\":\"ada\",\"flightNumber\":\"AR1132\",\"origin\":\"EZE\",\"destination\":\"MAD\",\"departureTime\":\"2031-05-01T10:00:00Z\",\"passengers\":[{{\"fullName\":\"Ada Lovelace\",\"birthDate\":\"1815-12-10\",\"passportNumber\":\"X1234567\"}}]}}'"
     );
     println!("  curl -s 'http://127.0.0.1:8081/api/v1/bookings?user=ada'");
-    println!("  curl -s http://127.0.0.1:9081/ready\n");
+    println!("  curl -s http://127.0.0.1:9081/ready");
+    println!("  curl -s 'http://127.0.0.1:9082/limits/reads-global?key=ip:127.0.0.1'\n");
 }
 
 #[cfg(test)]

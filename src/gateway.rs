@@ -9,6 +9,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 
 use crate::config::RegionConfig;
+use crate::global::{GlobalError, GlobalLimits};
 use crate::http::ratelimit::RateLimiter;
 use crate::http::{admin::admin_app, stack::proxy_app};
 use crate::limit::breaker::Breaker;
@@ -16,6 +17,9 @@ use crate::proxy::Proxy;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{RedisClusterStore, RedisStore};
 use crate::store::{BucketStore, StoreError};
+
+/// How long a stopping gateway waits for its peers to receive its last gossip.
+const GOSSIP_RETIRE_GRACE: Duration = Duration::from_secs(2);
 
 /// How long a readiness probe waits for Redis.
 const REDIS_PROBE_TIMEOUT: Duration = Duration::from_millis(250);
@@ -30,6 +34,8 @@ pub enum GatewayError {
     },
     #[error("bucket store: {0}")]
     Store(StoreError),
+    #[error("global limits: {0}")]
+    Global(#[from] GlobalError),
     #[error("server error: {0}")]
     Serve(std::io::Error),
 }
@@ -46,12 +52,15 @@ pub struct Gateway {
     pub config: RegionConfig,
     pub proxy: Proxy,
     pub limiter: Arc<RateLimiter>,
+    /// The gateway's share in global limits, when it gossips.
+    pub global: Option<Arc<GlobalLimits>>,
     backend: Backend,
 }
 
 impl Gateway {
     /// Builds the gateway. Redis need not be up: the store connects in the background and
-    /// policies apply their `on_store_error` until it answers.
+    /// policies apply their `on_store_error` until it answers. Peers need not be up either:
+    /// gossip dials them in the background. Must run inside a Tokio runtime.
     pub fn new(config: RegionConfig) -> Result<Self, GatewayError> {
         let (store, backend): (Arc<dyn BucketStore>, Backend) = if !config.redis_cluster.is_empty()
         {
@@ -67,16 +76,24 @@ impl Gateway {
         } else {
             (Arc::new(MemoryStore::new()), Backend::Memory)
         };
-        let limiter = Arc::new(RateLimiter::new(
+        let global = match &config.gossip {
+            Some(settings) => Some(Arc::new(GlobalLimits::start(&config, settings)?)),
+            None => None,
+        };
+        let mut limiter = RateLimiter::new(
             config.policies.clone(),
             config.identity.clone(),
             store,
             config.store_timeout,
             Breaker::new(config.store_breaker_failures, config.store_probe_interval),
-        ));
+        );
+        if let Some(global) = &global {
+            limiter = limiter.with_global(global.clone());
+        }
         Ok(Self {
             proxy: Proxy::new(&config),
-            limiter,
+            limiter: Arc::new(limiter),
+            global,
             backend,
             config,
         })
@@ -134,7 +151,8 @@ pub async fn run(
 }
 
 /// Serves the proxy and admin apps on the given listeners until `shutdown` resolves, then
-/// stops accepting, lets in-flight requests finish (up to `drain_timeout`), and returns.
+/// stops accepting, lets in-flight requests finish (up to `drain_timeout`), retires from
+/// gossip (last delta sent, idle strict rights handed to a peer), and returns.
 pub async fn serve(
     gateway: Arc<Gateway>,
     listener: TcpListener,
@@ -179,16 +197,19 @@ pub async fn serve(
         proxy.and(admin)
     })
     .await;
-    match drained {
-        Ok(result) => {
-            tracing::info!(%region, "gateway stopped");
-            result
-        }
+    let result = match drained {
+        Ok(result) => result,
         Err(_) => {
             tracing::warn!(%region, "drain timeout reached, closing remaining connections");
             Ok(())
         }
+    };
+    // After the drain, so that the last delta includes the last requests.
+    if let Some(global) = &gateway.global {
+        global.shutdown(GOSSIP_RETIRE_GRACE).await;
     }
+    tracing::info!(%region, "gateway stopped");
+    result
 }
 
 fn flatten(

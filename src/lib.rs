@@ -17,12 +17,23 @@
 //! - [`metrics`](crate::metrics): the Prometheus recorder and the metric catalogue.
 //! - [`shutdown`]: the process's SIGINT/SIGTERM future.
 //! - [`certs`]: `tollgate certs`, the deployment CA and region certificates for gossip.
+//! - [`limit`] (pure): GCRA buckets, policies and their keys, caller identity, the store
+//!   breaker, verdicts and RateLimit headers.
+//! - [`store`]: where regional buckets live: Redis (one Lua script per hash tag, Cluster
+//!   aware) or memory.
+//! - [`crdt`] (pure): sliding-window usage counters (PN-counter semantics) and the strict
+//!   bounded counter, with the eventual admission rule.
+//! - [`gossip`]: the pure gossip state machine ([`gossip::proto`]), its frame codec, and the
+//!   QUIC transport with mutual TLS and the thin driver that runs the machine over it.
+//! - [`global`]: global policies → gossip policy ids and config digest; starting and
+//!   retiring a gateway's gossip.
 
 pub mod certs;
 pub mod config;
 pub mod crdt;
 pub mod demo;
 pub mod gateway;
+pub mod global;
 pub mod gossip;
 pub mod http;
 pub mod limit;

@@ -20,14 +20,23 @@
 //! | [`STORE_LATENCY_SECONDS`] `tollgate_store_latency_seconds` | histogram | `store` | one limiter store round trip (limiter) |
 //! | [`STORE_ERRORS_TOTAL`] `tollgate_store_errors_total` | counter | `store`, `kind` | failed store operations (limiter) |
 //! | [`STORE_BREAKER_OPEN`] `tollgate_store_breaker_open` | gauge | `store` | 1 while the store's circuit breaker is open, else 0 (limiter) |
+//! | [`GLOBAL_DECISIONS_TOTAL`] `tollgate_global_decisions_total` | counter | `policy`, `mode`, `admitted` | global (cross-region) checks decided locally |
+//! | [`GOSSIP_SENT_BYTES_TOTAL`] `tollgate_gossip_sent_bytes_total` | counter | | gossip frame bytes handed to QUIC |
+//! | [`GOSSIP_PEERS_CONNECTED`] `tollgate_gossip_peers_connected` | gauge | | peers with a completed handshake |
+//! | [`GOSSIP_PEER_LAG_SECONDS`] `tollgate_gossip_peer_lag_seconds` | gauge | `peer` | age of the last delta merged from each peer (absent until one arrives) |
+//! | [`GOSSIP_MESSAGES_SENT_TOTAL`] `tollgate_gossip_messages_sent_total` | counter | | gossip messages queued |
+//! | [`GOSSIP_DROPPED_TOTAL`] `tollgate_gossip_dropped_total` | counter | `reason` | peer input dropped or refused (`unknown_peer`, `before_hello`, `refused_hello`, `merge_refused`, `transfer_refused`, ...) and frames dropped on a full queue (`queue_full`) |
+//! | `tollgate_gossip_refused_peers_total` | counter | `reason` | QUIC peers refused (certificate, region, unexpected instance) |
+//! | `tollgate_gossip_frames_skipped_total` | counter | | malformed frames skipped |
 //!
 //! `service` is the routed service's config name, or [`UNROUTED`] when no route matched.
 //! `status` is the numeric HTTP status. `decision` is [`Decision::as_str`]: `admitted`,
 //! `rejected` (429), `none` (no policy matched, or no limiter), `fail_open` (the store failed
 //! and the request was let through uncounted), `admitted_local` (the store failed and a local
 //! fallback bucket admitted), `unauthenticated` (401) or `unavailable` (the store failed and
-//! a closed policy refused: 503). The two gauges are sampled from the proxy when `/metrics`
-//! is scraped, so they cost nothing on the request path. Gossip metrics join this list later.
+//! a closed policy refused: 503). The upstream and gossip gauges and the gossip
+//! counters taken from the state machine are sampled when `/metrics` is scraped, so they
+//! cost nothing on the request path. `peer` is `region/instance` from the config.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -43,6 +52,12 @@ pub const RATELIMIT_DECISIONS_TOTAL: &str = "tollgate_ratelimit_decisions_total"
 pub const STORE_LATENCY_SECONDS: &str = "tollgate_store_latency_seconds";
 pub const STORE_ERRORS_TOTAL: &str = "tollgate_store_errors_total";
 pub const STORE_BREAKER_OPEN: &str = "tollgate_store_breaker_open";
+pub const GLOBAL_DECISIONS_TOTAL: &str = "tollgate_global_decisions_total";
+pub const GOSSIP_SENT_BYTES_TOTAL: &str = "tollgate_gossip_sent_bytes_total";
+pub const GOSSIP_PEERS_CONNECTED: &str = "tollgate_gossip_peers_connected";
+pub const GOSSIP_PEER_LAG_SECONDS: &str = "tollgate_gossip_peer_lag_seconds";
+pub const GOSSIP_MESSAGES_SENT_TOTAL: &str = "tollgate_gossip_messages_sent_total";
+pub const GOSSIP_DROPPED_TOTAL: &str = "tollgate_gossip_dropped_total";
 
 /// The `service` label of a request no route matched.
 pub const UNROUTED: &str = "unrouted";

@@ -204,6 +204,11 @@ impl<'t> Section<'t> {
         Some(value)
     }
 
+    /// Whether the key is present at all (read or not).
+    pub fn has(&self, key: &str) -> bool {
+        self.table.contains_key(key)
+    }
+
     /// A key that may be absent; an invalid value is an error and reads as absent.
     pub fn optional<T: FromToml>(&mut self, key: &str, errors: &mut Errors) -> Option<T> {
         let value = self.take(key)?;

@@ -323,6 +323,59 @@ fn read_policy(name: &str, mut section: Section<'_>, errors: &mut Errors) -> Opt
         }
     };
     let legacy_headers = section.or("legacy_headers", false, errors);
+    let global = matches!(scope, Some(Scope::Global(_)));
+    let regional_rate: Option<String> = section.optional("regional_rate", errors);
+    let regional_burst: Option<u64> = section.optional("regional_burst", errors);
+    let sub_windows: u32 = section.or(
+        "sub_windows",
+        crate::crdt::window::DEFAULT_SUB_WINDOWS,
+        errors,
+    );
+    let mut regional = None;
+    if !global {
+        for key in ["regional_rate", "regional_burst", "sub_windows"] {
+            if section.has(key) {
+                errors.push(section.key(key), "only global policies take this key");
+            }
+        }
+    } else {
+        if regional_rate.is_some() || regional_burst.is_some() {
+            let rate = match regional_rate {
+                Some(text) => match Rate::parse(&text) {
+                    Ok(rate) => Some(rate),
+                    Err(message) => {
+                        errors.push(section.key("regional_rate"), message);
+                        None
+                    }
+                },
+                None => limit.map(|l| l.rate),
+            };
+            if let Some(rate) = rate {
+                let burst = regional_burst.unwrap_or(rate.amount);
+                if burst == 0 || burst < cost {
+                    errors.push(
+                        section.key("regional_burst"),
+                        format!("must be at least 1 and at least the policy's cost {cost}"),
+                    );
+                }
+                regional = Some(Limit { rate, burst });
+            }
+        }
+        if let Some(limit) = &limit {
+            let periods = std::iter::once(limit)
+                .chain(tiers.values())
+                .map(|l| l.rate.period_us());
+            for period in periods {
+                if let Err(e) = crate::crdt::WindowSpec::new(period, sub_windows) {
+                    errors.push(
+                        section.key("sub_windows"),
+                        format!("window of {period} us in {sub_windows} sub-windows: {e}"),
+                    );
+                    break;
+                }
+            }
+        }
+    }
     section.finish(errors);
     Some(Policy {
         name: name.to_owned(),
@@ -333,6 +386,8 @@ fn read_policy(name: &str, mut section: Section<'_>, errors: &mut Errors) -> Opt
         tiers,
         cost,
         scope: scope?,
+        regional,
+        sub_windows,
         on_store_error: on_store_error?,
         legacy_headers,
     })

@@ -8,6 +8,7 @@
 //! `TOLLGATE_REDIS_URL` (an empty `TOLLGATE_REDIS_URL` removes Redis).
 
 mod fields;
+mod gossip;
 mod limits;
 
 use std::collections::BTreeMap;
@@ -22,6 +23,10 @@ use toml::Table;
 
 pub use fields::{ByteSize, Errors, KeyError};
 use fields::{Section, parse_socket_addr};
+pub use gossip::{
+    ENV_GOSSIP_CERTS, ENV_GOSSIP_LISTEN, ENV_GOSSIP_PEERS, ENV_INSTANCE, GossipSettings,
+    PeerSettings,
+};
 
 use crate::limit::identity::IdentityConfig;
 use crate::limit::policy::Policy;
@@ -98,6 +103,9 @@ pub struct RegionConfig {
     pub identity: IdentityConfig,
     /// Rate-limit policies, in name order; a request must pass every one that matches.
     pub policies: Vec<Policy>,
+    /// `[gossip]`: how this gateway shares global limits with the others (required when a
+    /// policy is global).
+    pub gossip: Option<GossipSettings>,
 }
 
 /// One upstream service and how to reach it.
@@ -259,6 +267,19 @@ fn read_region(
     let identity = limits::read_identity(identity_section, env, base_dir, errors);
     let policies_section = root.table("policies", errors);
     let policies = limits::read_policies(policies_section, errors);
+    let gossip = root
+        .table("gossip", errors)
+        .and_then(|section| gossip::read_gossip(section, region.as_deref(), env, base_dir, errors));
+    if gossip.is_none() && !table.contains_key("gossip") {
+        for policy in &policies {
+            if matches!(policy.scope, crate::limit::policy::Scope::Global(_)) {
+                errors.push(
+                    format!("policies.{}.scope", policy.name),
+                    "a global policy needs a [gossip] section (the gateways to share it with)",
+                );
+            }
+        }
+    }
     if redis_url.is_some() && !redis_cluster.is_empty() {
         errors.push(
             "redis_cluster",
@@ -338,6 +359,7 @@ fn read_region(
         store_probe_interval,
         identity,
         policies,
+        gossip,
     })
 }
 

@@ -26,10 +26,22 @@
 //!
 //! # Who dials
 //!
-//! As in [`super::proto`]: the slot with the smaller index dials. An incoming connection is
-//! mapped from the region its certificate names (authenticated by the endpoint) to the
-//! configured [`PeerId`]; a region that maps to no peer, to several peers, or to a peer that
-//! we are supposed to dial is closed.
+//! As in [`super::proto`]: the slot with the smaller index dials. Several instances of one
+//! region share the region's certificate, so the certificate alone cannot say which slot
+//! connected: the dialler's first message is its `Hello`, and an incoming connection is
+//! mapped to the configured [`PeerId`] whose region is the one the certificate names
+//! (authenticated by the endpoint) and whose instance is the one the `Hello` names. A
+//! connection whose first message is not such a `Hello`, or that names a slot we are
+//! supposed to dial ourselves, is closed. (An instance can therefore impersonate another
+//! instance *of its own region*, never another region: a deployment that needs more should
+//! issue per-instance certificates.)
+//!
+//! # Shutdown
+//!
+//! [`DriverTask::shutdown`] first lets the machine retire ([`Gossip::retire`]: idle strict
+//! rights handed to a peer, latest usage sent), then finishes every stream and waits, up to a
+//! grace period, for the peers to acknowledge what was written, and only then closes the
+//! connections: closing at once would discard frames still in flight.
 //!
 //! # Time
 //!
@@ -45,7 +57,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use quinn::{Connection, SendStream};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
@@ -55,14 +67,16 @@ use super::quic::{
     self, CLOSE_PROTOCOL_ERROR, CLOSE_SHUTDOWN, FrameStream, GossipEndpoint, QuicError,
 };
 use crate::crdt::PolicyId;
+use crate::limit::policy::GlobalMode;
 
 /// Frames queued per peer before further ones are dropped (and repaired by the protocol).
 const PEER_QUEUE: usize = 256;
 /// IO events queued towards the driver loop; producers wait when it is full (they are
 /// tasks of the driver itself, never the request path).
 const EVENT_QUEUE: usize = 64;
-/// How long an accepted connection may take to open its gossip stream (the dialler sends
-/// its `Hello` at once; a peer that does not is dropped rather than kept half-open).
+/// How long an accepted connection may take to open its gossip stream and send its `Hello`
+/// (the dialler sends it at once; a peer that does not is dropped rather than kept
+/// half-open).
 const ACCEPT_STREAM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Close code: the peer connected although we are the side that dials it, or its region
 /// does not name exactly one configured peer.
@@ -84,11 +98,22 @@ pub enum DriverError {
         #[source]
         source: QuicError,
     },
-    /// Taking the gossip stream of an accepted connection failed or timed out.
-    #[error("accepting peer {peer:?}: {reason}")]
+    /// Taking the gossip stream of an accepted connection, or its `Hello`, failed or timed
+    /// out.
+    #[error("accepting a peer of region {region}: {reason}")]
     Accept {
-        /// The peer that connected.
+        /// The region its certificate names.
+        region: String,
+        /// Why.
+        reason: String,
+    },
+    /// A peer's configured address does not resolve.
+    #[error("resolving {addr} for peer {peer:?}: {reason}")]
+    Resolve {
+        /// The peer.
         peer: PeerId,
+        /// The configured `host:port`.
+        addr: String,
         /// Why.
         reason: String,
     },
@@ -187,6 +212,63 @@ impl GossipHandle {
         ok
     }
 
+    /// Decides the request's global policies together under one lock: all admitted, or none
+    /// (what was taken is given back). Returns the outcome per check, with the instant of
+    /// the decision for [`GossipHandle::refund`]. Never waits for another region: the
+    /// decision is local, from the rights and counts gossip has brought so far.
+    pub fn admit(&self, checks: &[GlobalCheck<'_>]) -> (Vec<GlobalOutcome>, u64) {
+        let now = now_us();
+        let mut outcomes = Vec::with_capacity(checks.len());
+        {
+            let mut g = self.shared.lock();
+            for check in checks {
+                let admitted = match check.mode {
+                    GlobalMode::Eventual => {
+                        g.try_admit_eventual(check.policy, check.key, check.cost, check.quota, now)
+                    }
+                    GlobalMode::Strict => {
+                        g.try_admit_strict(check.policy, check.key, check.cost, now)
+                    }
+                };
+                outcomes.push(GlobalOutcome {
+                    admitted,
+                    remaining: 0,
+                });
+            }
+            // All or nothing: a policy that admitted is refunded when another refused (its
+            // outcome still says it admitted, so the caller names only the refusing ones).
+            if outcomes.iter().any(|o| !o.admitted) {
+                for (check, outcome) in checks.iter().zip(&outcomes) {
+                    if outcome.admitted {
+                        refund_one(&mut g, check, now, now);
+                    }
+                }
+            }
+            for (check, outcome) in checks.iter().zip(&mut outcomes) {
+                outcome.remaining = match check.mode {
+                    GlobalMode::Eventual => {
+                        g.remaining_eventual(check.policy, check.key, check.quota, now)
+                    }
+                    GlobalMode::Strict => g.remaining_strict(check.policy, check.key, now),
+                };
+            }
+        }
+        self.shared.wake.notify_one();
+        (outcomes, now)
+    }
+
+    /// Gives back what [`GossipHandle::admit`] took at `admitted_at_us` for a request that
+    /// was then refused by another policy.
+    pub fn refund(&self, checks: &[GlobalCheck<'_>], admitted_at_us: u64) {
+        let now = now_us();
+        let mut g = self.shared.lock();
+        for check in checks {
+            refund_one(&mut g, check, admitted_at_us, now);
+        }
+        drop(g);
+        self.shared.wake.notify_one();
+    }
+
     /// See [`Gossip::inspect`].
     pub fn inspect(&self, policy: PolicyId, key: &str) -> Inspection {
         self.shared.lock().inspect(policy, key, now_us())
@@ -213,23 +295,64 @@ impl GossipHandle {
     }
 }
 
+/// One global policy of one request, for [`GossipHandle::admit`].
+#[derive(Debug, Clone, Copy)]
+pub struct GlobalCheck<'a> {
+    /// The policy's id in the gossip state.
+    pub policy: PolicyId,
+    /// Its mode.
+    pub mode: GlobalMode,
+    /// The client key.
+    pub key: &'a str,
+    /// The request's cost.
+    pub cost: u64,
+    /// The global quota per window (eventual mode; strict quotas are part of the state).
+    pub quota: u64,
+}
+
+/// How one [`GlobalCheck`] fared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GlobalOutcome {
+    /// Whether this policy had room (the request is admitted only if all had).
+    pub admitted: bool,
+    /// What is left after the decision: rights held here (strict), or the quota minus the
+    /// merged global count (eventual).
+    pub remaining: u64,
+}
+
+fn refund_one(g: &mut Gossip, check: &GlobalCheck<'_>, admitted_at_us: u64, now_us: u64) {
+    match check.mode {
+        GlobalMode::Eventual => {
+            g.refund(check.policy, check.key, admitted_at_us, check.cost, now_us);
+        }
+        GlobalMode::Strict => {
+            g.refund_strict(check.policy, check.key, admitted_at_us, check.cost, now_us);
+        }
+    }
+}
+
 // ----- the driver -----
 
 /// The running driver. Dropping it does not stop it; call [`DriverTask::shutdown`].
 #[derive(Debug)]
 pub struct DriverTask {
     join: JoinHandle<()>,
-    stop: Arc<Notify>,
+    stop: Option<oneshot::Sender<Duration>>,
     endpoint: Arc<GossipEndpoint>,
 }
 
 impl DriverTask {
-    /// Closes the endpoint (every connection, with [`CLOSE_SHUTDOWN`]), stops the driver and
-    /// its connection tasks, and waits for it to finish.
-    pub async fn shutdown(self) -> Result<(), DriverError> {
+    /// Retires the machine (idle strict rights handed to a peer, last usage sent; see the
+    /// module docs), waits up to `grace` for the peers to receive it, then closes every
+    /// connection and stops the driver and its connection tasks.
+    pub async fn shutdown(mut self, grace: Duration) -> Result<(), DriverError> {
+        if let Some(stop) = self.stop.take() {
+            // Fails only if the loop already ended, and then there is nothing to stop.
+            let _ = stop.send(grace);
+        }
+        let result = (&mut self.join).await;
         self.endpoint.close();
-        self.stop.notify_one();
-        self.join.await?;
+        result?;
         Ok(())
     }
 
@@ -239,20 +362,36 @@ impl DriverTask {
     }
 }
 
+/// Where a peer is and what its certificate must say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAddress {
+    /// The peer's slot index.
+    pub peer: PeerId,
+    /// `host:port`, resolved at every dial (so a container that moves keeps working).
+    pub addr: String,
+    /// The region its certificate names (the TLS server name).
+    pub region: String,
+    /// Its instance within the region (what its `Hello` must name).
+    pub instance: String,
+}
+
 /// A connection the driver loop owns.
 struct Link {
     generation: u64,
     connection: Connection,
     frames: mpsc::Sender<Vec<u8>>,
+    writer: JoinHandle<()>,
 }
 
 enum Event {
-    /// A connection (dialled or accepted) is ready, with its stream.
+    /// A connection (dialled or accepted) is ready, with its stream and, for an accepted
+    /// one, the `Hello` that identified it.
     Up {
         peer: PeerId,
         connection: Connection,
         send: SendStream,
         recv: FrameStream,
+        hello: Option<Message>,
     },
     /// A dial failed.
     DialFailed { peer: PeerId },
@@ -260,13 +399,12 @@ enum Event {
     Down { peer: PeerId, generation: u64 },
 }
 
-/// Starts the driver for `gossip` on `endpoint`. `peers` lists every other slot: its
-/// [`PeerId`], address, and the region its certificate names (the TLS server name).
-/// Must run inside a Tokio runtime.
+/// Starts the driver for `gossip` on `endpoint`, with every other slot's address. Must run
+/// inside a Tokio runtime.
 pub fn spawn_driver(
     gossip: Gossip,
     endpoint: GossipEndpoint,
-    peers: Vec<(PeerId, SocketAddr, String)>,
+    peers: Vec<PeerAddress>,
 ) -> (GossipHandle, DriverTask) {
     let me = gossip.id();
     let shared = Arc::new(Shared {
@@ -275,11 +413,14 @@ pub fn spawn_driver(
         dropped: AtomicU64::new(0),
     });
     let endpoint = Arc::new(endpoint);
-    let stop = Arc::new(Notify::new());
-    let peers: HashMap<PeerId, (SocketAddr, String)> = peers
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let peers: HashMap<PeerId, PeerAddress> = peers
         .into_iter()
-        .filter(|(peer, _, _)| *peer != me)
-        .map(|(peer, addr, region)| (peer, (addr, region.to_ascii_lowercase())))
+        .filter(|p| p.peer != me)
+        .map(|mut p| {
+            p.region.make_ascii_lowercase();
+            (p.peer, p)
+        })
         .collect();
     let driver = Driver {
         me,
@@ -290,12 +431,12 @@ pub fn spawn_driver(
         next_generation: 0,
         tasks: JoinSet::new(),
     };
-    let join = tokio::spawn(driver.run(stop.clone()));
+    let join = tokio::spawn(driver.run(stop_rx));
     (
         GossipHandle { shared },
         DriverTask {
             join,
-            stop,
+            stop: Some(stop_tx),
             endpoint,
         },
     )
@@ -305,15 +446,16 @@ struct Driver {
     me: PeerId,
     shared: Arc<Shared>,
     endpoint: Arc<GossipEndpoint>,
-    peers: Arc<HashMap<PeerId, (SocketAddr, String)>>,
+    peers: Arc<HashMap<PeerId, PeerAddress>>,
     links: HashMap<PeerId, Link>,
     next_generation: u64,
-    /// Every task the driver started; dropped (hence aborted) when the loop ends.
+    /// Every task the driver started but the writers; dropped (hence aborted) when the loop
+    /// ends.
     tasks: JoinSet<()>,
 }
 
 impl Driver {
-    async fn run(mut self, stop: Arc<Notify>) {
+    async fn run(mut self, mut stop: oneshot::Receiver<Duration>) {
         let (events_tx, mut events) = mpsc::channel(EVENT_QUEUE);
         self.tasks.spawn(accept_loop(
             self.me,
@@ -321,7 +463,7 @@ impl Driver {
             self.peers.clone(),
             events_tx.clone(),
         ));
-        loop {
+        let grace = loop {
             let deadline = self.drain(&events_tx);
             let sleep = async {
                 match deadline {
@@ -330,7 +472,7 @@ impl Driver {
                 }
             };
             tokio::select! {
-                () = stop.notified() => break,
+                grace = &mut stop => break grace.unwrap_or(Duration::ZERO),
                 () = sleep => {
                     self.shared.lock().handle_timeout(now_us());
                 }
@@ -339,10 +481,42 @@ impl Driver {
                 // Reap finished tasks so the set does not grow with connection churn.
                 Some(_) = self.tasks.join_next() => {}
             }
+        };
+        self.retire(grace, &events_tx).await;
+    }
+
+    /// The graceful end: retire the machine, hand its last frames to the writers, finish
+    /// the streams and wait (up to `grace`) until the peers have them, then close.
+    async fn retire(mut self, grace: Duration, events: &mpsc::Sender<Event>) {
+        let handed_over = self.shared.lock().retire(now_us());
+        self.drain(events);
+        let links: Vec<Link> = self.links.drain().map(|(_, link)| link).collect();
+        let mut writers = Vec::with_capacity(links.len());
+        let mut connections = Vec::with_capacity(links.len());
+        for link in links {
+            // Dropping the queue makes the writer send what is queued, then finish.
+            drop(link.frames);
+            writers.push(link.writer);
+            connections.push(link.connection);
         }
-        for link in self.links.values() {
-            link.connection.close(CLOSE_SHUTDOWN, b"shutdown");
+        let flushed = tokio::time::timeout(grace, async {
+            for writer in &mut writers {
+                let _ = writer.await;
+            }
+        })
+        .await
+        .is_ok();
+        for writer in &writers {
+            writer.abort();
         }
+        for connection in connections {
+            connection.close(CLOSE_SHUTDOWN, b"shutdown");
+        }
+        tracing::info!(
+            strict_rights_handed_over = handed_over,
+            flushed,
+            "gossip retired"
+        );
     }
 
     /// Drains everything the machine wants done and returns its next deadline.
@@ -381,6 +555,8 @@ impl Driver {
             };
             match codec::encode(&msg, max_frame) {
                 Ok(frame) => {
+                    metrics::counter!(crate::metrics::GOSSIP_SENT_BYTES_TOTAL)
+                        .increment(frame.len() as u64);
                     if link.frames.try_send(frame).is_err() {
                         self.shared.dropped.fetch_add(1, Ordering::Relaxed);
                     }
@@ -396,7 +572,7 @@ impl Driver {
     }
 
     fn dial(&mut self, peer: PeerId, events: &mpsc::Sender<Event>) {
-        let Some((addr, region)) = self.peers.get(&peer).cloned() else {
+        let Some(address) = self.peers.get(&peer).cloned() else {
             // A slot without an address: report the failure so the machine backs off.
             tracing::warn!(?peer, "gossip peer has no configured address");
             self.shared.lock().on_disconnected(peer, now_us());
@@ -406,9 +582,15 @@ impl Driver {
         let events = events.clone();
         self.tasks.spawn(async move {
             let result = async {
-                let connection = endpoint.connect(addr, &region).await?;
-                let (send, recv) = quic::open_stream(&connection, endpoint.max_frame()).await?;
-                Ok::<_, QuicError>((connection, send, recv))
+                let addr = resolve(peer, &address.addr).await?;
+                let connection = endpoint
+                    .connect(addr, &address.region)
+                    .await
+                    .map_err(|source| DriverError::Dial { peer, source })?;
+                let (send, recv) = quic::open_stream(&connection, endpoint.max_frame())
+                    .await
+                    .map_err(|source| DriverError::Dial { peer, source })?;
+                Ok::<_, DriverError>((connection, send, recv))
             }
             .await;
             let event = match result {
@@ -417,9 +599,9 @@ impl Driver {
                     connection,
                     send,
                     recv,
+                    hello: None,
                 },
-                Err(source) => {
-                    let error = DriverError::Dial { peer, source };
+                Err(error) => {
                     tracing::debug!(%error, "gossip dial failed");
                     Event::DialFailed { peer }
                 }
@@ -436,28 +618,30 @@ impl Driver {
                 connection,
                 send,
                 recv,
+                hello,
             } => {
                 let generation = self.next_generation;
                 self.next_generation = self.next_generation.wrapping_add(1);
                 let (frames_tx, frames_rx) = mpsc::channel(PEER_QUEUE);
+                let writer = tokio::spawn(write_loop(
+                    peer,
+                    generation,
+                    connection.clone(),
+                    send,
+                    frames_rx,
+                    events.clone(),
+                ));
                 if let Some(old) = self.links.insert(
                     peer,
                     Link {
                         generation,
                         connection: connection.clone(),
                         frames: frames_tx,
+                        writer,
                     },
                 ) {
                     old.connection.close(CLOSE_REPLACED, b"replaced");
                 }
-                self.tasks.spawn(write_loop(
-                    peer,
-                    generation,
-                    connection,
-                    send,
-                    frames_rx,
-                    events.clone(),
-                ));
                 self.tasks.spawn(read_loop(
                     peer,
                     generation,
@@ -467,7 +651,12 @@ impl Driver {
                 ));
                 // Queues our Hello, which the next drain hands to the writer: the dialler
                 // thereby sends first, as QUIC needs to announce the stream.
-                self.shared.lock().on_connected(peer, now_us());
+                let mut g = self.shared.lock();
+                let now = now_us();
+                g.on_connected(peer, now);
+                if let Some(hello) = hello {
+                    g.handle(now, peer, hello);
+                }
             }
             Event::DialFailed { peer } => {
                 self.shared.lock().on_disconnected(peer, now_us());
@@ -486,6 +675,20 @@ impl Driver {
             }
         }
     }
+}
+
+/// Resolves a configured `host:port` (the first address it gives).
+async fn resolve(peer: PeerId, addr: &str) -> Result<SocketAddr, DriverError> {
+    let error = |reason: String| DriverError::Resolve {
+        peer,
+        addr: addr.to_owned(),
+        reason,
+    };
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| error(e.to_string()))?
+        .next()
+        .ok_or_else(|| error("no address".to_owned()))
 }
 
 /// Decodes the peer's messages into the machine. Ends (and reports) when the stream does.
@@ -532,15 +735,20 @@ async fn write_loop(
             return;
         }
     }
-    // The driver dropped the queue: nothing more to say on this stream.
-    let _ = send.finish();
+    // The driver dropped the queue: nothing more to say on this stream. Wait until the peer
+    // has everything (the driver bounds this wait at shutdown; otherwise the stream of a
+    // replaced connection is simply left to its close).
+    if send.finish().is_ok() {
+        let _ = send.stopped().await;
+    }
 }
 
-/// Hands accepted connections to the driver, mapped to their peer.
+/// Hands accepted connections to the driver, mapped to their peer by the certificate's
+/// region and the `Hello`'s instance (see the module docs).
 async fn accept_loop(
     me: PeerId,
     endpoint: Arc<GossipEndpoint>,
-    peers: Arc<HashMap<PeerId, (SocketAddr, String)>>,
+    peers: Arc<HashMap<PeerId, PeerAddress>>,
     events: mpsc::Sender<Event>,
 ) {
     let mut handshakes = JoinSet::new();
@@ -549,43 +757,30 @@ async fn accept_loop(
             accepted = endpoint.accept() => {
                 let Some(accepted) = accepted else { break };
                 let region = accepted.region.to_ascii_lowercase();
-                let mut matching = peers.iter().filter(|(_, (_, r))| *r == region);
-                let peer = match (matching.next(), matching.next()) {
-                    (Some((&peer, _)), None) if peer < me => peer,
-                    _ => {
-                        // Unknown region, ambiguous region, or a peer we dial ourselves.
-                        tracing::debug!(%region, "unexpected gossip peer closed");
-                        accepted.connection.close(CLOSE_UNEXPECTED_PEER, b"unexpected peer");
-                        continue;
-                    }
-                };
                 let max_frame = endpoint.max_frame();
                 let events = events.clone();
+                let peers = peers.clone();
                 handshakes.spawn(async move {
                     let connection = accepted.connection;
-                    let stream = tokio::time::timeout(
+                    let identified = tokio::time::timeout(
                         ACCEPT_STREAM_TIMEOUT,
-                        quic::accept_stream(&connection, max_frame),
+                        identify(&connection, &region, me, &peers, max_frame),
                     )
-                    .await;
-                    match stream {
-                        Ok(Ok((send, recv))) => {
+                    .await
+                    .unwrap_or_else(|_| Err("no stream and Hello in time".to_owned()));
+                    match identified {
+                        Ok((peer, send, recv, hello)) => {
                             // Fails only when the driver has stopped.
                             let _ = events
-                                .send(Event::Up { peer, connection, send, recv })
+                                .send(Event::Up { peer, connection, send, recv, hello: Some(hello) })
                                 .await;
                         }
-                        Ok(Err(source)) => {
-                            let error = DriverError::Accept { peer, reason: source.to_string() };
-                            tracing::debug!(%error, "gossip accept failed");
-                        }
-                        Err(_) => {
-                            connection.close(CLOSE_PROTOCOL_ERROR, b"no stream");
-                            let error = DriverError::Accept {
-                                peer,
-                                reason: "no stream opened in time".to_owned(),
-                            };
-                            tracing::debug!(%error, "gossip accept failed");
+                        Err(reason) => {
+                            connection.close(CLOSE_UNEXPECTED_PEER, b"unexpected peer");
+                            metrics::counter!(quic::REFUSED_PEERS_TOTAL, "reason" => "unexpected-peer")
+                                .increment(1);
+                            let error = DriverError::Accept { region, reason };
+                            tracing::warn!(%error, "gossip peer refused");
                         }
                     }
                 });
@@ -593,4 +788,43 @@ async fn accept_loop(
             Some(_) = handshakes.join_next() => {}
         }
     }
+}
+
+/// Takes an accepted connection's stream and first message, and finds its slot.
+async fn identify(
+    connection: &Connection,
+    region: &str,
+    me: PeerId,
+    peers: &HashMap<PeerId, PeerAddress>,
+    max_frame: usize,
+) -> Result<(PeerId, SendStream, FrameStream, Message), String> {
+    let (send, mut recv) = quic::accept_stream(connection, max_frame)
+        .await
+        .map_err(|e| e.to_string())?;
+    let hello = match recv.recv::<Message>().await {
+        Ok(Some(hello)) => hello,
+        Ok(None) => return Err("stream ended before its Hello".to_owned()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let Message::Hello { actor, .. } = &hello else {
+        return Err("first message is not a Hello".to_owned());
+    };
+    if !actor.region.eq_ignore_ascii_case(region) {
+        return Err(format!(
+            "Hello names region {:?}, its certificate {region:?}",
+            actor.region
+        ));
+    }
+    let peer = peers
+        .values()
+        .find(|p| p.region == region && p.instance == actor.instance)
+        .map(|p| p.peer)
+        .ok_or_else(|| format!("{region}/{} is not a configured peer", actor.instance))?;
+    if peer > me {
+        return Err(format!(
+            "{region}/{} should wait for our dial",
+            actor.instance
+        ));
+    }
+    Ok((peer, send, recv, hello))
 }

@@ -1119,6 +1119,65 @@ impl Gossip {
         done
     }
 
+    /// Strict mode: gives back `cost` rights consumed at `admitted_at_us` by a request that
+    /// was then refused by another policy (see [`BoundedTable::refund`]).
+    pub fn refund_strict(
+        &mut self,
+        policy: PolicyId,
+        key: &str,
+        admitted_at_us: u64,
+        cost: u64,
+        now_us: u64,
+    ) -> u64 {
+        self.bounded
+            .refund(policy, key, admitted_at_us, cost, now_us)
+    }
+
+    /// Eventual mode: what is left of `limit` for `(policy, key)` as merged here.
+    pub fn remaining_eventual(&self, policy: PolicyId, key: &str, limit: u64, now_us: u64) -> u64 {
+        limit.saturating_sub(self.node.table().count(policy, key, now_us))
+    }
+
+    /// Strict mode: the rights we hold for `(policy, key)`.
+    pub fn remaining_strict(&self, policy: PolicyId, key: &str, now_us: u64) -> u64 {
+        self.bounded.available(policy, key, now_us)
+    }
+
+    /// Graceful shutdown: hands every idle strict right to one ready peer (one of our own
+    /// region's instances if any is ready, so the rights stay where the region's clients
+    /// are), stops admitting, and sends every ready peer our latest usage at once, so what we
+    /// admitted is not lost with us. Drain [`Gossip::poll_transmit`] afterwards.
+    ///
+    /// Returns whether any peer was ready to take the rights (if none, they come back to our
+    /// slot's next incarnation when it reclaims).
+    pub fn retire(&mut self, now_us: u64) -> bool {
+        let ready = self.ready_peers();
+        let heir = ready
+            .iter()
+            .copied()
+            .find(|&p| {
+                self.peers[usize::from(p.0)]
+                    .as_ref()
+                    .is_some_and(|peer| peer.slot.region == self.me.region)
+            })
+            .or_else(|| ready.first().copied());
+        let transfers = match heir {
+            Some(heir) => self.bounded.retire(heir.0, now_us),
+            None => self.bounded.retire(self.my_slot, now_us),
+        };
+        if let Some(heir) = heir {
+            for t in transfers {
+                self.send(heir, Message::Transfer(t), now_us);
+            }
+        }
+        // Resend now whatever a peer has not confirmed, not two intervals from now.
+        for p in self.peers.iter_mut().flatten() {
+            p.last_delta_sent_us = 0;
+        }
+        self.flush(now_us);
+        heir.is_some()
+    }
+
     /// Everything known about `(policy, key)`, for the admin endpoint.
     pub fn inspect(&self, policy: PolicyId, key: &str, now_us: u64) -> Inspection {
         let table = self.node.table();

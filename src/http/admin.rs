@@ -6,20 +6,31 @@
 //!   names each dependency (Redis, each upstream service's healthy instances) either way, so
 //!   an operator sees why.
 //! - `GET /metrics`: every `tollgate_*` metric in the Prometheus text format (catalogue in
-//!   [`crate::metrics`]). The upstream gauges are sampled at scrape time.
+//!   [`crate::metrics`]). The upstream and gossip gauges are sampled at scrape time.
+//! - `GET /limits/{policy}?key=K`: a global policy's state for one client key as this
+//!   gateway sees it: per actor usage (eventual), the rights held here (strict), and the age
+//!   of the last delta from each peer. `K` is the policy's key value: `key:<api key name>`,
+//!   `ip:<address>`, `sub:<hash>` or `h:<header>:<hash>` (as in the Redis bucket names).
+//!
+//! Gossip peers appear in `/ready` for information only: a gateway cut off from the other
+//! regions keeps serving (that is the point of deciding locally), so it stays ready.
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
 use axum::middleware::from_fn;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use http::{StatusCode, header};
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::gateway::Gateway;
+use crate::global::GlobalLimits;
+use crate::gossip::proto::{LinkState, PeerStatus};
 use crate::http::correlation::correlate;
+use crate::http::problem::Problem;
 
 pub fn admin_app(gateway: Arc<Gateway>) -> Router {
     // Before the first request is served, so that none goes uncounted.
@@ -28,6 +39,7 @@ pub fn admin_app(gateway: Arc<Gateway>) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/limits/{policy}", get(limits))
         .with_state(gateway)
         .layer(from_fn(correlate))
 }
@@ -43,6 +55,9 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
             service.in_flight,
             service.healthy_instances,
         );
+    }
+    if let Some(global) = &gateway.global {
+        record_gossip(global);
     }
     (
         [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
@@ -61,7 +76,7 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({
+    let mut body = json!({
         "status": if ready { "ready" } else { "not-ready" },
         "region": gateway.config.region,
         "dependencies": {
@@ -69,5 +84,180 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
             "services": services,
         },
     });
+    if let Some(global) = &gateway.global {
+        body["gossip"] = gossip_status(global);
+    }
     (status, Json(body)).into_response()
+}
+
+fn status_str(status: PeerStatus) -> &'static str {
+    match status {
+        PeerStatus::Unknown => "handshaking",
+        PeerStatus::Ok => "ok",
+        PeerStatus::ConfigMismatch { .. } => "config-mismatch",
+        PeerStatus::BadHello => "bad-hello",
+    }
+}
+
+fn age_ms(now_us: u64, at_us: Option<u64>) -> Option<u64> {
+    at_us.map(|t| now_us.saturating_sub(t) / 1_000)
+}
+
+/// The peers as `/ready` shows them.
+fn gossip_status(global: &GlobalLimits) -> serde_json::Value {
+    let now = crate::gossip::driver::now_us();
+    let peers: Vec<serde_json::Value> = global
+        .handle
+        .peer_status()
+        .into_iter()
+        .map(|p| {
+            let connected = matches!(p.link, LinkState::Up { .. }) && p.status == PeerStatus::Ok;
+            json!({
+                "peer": global.peer_name(p.peer),
+                "actor": p.actor.map(|a| a.to_string()),
+                "status": status_str(p.status),
+                "connected": connected,
+                "failed_attempts": p.failed_attempts,
+                "last_heard_ms_ago": age_ms(now, p.last_heard_us),
+                "last_delta_ms_ago": age_ms(now, p.last_delta_us),
+            })
+        })
+        .collect();
+    let connected = peers.iter().filter(|p| p["connected"] == true).count();
+    json!({
+        "me": global.peer_name(global.me),
+        "peers_connected": connected,
+        "peers_total": peers.len(),
+        "peers": peers,
+    })
+}
+
+fn record_gossip(global: &GlobalLimits) {
+    let now = crate::gossip::driver::now_us();
+    let mut connected = 0u32;
+    for p in global.handle.peer_status() {
+        if matches!(p.link, LinkState::Up { .. }) && p.status == PeerStatus::Ok {
+            connected += 1;
+        }
+        if let Some(at) = p.last_delta_us {
+            metrics::gauge!(
+                crate::metrics::GOSSIP_PEER_LAG_SECONDS,
+                "peer" => global.peer_name(p.peer),
+            )
+            .set(now.saturating_sub(at) as f64 / 1e6);
+        }
+    }
+    metrics::gauge!(crate::metrics::GOSSIP_PEERS_CONNECTED).set(f64::from(connected));
+    let stats = global.handle.stats();
+    metrics::counter!(crate::metrics::GOSSIP_MESSAGES_SENT_TOTAL).absolute(stats.sent);
+    for (reason, value) in [
+        ("unknown_peer", stats.unknown_peer),
+        ("no_connection", stats.no_connection),
+        ("before_hello", stats.before_hello),
+        ("refused_hello", stats.refused_hello),
+        ("misattributed", stats.misattributed),
+        ("merge_refused", stats.merge_refusals),
+        ("transfer_refused", stats.transfers_refused),
+        ("queue_full", global.handle.dropped_frames()),
+    ] {
+        metrics::counter!(crate::metrics::GOSSIP_DROPPED_TOTAL, "reason" => reason).absolute(value);
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct LimitsQuery {
+    key: Option<String>,
+}
+
+/// `GET /limits/{policy}?key=K`.
+async fn limits(
+    State(gateway): State<Arc<Gateway>>,
+    Path(policy): Path<String>,
+    Query(query): Query<LimitsQuery>,
+) -> Response {
+    let Some(global) = &gateway.global else {
+        return Problem::new(
+            StatusCode::NOT_FOUND,
+            "no-global-limits",
+            "No global limits",
+        )
+        .detail("this gateway has no [gossip] section, so no global policy")
+        .into_response();
+    };
+    let entries: Vec<_> = global
+        .policies
+        .entries()
+        .iter()
+        .filter(|e| e.policy == policy)
+        .collect();
+    if entries.is_empty() {
+        return Problem::new(
+            StatusCode::NOT_FOUND,
+            "unknown-policy",
+            "Unknown global policy",
+        )
+        .detail(format!("{policy:?} is not a global policy of this gateway"))
+        .into_response();
+    }
+    let Some(key) = query.key.filter(|k| !k.is_empty()) else {
+        return Problem::new(StatusCode::BAD_REQUEST, "missing-key", "Missing key")
+            .detail("pass the client key as ?key=, e.g. ?key=key:demo-free-key or ?key=ip:10.0.0.7")
+            .into_response();
+    };
+    let now = crate::gossip::driver::now_us();
+    let tiers: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|entry| {
+            let inspection = global.handle.inspect(entry.id, &key);
+            let eventual = inspection.eventual.map(|e| {
+                json!({
+                    "merged": e.merged,
+                    "remaining": entry.quota.saturating_sub(e.merged),
+                    "unsettled": e.unsettled,
+                    "actors_in_rule": e.n_actors,
+                    "per_actor": e.per_actor.iter().map(|(actor, used)| json!({
+                        "actor": actor.to_string(),
+                        "used": used,
+                    })).collect::<Vec<_>>(),
+                })
+            });
+            let strict = inspection.strict.map(|s| {
+                json!({
+                    "rights_held": s.available,
+                    "live_consumed": s.live_consumed,
+                    "share_reclaimed": s.reclaimed,
+                })
+            });
+            json!({
+                "tier": entry.tier,
+                "quota": entry.quota,
+                "window_s": entry.spec.window_us() as f64 / 1e6,
+                "sub_windows": entry.spec.sub_windows(),
+                "eventual": eventual,
+                "strict": strict,
+            })
+        })
+        .collect();
+    let peers: Vec<serde_json::Value> = global
+        .handle
+        .peer_status()
+        .into_iter()
+        .map(|p| {
+            json!({
+                "peer": global.peer_name(p.peer),
+                "actor": p.actor.map(|a| a.to_string()),
+                "status": status_str(p.status),
+                "last_delta_ms_ago": age_ms(now, p.last_delta_us),
+            })
+        })
+        .collect();
+    Json(json!({
+        "policy": policy,
+        "mode": entries[0].mode.as_str(),
+        "key": key,
+        "me": global.peer_name(global.me),
+        "tiers": tiers,
+        "peers": peers,
+    }))
+    .into_response()
 }

@@ -9,6 +9,12 @@
 //!   bucket of the same shape, `open` policies admit (counted in metrics), `closed` policies
 //!   refuse with 503. With the breaker open the store is not even tried, so a decision costs
 //!   microseconds, not a timeout.
+//!
+//! Global policies ([`crate::global`]) are decided *first*, in process, from the gossiped
+//! state: a refusal there costs no store round trip (the cheap 429 a region-hopping client
+//! deserves), and since `on_store_error` only concerns the regional bucket, no store failure
+//! can bypass a global check. If the store then refuses the request, what the global check
+//! took is given back.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -21,13 +27,15 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde_json::json;
 use tokio::time::Instant;
 
+use crate::global::{GlobalEntry, GlobalLimits};
+use crate::gossip::driver::{GlobalCheck, GlobalOutcome};
 use crate::http::problem::Problem;
 use crate::limit::breaker::{Breaker, Transition};
 use crate::limit::decision::{self, Outcome, PolicyResult, Verdict};
 use crate::limit::identity::{self, IdentityConfig, IdentityError};
-use crate::limit::policy::{self, Applied, OnStoreError, Policy};
+use crate::limit::policy::{self, Applied, OnStoreError, Policy, Scope};
 pub use crate::metrics::Decision;
-use crate::store::{BucketRequest, BucketStore, StoreError, memory::MemoryStore};
+use crate::store::{BucketOutcome, BucketRequest, BucketStore, StoreError, memory::MemoryStore};
 
 /// Everything the layer needs, shared by all requests.
 pub struct RateLimiter {
@@ -41,6 +49,8 @@ pub struct RateLimiter {
     origin: Instant,
     /// Belt and braces over the store's own deadline: a decision never waits longer.
     deadline: Duration,
+    /// The deployment-wide state of global policies, when the gateway gossips.
+    global: Option<Arc<GlobalLimits>>,
 }
 
 /// The result of checking one request.
@@ -68,7 +78,15 @@ impl RateLimiter {
             breaker: Mutex::new(breaker),
             origin: Instant::now(),
             deadline: store_timeout * 2,
+            global: None,
         }
+    }
+
+    /// Decides global policies with `global` (without it they are enforced as regional
+    /// policies only).
+    pub fn with_global(mut self, global: Arc<GlobalLimits>) -> Self {
+        self.global = Some(global);
+        self
     }
 
     pub fn store_kind(&self) -> &'static str {
@@ -145,10 +163,26 @@ impl RateLimiter {
             span.record("key_hash", key_hash(&applied));
         }
         let started = Instant::now();
-        let (results, used_fallback) = self.decide(&applied).await;
+        let global = self.decide_global(&applied);
+        let (results, used_fallback) = match &global {
+            Some(g) if !g.admitted() => (g.refusal(&applied), false),
+            _ => {
+                let (mut results, used_fallback) = self.decide(&applied).await;
+                if let Some(g) = &global {
+                    g.merge_into(&mut results);
+                }
+                (results, used_fallback)
+            }
+        };
         span.record("store_latency_ms", started.elapsed().as_secs_f64() * 1000.0);
 
         let verdict = decision::verdict(&results);
+        if verdict != Verdict::Admitted
+            && let (Some(g), Some(limits)) = (&global, &self.global)
+            && g.admitted()
+        {
+            limits.handle.refund(&g.checks, g.at_us);
+        }
         let admitted = verdict == Verdict::Admitted;
         let headers = decision::headers(&results, admitted);
         if let Some(min) = results
@@ -197,6 +231,48 @@ impl RateLimiter {
             headers,
             refusal,
         }
+    }
+
+    /// Decides the request's global policies in process (`None`: it has none).
+    fn decide_global<'a>(&self, applied: &'a [Applied<'a>]) -> Option<GlobalDecision<'a>> {
+        let limits = self.global.as_ref()?;
+        let mut checks = Vec::new();
+        let mut entries = Vec::new();
+        for (i, a) in applied.iter().enumerate() {
+            if !matches!(a.policy.scope, Scope::Global(_)) {
+                continue;
+            }
+            let Some(entry) = limits.policies.find(&a.policy.name, a.tier) else {
+                continue;
+            };
+            checks.push(GlobalCheck {
+                policy: entry.id,
+                mode: entry.mode,
+                key: &a.key,
+                cost: a.policy.cost,
+                quota: entry.quota,
+            });
+            entries.push((i, entry.clone()));
+        }
+        if checks.is_empty() {
+            return None;
+        }
+        let (outcomes, at_us) = limits.handle.admit(&checks);
+        for ((_, entry), outcome) in entries.iter().zip(&outcomes) {
+            metrics::counter!(
+                crate::metrics::GLOBAL_DECISIONS_TOTAL,
+                "policy" => entry.policy.clone(),
+                "mode" => entry.mode.as_str(),
+                "admitted" => if outcome.admitted { "true" } else { "false" },
+            )
+            .increment(1);
+        }
+        Some(GlobalDecision {
+            checks,
+            entries,
+            outcomes,
+            at_us,
+        })
     }
 
     /// Asks the store (unless the breaker is open), falling back per policy on failure.
@@ -294,6 +370,72 @@ impl RateLimiter {
             })
             .collect();
         (results, used_local)
+    }
+}
+
+/// What the global check decided for one request.
+struct GlobalDecision<'a> {
+    checks: Vec<GlobalCheck<'a>>,
+    /// Index in the request's applied policies, and the entry, per check.
+    entries: Vec<(usize, GlobalEntry)>,
+    outcomes: Vec<GlobalOutcome>,
+    /// When it was decided (for a refund).
+    at_us: u64,
+}
+
+impl GlobalDecision<'_> {
+    fn admitted(&self) -> bool {
+        self.outcomes.iter().all(|o| o.admitted)
+    }
+
+    /// Results when a global policy refused: only the global policies are reported (the
+    /// store was not asked, so nothing else is known).
+    fn refusal(&self, applied: &[Applied<'_>]) -> Vec<PolicyResult> {
+        self.entries
+            .iter()
+            .zip(&self.outcomes)
+            .filter_map(|((i, entry), outcome)| {
+                let a = applied.get(*i)?;
+                Some(result(a, Outcome::Decided(as_bucket(outcome, entry))))
+            })
+            .collect()
+    }
+
+    /// Folds the (admitting) global outcomes into the store's results: a policy passes only
+    /// if both its regional bucket and its global quota do, and reports the smaller
+    /// remainder.
+    fn merge_into(&self, results: &mut [PolicyResult]) {
+        for ((i, entry), outcome) in self.entries.iter().zip(&self.outcomes) {
+            let Some(r) = results.get_mut(*i) else {
+                continue;
+            };
+            let global = as_bucket(outcome, entry);
+            r.outcome = match r.outcome {
+                Outcome::Decided(regional) => Outcome::Decided(BucketOutcome {
+                    admitted: regional.admitted && global.admitted,
+                    remaining: regional.remaining.min(global.remaining),
+                    next_token_us: regional.next_token_us.max(global.next_token_us),
+                    retry_after_us: regional.retry_after_us,
+                }),
+                // The regional bucket could not be asked and its policy says `open`: the
+                // global check still stands, and it admitted.
+                Outcome::FailedOpen => Outcome::Decided(global),
+                Outcome::StoreDown => Outcome::StoreDown,
+            };
+        }
+    }
+}
+
+/// A global outcome in bucket terms, for the RateLimit headers: what is left, and (when
+/// nothing is) one sub-window as the time until more comes free, since admissions are
+/// released a sub-window at a time.
+fn as_bucket(outcome: &GlobalOutcome, entry: &GlobalEntry) -> BucketOutcome {
+    let sub = entry.spec.sub_len_us();
+    BucketOutcome {
+        admitted: outcome.admitted,
+        remaining: outcome.remaining,
+        next_token_us: if outcome.remaining == 0 { sub } else { 0 },
+        retry_after_us: if outcome.admitted { 0 } else { sub },
     }
 }
 

@@ -57,15 +57,29 @@ impl Limit {
 pub enum Scope {
     /// In this region's Redis only.
     Region,
-    /// Across regions (enforced by the global-limits milestone; the regional bucket applies
-    /// meanwhile and keeps applying as the shape of bursts within a region).
+    /// Across regions: the limit is a quota per sliding window summed over every region,
+    /// decided locally from gossiped state ([`crate::global`]). The regional bucket still
+    /// applies and shapes bursts within the region.
     Global(GlobalMode),
 }
 
+/// How a global policy trades accuracy for availability (see the README's "Global limits").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GlobalMode {
+    /// Never over the quota: admit only with rights held here (a bounded counter).
     Strict,
+    /// About the quota: admit from the merged global count, within a fair share of the
+    /// headroom for what peers have not acknowledged yet.
     Eventual,
+}
+
+impl GlobalMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Strict => "strict",
+            Self::Eventual => "eventual",
+        }
+    }
 }
 
 /// What to do with a request when the bucket store cannot answer.
@@ -103,6 +117,12 @@ pub struct Policy {
     /// Tokens per request.
     pub cost: u64,
     pub scope: Scope,
+    /// Global policies: the regional bucket's shape when it differs from the global limit
+    /// (`regional_rate` / `regional_burst`); `None` uses the tier's limit.
+    pub regional: Option<Limit>,
+    /// Global policies: sub-windows of the sliding window (a sub-window's admissions are
+    /// released once all of it is more than one window old).
+    pub sub_windows: u32,
     pub on_store_error: OnStoreError,
     /// Also send `X-RateLimit-Limit/Remaining/Reset`.
     pub legacy_headers: bool,
@@ -164,6 +184,8 @@ fn short_hash(bytes: &[u8]) -> String {
 pub struct Applied<'p> {
     pub policy: &'p Policy,
     pub limit: Limit,
+    /// The tier whose override set `limit` (`None`: the policy's default limit).
+    pub tier: Option<&'p str>,
     /// The bucket key value (`ip:...`, `key:NAME`, ...), hashed where caller-controlled.
     pub key: String,
     pub bucket: BucketRequest,
@@ -189,14 +211,19 @@ pub fn plan<'p>(
         .filter_map(|policy| {
             let key = policy.key_for(identity, headers)?;
             let limit = policy.limit_for(identity.tier());
+            let tier = identity
+                .tier()
+                .and_then(|t| policy.tiers.get_key_value(t))
+                .map(|(name, _)| name.as_str());
             let bucket = BucketRequest {
                 key: bucket_key(&policy.name, &key),
-                spec: limit.spec(),
+                spec: policy.regional.unwrap_or(limit).spec(),
                 cost: policy.cost,
             };
             Some(Applied {
                 policy,
                 limit,
+                tier,
                 key,
                 bucket,
             })
@@ -234,6 +261,8 @@ mod tests {
             )]),
             cost: 1,
             scope: Scope::Region,
+            regional: None,
+            sub_windows: 10,
             on_store_error: OnStoreError::Local,
             legacy_headers: false,
         }

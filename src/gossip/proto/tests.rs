@@ -903,3 +903,44 @@ fn splitmix_is_the_reference_sequence() {
     assert!(r.up_to(0) == 0);
     let _ = r.up_to(u64::MAX);
 }
+
+#[test]
+fn a_retiring_node_hands_its_rights_to_a_peer_and_sends_its_last_usage() {
+    let mut sim = Sim::new(11, CALM);
+    sim.run_until(T0 + 3 * SEC);
+    assert!(sim.nodes.iter().all(|n| n.strict().is_reclaimed()));
+    let now = sim.now;
+    // Node 1 uses some rights and some eventual quota, then retires before its next flush.
+    for _ in 0..10 {
+        assert!(sim.nodes[1].try_admit_strict(STRICT, "k", 1, now));
+        assert!(sim.nodes[1].try_admit_eventual(LONG, "k", 1, 1_000, now));
+    }
+    let held_by_1 = sim.nodes[1].remaining_strict(STRICT, "k", now);
+    let held_by_0 = sim.nodes[0].remaining_strict(STRICT, "k", now);
+    assert_eq!(held_by_1 + 10, STRICT_QUOTA / 3);
+    assert!(sim.nodes[1].retire(now));
+    assert_eq!(sim.nodes[1].remaining_strict(STRICT, "k", now), 0);
+    assert!(!sim.nodes[1].try_admit_strict(STRICT, "k", 1, now));
+    // Delivered within one latency: the heir holds the rights, everyone has the usage.
+    sim.run_until(now + 100 * MS);
+    let heir_gain = sim.nodes[0].remaining_strict(STRICT, "k", sim.now)
+        + sim.nodes[2].remaining_strict(STRICT, "k", sim.now)
+        - held_by_0
+        - STRICT_QUOTA / 3;
+    assert_eq!(heir_gain, held_by_1);
+    assert_eq!(sim.counts(LONG, "k"), vec![10; 3]);
+}
+
+#[test]
+fn a_strict_refund_returns_the_rights() {
+    let mut sim = Sim::new(12, CALM);
+    sim.run_until(T0 + 3 * SEC);
+    let now = sim.now;
+    let before = sim.nodes[0].remaining_strict(STRICT, "k", now);
+    assert!(sim.nodes[0].try_admit_strict(STRICT, "k", 3, now));
+    assert_eq!(sim.nodes[0].remaining_strict(STRICT, "k", now), before - 3);
+    assert_eq!(sim.nodes[0].refund_strict(STRICT, "k", now, 3, now + MS), 3);
+    assert_eq!(sim.nodes[0].remaining_strict(STRICT, "k", now + MS), before);
+    // Nothing more to refund.
+    assert_eq!(sim.nodes[0].refund_strict(STRICT, "k", now, 3, now + MS), 0);
+}

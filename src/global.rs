@@ -1,0 +1,291 @@
+//! Global limits: the glue between the configured policies and the gossip machinery.
+//!
+//! A global policy's quota is shared by every gateway of the deployment. Each one decides
+//! locally, from the state gossip has brought so far ([`crate::gossip`]), and never waits for
+//! another region:
+//!
+//! - `strict`: admit only with rights held here ([`crate::crdt::bounded`]); never over the
+//!   quota in any window, whatever the network does. The price: a gateway short of rights asks
+//!   its peers, and while it is cut off it can spend only what it holds.
+//! - `eventual`: admit while the merged global count leaves headroom, spending at most a
+//!   fair share of it on admissions the peers have not acknowledged
+//!   ([`crate::crdt::eventual`]); about the quota, and a cut-off gateway keeps serving its
+//!   share.
+//!
+//! This module turns policies into gossip policy ids (one per policy and tier, since a tier
+//! has its own quota), computes the configuration digest every peer must share, and starts
+//! and stops the QUIC driver.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::config::{GossipSettings, RegionConfig};
+use crate::crdt::bounded::StrictPolicy;
+use crate::crdt::{Actor, PolicyId, Slot, WindowSpec};
+use crate::gossip::driver::{self, DriverTask, GossipHandle, PeerAddress};
+use crate::gossip::proto::{self, Gossip, GossipError, PeerId, Policies};
+use crate::gossip::quic::{self, GossipEndpoint, QuicError};
+use crate::gossip::tls::{PeerTls, TlsError};
+use crate::limit::policy::{GlobalMode, Limit, Policy, Scope};
+
+/// Why global limits could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GlobalError {
+    /// The certificates could not be loaded.
+    #[error("gossip certificates: {0}")]
+    Tls(#[from] TlsError),
+    /// The QUIC endpoint could not be bound or configured.
+    #[error("gossip endpoint: {0}")]
+    Quic(#[from] QuicError),
+    /// The state machine refused the slot list or our actor.
+    #[error("gossip state: {0}")]
+    Gossip(#[from] GossipError),
+}
+
+/// One global policy at one tier: what the gossip state knows it as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalEntry {
+    /// The policy's name.
+    pub policy: String,
+    /// The tier (`None`: the policy's default limit).
+    pub tier: Option<String>,
+    /// Its id in the gossip state.
+    pub id: PolicyId,
+    /// Its mode.
+    pub mode: GlobalMode,
+    /// Admissions per window, deployment-wide.
+    pub quota: u64,
+    /// The sliding window.
+    pub spec: WindowSpec,
+}
+
+/// Every global policy and tier of a configuration, in a deterministic order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GlobalPolicies {
+    entries: Vec<GlobalEntry>,
+}
+
+impl GlobalPolicies {
+    /// The global policies among `policies`. Ids are assigned in (name, tier) order so every
+    /// gateway with the same policies agrees on them. A window the configuration check would
+    /// have refused is skipped.
+    pub fn from_policies(policies: &[Policy]) -> Self {
+        let mut found: Vec<(String, Option<String>, GlobalMode, Limit, u32)> = Vec::new();
+        for policy in policies {
+            let Scope::Global(mode) = policy.scope else {
+                continue;
+            };
+            found.push((
+                policy.name.clone(),
+                None,
+                mode,
+                policy.limit,
+                policy.sub_windows,
+            ));
+            for (tier, limit) in &policy.tiers {
+                found.push((
+                    policy.name.clone(),
+                    Some(tier.clone()),
+                    mode,
+                    *limit,
+                    policy.sub_windows,
+                ));
+            }
+        }
+        found.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        let entries = found
+            .into_iter()
+            .zip(1..)
+            .filter_map(|((policy, tier, mode, limit, k), id)| {
+                let spec = WindowSpec::new(limit.rate.period_us(), k).ok()?;
+                Some(GlobalEntry {
+                    policy,
+                    tier,
+                    id,
+                    mode,
+                    quota: limit.rate.amount,
+                    spec,
+                })
+            })
+            .collect();
+        Self { entries }
+    }
+
+    /// Whether there is no global policy.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Every entry, in id order.
+    pub fn entries(&self) -> &[GlobalEntry] {
+        &self.entries
+    }
+
+    /// The entry of `policy` at `tier` (a linear scan: a handful of entries, no allocation
+    /// on the request path).
+    pub fn find(&self, policy: &str, tier: Option<&str>) -> Option<&GlobalEntry> {
+        self.entries
+            .iter()
+            .find(|e| e.policy == policy && e.tier.as_deref() == tier)
+    }
+
+    /// What the state machine needs to know of them.
+    pub fn proto_policies(&self) -> Policies {
+        let mut policies = Policies::default();
+        for e in &self.entries {
+            match e.mode {
+                GlobalMode::Eventual => policies.eventual.push((e.id, e.spec)),
+                GlobalMode::Strict => policies.strict.push((
+                    e.id,
+                    StrictPolicy {
+                        quota: e.quota,
+                        spec: e.spec,
+                    },
+                )),
+            }
+        }
+        policies
+    }
+
+    /// The digest peers compare in their `Hello`: everything that must agree for their
+    /// states to mean the same (ids, modes, quotas, windows, the slot list). A peer with
+    /// another digest is reported and not merged.
+    pub fn digest(&self, slots: &[Slot]) -> u64 {
+        let mut hasher = Sha256::new();
+        for e in &self.entries {
+            hasher.update(format!(
+                "policy {} {} {} {} {} {} {}\n",
+                e.id,
+                e.policy,
+                e.tier.as_deref().unwrap_or("-"),
+                e.mode.as_str(),
+                e.quota,
+                e.spec.window_us(),
+                e.spec.sub_windows()
+            ));
+        }
+        for slot in slots {
+            hasher.update(format!("slot {} {}\n", slot.region, slot.instance));
+        }
+        let digest = hasher.finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        u64::from_be_bytes(first)
+    }
+}
+
+/// A running gateway's share in the global limits.
+pub struct GlobalLimits {
+    /// The limiter's (and admin API's) handle on the state.
+    pub handle: GossipHandle,
+    /// The policies, with their ids.
+    pub policies: GlobalPolicies,
+    /// The configured gateways, in slot order.
+    pub slots: Vec<Slot>,
+    /// Our slot.
+    pub me: PeerId,
+    driver: Mutex<Option<DriverTask>>,
+}
+
+impl std::fmt::Debug for GlobalLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GlobalLimits")
+            .field("policies", &self.policies)
+            .field("me", &self.me)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GlobalLimits {
+    /// Loads the certificates, binds the QUIC endpoint and starts gossiping, as a new
+    /// incarnation (numbered by the wall clock in microseconds, so a restart is always newer
+    /// as long as the clock is not set back by more than the restart takes). Must run inside
+    /// a Tokio runtime.
+    pub fn start(config: &RegionConfig, settings: &GossipSettings) -> Result<Self, GlobalError> {
+        let policies = GlobalPolicies::from_policies(&config.policies);
+        let slots = settings.slots();
+        let tls = PeerTls::load(&settings.ca, &settings.cert, &settings.key)?;
+        let mut regions: Vec<String> = slots.iter().map(|s| s.region.clone()).collect();
+        regions.sort();
+        regions.dedup();
+        let transport = quic::GossipConfig {
+            keep_alive: Duration::from_secs(1).min(settings.idle_timeout / 2),
+            idle_timeout: settings.idle_timeout,
+            max_frame: settings.max_frame,
+        };
+        let endpoint = GossipEndpoint::bind_with(settings.listen, tls, regions, transport)?;
+        let now = driver::now_us();
+        let me = Actor::new(config.region.clone(), settings.instance.clone(), now.max(1));
+        let proto_config = proto::GossipConfig {
+            interval_us: micros(settings.interval),
+            idle_timeout_us: micros(settings.idle_timeout),
+            backoff_cap_us: micros(settings.backoff_cap),
+            ..proto::GossipConfig::default()
+        };
+        let gossip = Gossip::new(
+            me.clone(),
+            slots.clone(),
+            proto_config,
+            policies.proto_policies(),
+            policies.digest(&slots),
+            now ^ me.stable_hash(),
+            now,
+        )?;
+        let my_id = gossip.id();
+        let peers = settings
+            .peers
+            .iter()
+            .zip(0u16..)
+            .map(|(p, i)| PeerAddress {
+                peer: PeerId(i),
+                addr: p.addr.clone(),
+                region: p.region.clone(),
+                instance: p.instance.clone(),
+            })
+            .collect();
+        let (handle, task) = driver::spawn_driver(gossip, endpoint, peers);
+        tracing::info!(
+            actor = %me,
+            listen = %settings.listen,
+            gateways = slots.len(),
+            global_policies = policies.entries().len(),
+            "gossip started"
+        );
+        Ok(Self {
+            handle,
+            policies,
+            slots,
+            me: my_id,
+            driver: Mutex::new(Some(task)),
+        })
+    }
+
+    /// `region/instance` of a peer, for reports.
+    pub fn peer_name(&self, peer: PeerId) -> String {
+        match self.slots.get(usize::from(peer.0)) {
+            Some(slot) => format!("{}/{}", slot.region, slot.instance),
+            None => format!("slot-{}", peer.0),
+        }
+    }
+
+    /// Hands idle strict rights to a peer, sends the last usage, waits up to `grace` for the
+    /// peers to have it, and stops gossiping. Later calls do nothing.
+    pub async fn shutdown(&self, grace: Duration) {
+        let task = self
+            .driver
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(task) = task
+            && let Err(error) = task.shutdown(grace).await
+        {
+            tracing::warn!(%error, "gossip driver did not stop cleanly");
+        }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
