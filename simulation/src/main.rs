@@ -65,8 +65,8 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     if let Some(path) = &args.plot
-        && let Some((name, seed, plot)) = &report.plot
-        && let Err(e) = std::fs::write(path, report::svg(name, *seed, plot))
+        && let Some(plot) = &report.plot
+        && let Err(e) = std::fs::write(path, report::svg(plot.scenario, plot.seed, &plot.modes))
     {
         eprintln!("cannot write {}: {e}", path.display());
         return ExitCode::from(2);

@@ -288,7 +288,18 @@ pub struct Report {
     /// Every violated bound, in table order.
     pub violations: Vec<Violation>,
     /// The first seed's admissions per mode of the first scenario (for the plot).
-    pub plot: Option<(&'static str, u64, Vec<(Mode, Vec<Admission>)>)>,
+    pub plot: Option<Plot>,
+}
+
+/// What the plot shows: one scenario, one seed, every mode's admissions.
+#[derive(Debug, Clone, Default)]
+pub struct Plot {
+    /// The scenario.
+    pub scenario: &'static str,
+    /// The seed.
+    pub seed: u64,
+    /// Admissions per mode, in table order.
+    pub modes: Vec<(Mode, Vec<Admission>)>,
 }
 
 /// Runs `scenarios` over `seeds` seeds from `seed_start`.
@@ -305,11 +316,15 @@ pub fn run(scenarios: &[Scenario], seed_start: u64, seeds: u64) -> Result<Report
             }
         }
         if report.plot.is_none() {
-            let plot = per_mode
+            let modes = per_mode
                 .iter()
                 .filter_map(|(m, v)| v.first().map(|r| (*m, r.admissions.clone())))
                 .collect();
-            report.plot = Some((scenario.name, seed_start, plot));
+            report.plot = Some(Plot {
+                scenario: scenario.name,
+                seed: seed_start,
+                modes,
+            });
         }
         for (mode, results) in &per_mode {
             for r in results {

@@ -366,7 +366,7 @@ impl Scenario {
 
     /// The offered requests for `seed`, in time order (the same for every mode).
     pub fn requests(&self, seed: u64) -> Vec<Request> {
-        let mut rng = SplitMix64::new(seed ^ 0x5eed_0f_c1_1e47);
+        let mut rng = SplitMix64::new(seed ^ 0x5eed_0fc1_1e47);
         let (start, end) = (TRAFFIC_START_US, END_US);
         let mut out = Vec::new();
         match &self.workload {
