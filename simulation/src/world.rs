@@ -22,7 +22,9 @@ use std::fmt;
 
 use tollgate::crdt::{Actor, Slot};
 use tollgate::gossip::codec::{self, DEFAULT_MAX_FRAME, Decoder};
-use tollgate::gossip::proto::{Gossip, GossipConfig, GossipError, LinkState, Message, PeerId};
+use tollgate::gossip::proto::{
+    Gossip, GossipConfig, GossipError, LinkState, Message, PeerId, PeerStatus,
+};
 
 use crate::net::{MS, N_REGIONS, Network, REGIONS};
 use crate::scenario::{
@@ -82,6 +84,10 @@ pub struct RunOutput {
     pub unreclaimed_at_start: Vec<usize>,
     /// Messages the codec refused to frame (none are expected).
     pub encode_errors: u64,
+    /// At the end: every region alive, every link up and every peer's `Hello` accepted.
+    pub all_connected_at_end: bool,
+    /// At the end: every region's strict slot holds its share.
+    pub all_reclaimed_at_end: bool,
 }
 
 /// Why a run could not complete.
@@ -685,6 +691,18 @@ pub fn run(
             w.pump(req.region);
         }
     }
+    w.out.all_connected_at_end = w.regions.iter().all(|reg| {
+        reg.gossip.as_ref().is_some_and(|g| {
+            g.peer_status()
+                .iter()
+                .all(|p| p.status == PeerStatus::Ok && matches!(p.link, LinkState::Up { .. }))
+        })
+    });
+    w.out.all_reclaimed_at_end = w.regions.iter().all(|reg| {
+        reg.gossip
+            .as_ref()
+            .is_some_and(|g| g.strict().is_reclaimed())
+    });
     w.out.recoveries = w.recoveries.iter().map(|r| (r.action, r.done_us)).collect();
     Ok(w.out)
 }

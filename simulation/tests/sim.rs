@@ -7,6 +7,7 @@ use tollgate_simulation::metrics::convergence_bound_us;
 use tollgate_simulation::report::{self, CSV_HEADER};
 use tollgate_simulation::runner::{self, Mode, Row, SeedResult};
 use tollgate_simulation::scenario::{self, LIMIT};
+use tollgate_simulation::world::{self, GlobalMode};
 
 /// Seeds every scenario runs with here.
 const SEEDS: u64 = 3;
@@ -127,6 +128,21 @@ fn eventual_counts_converge_after_every_heal() {
             ms > 0.0 && ms * 1e3 <= convergence_bound_us() as f64,
             "{r:?}"
         );
+    }
+}
+
+#[test]
+fn every_fault_heals_links_and_strict_shares_by_the_end() {
+    for s in scenario::all() {
+        let requests = s.requests(1);
+        for mode in [GlobalMode::Eventual, GlobalMode::Strict] {
+            let run = world::run(&s, mode, 1, &requests).expect("runs");
+            assert!(run.all_connected_at_end, "{} {mode:?}", s.name);
+            assert!(run.all_reclaimed_at_end, "{} {mode:?}", s.name);
+            assert!(run.unreclaimed_at_start.is_empty(), "{} {mode:?}", s.name);
+            assert_eq!(run.encode_errors, 0);
+            assert!(run.gossip_bytes > 0);
+        }
     }
 }
 
