@@ -11,8 +11,10 @@
 //! The machine asks to dial ([`Gossip::poll_connect`]); the dial reaches the target after a
 //! one-way delay if both directions are open and the target is alive (QUIC needs a round
 //! trip), and the target then reports [`Gossip::on_connected`]; the dialler learns of it one
-//! one-way delay later. A dial that cannot get through is retried every [`DIAL_RETRY_US`]
-//! (QUIC resends its Initial packets) until the machine itself gives up at its idle timeout.
+//! one-way delay later. A dial that cannot get through is retried after [`DIAL_RETRY_US`],
+//! then after twice as long each time (QUIC resends its Initial packets on its probe timeout,
+//! about 1 s with quinn's default initial RTT of 333 ms, doubling), until the machine itself
+//! gives up at its idle timeout.
 //! Every connection has an id; messages carry it and die with it. A crashed process answers
 //! nothing (its peers time it out); its restarted successor answers messages on the old
 //! connection with a stateless reset, which closes it at the sender.
@@ -39,8 +41,9 @@ pub const T0: u64 = 1_750_000_000_000_000;
 /// The configuration digest every region agrees on.
 pub const CONFIG_DIGEST: u64 = 0x7011_6a7e_0000_0005;
 
-/// How often an undelivered dial is retried (QUIC's Initial retransmission, roughly).
-pub const DIAL_RETRY_US: u64 = 250 * MS;
+/// First retry of an undelivered dial: quinn's first probe timeout (initial RTT 333 ms:
+/// 333 + 4 x 333 / 2 + 25 ms max ack delay, about 1 s); later retries double it.
+pub const DIAL_RETRY_US: u64 = 1_000 * MS;
 
 /// Most loop iterations at one instant before the run is declared livelocked.
 const MAX_SPINS: u32 = 1_000_000;
@@ -157,6 +160,8 @@ enum Event {
         to: usize,
         inc: u64,
         since: u64,
+        /// Wait before the next retry if this attempt does not get through.
+        retry_us: u64,
     },
     /// The dialler learns its dial succeeded.
     DialerUp {
@@ -301,6 +306,7 @@ impl World {
                     to,
                     inc,
                     since: now_local,
+                    retry_us: DIAL_RETRY_US,
                 },
             );
         }
@@ -382,6 +388,7 @@ impl World {
                 to,
                 inc,
                 since,
+                retry_us,
             } => {
                 // The dialler gave up (its own timeout) or died: the dial is over.
                 if self.regions[from].inc != inc || self.dialing_since(from, to) != Some(since) {
@@ -390,12 +397,13 @@ impl World {
                 let target_alive = self.regions[to].gossip.is_some();
                 if !target_alive || !self.net.both_open(from, to) {
                     self.schedule(
-                        self.now + DIAL_RETRY_US,
+                        self.now + retry_us,
                         Event::Dial {
                             from,
                             to,
                             inc,
                             since,
+                            retry_us: retry_us.saturating_mul(2),
                         },
                     );
                     return;
