@@ -1,0 +1,211 @@
+//! The simulator's own tests: the bounds on a handful of seeds per scenario,
+//! determinism, the baselines' shape, and the command line's exit status.
+
+use std::process::Command;
+
+use tollgate_simulation::metrics::convergence_bound_us;
+use tollgate_simulation::report::{self, CSV_HEADER};
+use tollgate_simulation::runner::{self, Mode, Row, SeedResult};
+use tollgate_simulation::scenario::{self, LIMIT};
+use tollgate_simulation::world::{self, GlobalMode};
+
+/// Seeds every scenario runs with here.
+const SEEDS: u64 = 3;
+
+/// Bounds the production code is known not to meet, found by this simulator and reported
+/// (see the README, "Global accuracy"): `(scenario, mode, what the message starts with,
+/// ceiling)`. They stay violations (the binary exits non-zero on them); this list only keeps
+/// the CI run green while pinning the measured size, so a regression still fails.
+const KNOWN: &[(&str, Mode, &str, f64)] = &[(
+    "steady-even-0.8x",
+    Mode::Strict,
+    "strict false rejections",
+    3.0,
+)];
+
+fn row<'a>(rows: &'a [Row], scenario: &str, mode: Mode) -> &'a Row {
+    rows.iter()
+        .find(|r| r.scenario == scenario && r.mode == mode)
+        .expect("every scenario has a row per mode")
+}
+
+#[test]
+fn every_bound_holds_on_a_handful_of_seeds_per_scenario() {
+    let report = runner::run(&scenario::all(), 1, SEEDS).expect("runs");
+    assert_eq!(report.rows.len(), scenario::all().len() * Mode::ALL.len());
+    for v in &report.violations {
+        let known = KNOWN
+            .iter()
+            .find(|(s, m, what, _)| *s == v.scenario && *m == v.mode && v.what.starts_with(what));
+        assert!(known.is_some(), "{v}");
+    }
+    for (s, m, _, ceiling) in KNOWN {
+        let r = row(&report.rows, s, *m);
+        assert!(
+            r.false_reject_pct <= *ceiling,
+            "{s} {}: {:.2}% grew past the known {ceiling}%",
+            m.name(),
+            r.false_reject_pct
+        );
+    }
+    // Strict over-admission is exactly 0 everywhere (the check above covers it per seed; say
+    // it once more on the rows, where it is visible).
+    for r in report.rows.iter().filter(|r| r.mode == Mode::Strict) {
+        assert_eq!(r.over_admission_pct, 0.0, "{}", r.scenario);
+    }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_bytes() {
+    let scenarios: Vec<_> = [
+        "partition-asymmetric",
+        "restart-eu-west",
+        "lossy-dup-reorder",
+    ]
+    .iter()
+    .map(|n| scenario::by_name(n).expect("a scenario"))
+    .collect();
+    let render = |seed| {
+        let r = runner::run(&scenarios, seed, 2).expect("runs");
+        let plot = r.plot.expect("a plot");
+        format!(
+            "{}{}{}",
+            report::table(&r.rows),
+            report::csv(&r.rows),
+            report::svg(plot.scenario, plot.seed, &plot.modes)
+        )
+    };
+    let a = render(7);
+    assert_eq!(a, render(7));
+    assert_ne!(a, render(8), "the seed must matter");
+}
+
+#[test]
+fn none_gives_about_n_times_the_limit_to_a_hopping_attacker() {
+    let s = scenario::by_name("attacker-hop-2000rps").expect("a scenario");
+    let report = runner::run(&[s], 1, 1).expect("runs");
+    let none = row(&report.rows, "attacker-hop-2000rps", Mode::None);
+    // Hopping every second, the attacker collects each region's full limit: 3x.
+    assert!(none.over_admission_pct >= 150.0, "{none:?}");
+    for mode in [Mode::Central, Mode::Eventual, Mode::Strict] {
+        assert_eq!(
+            row(&report.rows, "attacker-hop-2000rps", mode).over_admission_pct,
+            0.0
+        );
+    }
+}
+
+#[test]
+fn central_pays_a_round_trip_and_fails_closed_when_cut_off() {
+    let names = ["steady-even-1.5x", "partition-full"];
+    let scenarios: Vec<_> = names.iter().filter_map(|n| scenario::by_name(n)).collect();
+    let report = runner::run(&scenarios, 1, 1).expect("runs");
+    let steady = row(&report.rows, "steady-even-1.5x", Mode::Central);
+    // Two thirds of the clients pay 75 or 200 ms, a third (us-east) nothing: about 92 ms.
+    assert!(
+        (80.0..110.0).contains(&steady.added_latency_ms),
+        "{steady:?}"
+    );
+    assert!(steady.false_reject_pct.abs() < 1.0, "{steady:?}");
+    let cut = row(&report.rows, "partition-full", Mode::Central);
+    assert!(cut.false_reject_pct > 10.0, "{cut:?}");
+}
+
+#[test]
+fn eventual_counts_converge_after_every_heal() {
+    let scenarios: Vec<_> = scenario::all()
+        .into_iter()
+        .filter(|s| s.name.starts_with("partition-"))
+        .collect();
+    assert_eq!(scenarios.len(), 3);
+    let report = runner::run(&scenarios, 1, SEEDS).expect("runs");
+    for s in &scenarios {
+        let r = row(&report.rows, s.name, Mode::Eventual);
+        let Some(Some(ms)) = r.convergence_ms else {
+            panic!("{}: no convergence measured: {r:?}", s.name);
+        };
+        assert!(
+            ms > 0.0 && ms * 1e3 <= convergence_bound_us() as f64,
+            "{r:?}"
+        );
+    }
+}
+
+#[test]
+fn every_fault_heals_links_and_strict_shares_by_the_end() {
+    for s in scenario::all() {
+        let requests = s.requests(1);
+        for mode in [GlobalMode::Eventual, GlobalMode::Strict] {
+            let run = world::run(&s, mode, 1, &requests).expect("runs");
+            assert!(run.all_connected_at_end, "{} {mode:?}", s.name);
+            assert!(run.all_reclaimed_at_end, "{} {mode:?}", s.name);
+            assert!(run.unreclaimed_at_start.is_empty(), "{} {mode:?}", s.name);
+            assert_eq!(run.encode_errors, 0);
+            assert!(run.gossip_bytes > 0);
+        }
+    }
+}
+
+#[test]
+fn a_violation_names_scenario_mode_and_seed() {
+    let s = scenario::by_name("partition-full").expect("a scenario");
+    let r = SeedResult {
+        seed: 42,
+        offered: 1000,
+        admitted: 201,
+        max_in_window: LIMIT + 1,
+        over_pct: 0.5,
+        false_reject_pct: 0.0,
+        convergence_us: None,
+        heals: false,
+        added_latency_us: 0.0,
+        gossip_bytes_per_key: 0.0,
+        admissions: Vec::new(),
+    };
+    let v = runner::check(&s, Mode::Strict, &r);
+    assert_eq!(v.len(), 1);
+    let msg = v[0].to_string();
+    assert!(
+        msg.contains("partition-full") && msg.contains("seed 42"),
+        "{msg}"
+    );
+    // The same result is within eventual mode's partition bound (5%).
+    assert!(runner::check(&s, Mode::Eventual, &r).is_empty());
+}
+
+#[test]
+fn the_command_line_writes_csv_and_plot_and_reports_violations_by_exit_status() {
+    let bin = env!("CARGO_BIN_EXE_tollgate-simulation");
+    let dir = std::env::temp_dir().join(format!("tollgate-sim-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let csv = dir.join("out.csv");
+    let svg = dir.join("out.svg");
+    let ok = Command::new(bin)
+        .args(["--seeds", "2", "--seed-start", "1", "--scenario"])
+        .arg("attacker-hop-200rps")
+        .arg("--csv")
+        .arg(&csv)
+        .arg("--plot")
+        .arg(&svg)
+        .output()
+        .expect("runs");
+    assert!(ok.status.success(), "{ok:?}");
+    let text = std::fs::read_to_string(&csv).expect("csv written");
+    assert_eq!(text.lines().next(), Some(CSV_HEADER));
+    assert_eq!(text.lines().count(), 1 + Mode::ALL.len());
+    let plot = std::fs::read_to_string(&svg).expect("svg written");
+    assert!(plot.starts_with("<svg") && plot.trim_end().ends_with("</svg>"));
+    // A seed where production misses a bound (see KNOWN): non-zero, naming scenario and seed.
+    let bad = Command::new(bin)
+        .args(["--seeds", "1", "--seed-start", "2", "--scenario"])
+        .arg("steady-even-0.8x")
+        .output()
+        .expect("runs");
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("steady-even-0.8x") && err.contains("seed 2"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
