@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tollgate::certs;
 use tollgate::crdt::{PolicyId, Slot, StrictPolicy, WindowSpec};
-use tollgate::gossip::driver::{self, DriverTask, GossipHandle};
+use tollgate::gossip::driver::{self, DriverTask, GossipHandle, PeerAddress};
 use tollgate::gossip::proto::{Gossip, GossipConfig, LinkState, PeerId, PeerStatus, Policies};
 use tollgate::gossip::quic::GossipEndpoint;
 use tollgate::gossip::tls::PeerTls;
@@ -109,7 +109,12 @@ fn start_region(
     .unwrap();
     let peers = (0..REGIONS.len())
         .filter(|&j| j != i)
-        .map(|j| (PeerId(j as u16), addrs[j], REGIONS[j].to_string()))
+        .map(|j| PeerAddress {
+            peer: PeerId(j as u16),
+            addr: addrs[j].to_string(),
+            region: REGIONS[j].to_string(),
+            instance: "i0".to_string(),
+        })
         .collect();
     driver::spawn_driver(gossip, endpoint, peers)
 }
@@ -150,7 +155,7 @@ impl Mesh {
 
     async fn shutdown(self) {
         for task in self.tasks {
-            within(task.shutdown()).await.unwrap();
+            within(task.shutdown(Duration::from_secs(1))).await.unwrap();
         }
     }
 }
@@ -290,7 +295,7 @@ async fn a_restarted_region_is_redialled_and_catches_up() {
 
     // ap-south (the highest slot, dialled by both others) restarts as a new incarnation on
     // the same address; the port is free again once the old endpoint is fully dropped.
-    within(mesh.tasks.pop().unwrap().shutdown()).await.unwrap();
+    within(mesh.tasks.pop().unwrap().shutdown(Duration::from_secs(1))).await.unwrap();
     mesh.handles.pop();
     let addr = mesh.addrs[2];
     let deadline = tokio::time::Instant::now() + DEADLINE;

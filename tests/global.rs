@@ -1,0 +1,519 @@
+//! Global limits end to end: gateway processes of the built binary, gossiping over real QUIC
+//! with mutual TLS on loopback, so kills are real kills.
+//!
+//! Every bound is checked over less than one window (8 s), so "admitted in total" is
+//! "admitted in one window" whatever the timing. Waits poll a condition under a deadline.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use support::{client, free_port, parse_prometheus, serve};
+
+const DEADLINE: Duration = Duration::from_secs(40);
+/// The policies' window: a cold start waits it plus a sub-window before strict admits.
+const WINDOW: Duration = Duration::from_secs(8);
+const STRICT_QUOTA: u64 = 20;
+const EVENTUAL_QUOTA: u64 = 200;
+const API_KEY: &str = "hopper-secret";
+/// The policies' key for that API key.
+const KEY: &str = "key:hopper";
+
+struct Node {
+    region: String,
+    instance: String,
+    listen: u16,
+    admin: u16,
+    gossip: u16,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+/// Gateway processes sharing one deployment (certificates, peer list, policies).
+struct Deployment {
+    dir: tempfile::TempDir,
+    nodes: Vec<Node>,
+    http: reqwest::Client,
+}
+
+fn config_text(node: &Node, slots: &[Node], upstream: SocketAddr) -> String {
+    let sha = hex_sha256(API_KEY);
+    let mut text = format!(
+        r#"region = "{region}"
+listen = "127.0.0.1:{listen}"
+admin_listen = "127.0.0.1:{admin}"
+drain_timeout = "2s"
+
+[services.echo]
+routes = ["/"]
+instances = ["http://{upstream}"]
+
+[[identity.api_keys]]
+name = "hopper"
+sha256 = "{sha}"
+
+[policies.hop-strict]
+routes = ["/strict"]
+key = ["api_key", "ip"]
+rate = "{STRICT_QUOTA}/{window}s"
+scope = "global"
+mode = "strict"
+
+[policies.hop-eventual]
+routes = ["/eventual"]
+key = ["api_key", "ip"]
+rate = "{EVENTUAL_QUOTA}/{window}s"
+scope = "global"
+mode = "eventual"
+
+[gossip]
+listen = "127.0.0.1:{gossip}"
+instance = "{instance}"
+ca = "certs/ca.pem"
+cert = "certs/{region}.pem"
+key = "certs/{region}.key"
+interval = "50ms"
+backoff_cap = "500ms"
+"#,
+        region = node.region,
+        instance = node.instance,
+        listen = node.listen,
+        admin = node.admin,
+        gossip = node.gossip,
+        window = WINDOW.as_secs(),
+    );
+    for peer in slots {
+        text.push_str(&format!(
+            "\n[[gossip.peers]]\nregion = \"{}\"\ninstance = \"{}\"\naddr = \"127.0.0.1:{}\"\n",
+            peer.region, peer.instance, peer.gossip
+        ));
+    }
+    text
+}
+
+fn hex_sha256(text: &str) -> String {
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Deployment {
+    /// Starts one gateway per `(region, instance)` and waits until every one is connected to
+    /// every other and holds its strict share.
+    async fn start(slots: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut regions: Vec<String> = slots.iter().map(|(r, _)| r.to_string()).collect();
+        regions.dedup();
+        tollgate::certs::generate(&dir.path().join("certs"), &regions, false).unwrap();
+        let upstream = serve(axum::Router::new().fallback(|| async { "ok" })).await;
+        let mut nodes: Vec<Node> = slots
+            .iter()
+            .enumerate()
+            .map(|(i, (region, instance))| Node {
+                region: region.to_string(),
+                instance: instance.to_string(),
+                listen: free_port(),
+                admin: free_port(),
+                gossip: free_port(),
+                config: dir.path().join(format!("gateway-{i}.toml")),
+                log: dir.path().join(format!("gateway-{i}.log")),
+                child: None,
+            })
+            .collect();
+        for node in &nodes {
+            std::fs::write(&node.config, config_text(node, &nodes, upstream)).unwrap();
+        }
+        for node in &mut nodes {
+            spawn(node);
+        }
+        let deployment = Self {
+            dir,
+            nodes,
+            http: client(),
+        };
+        for i in 0..deployment.nodes.len() {
+            deployment.wait_settled(i).await;
+        }
+        deployment
+    }
+
+    fn url(&self, i: usize, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.nodes[i].listen)
+    }
+
+    fn admin(&self, i: usize, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.nodes[i].admin)
+    }
+
+    async fn json(&self, url: &str) -> Option<Value> {
+        let response = self.http.get(url).send().await.ok()?;
+        response.json().await.ok()
+    }
+
+    async fn limits(&self, i: usize, policy: &str) -> Option<Value> {
+        self.json(&self.admin(i, &format!("/limits/{policy}?key={KEY}")))
+            .await
+    }
+
+    /// Polls until `check` holds, failing with `what` and the logs at the deadline.
+    async fn until<F, Fut>(&self, what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let start = Instant::now();
+        while !check().await {
+            if start.elapsed() > DEADLINE {
+                panic!("timed out waiting for {what}\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until gateway `i` is ready, sees every peer, and holds its strict share.
+    async fn wait_settled(&self, i: usize) {
+        let peers = self.nodes.len() - 1;
+        self.until(&format!("gateway {i} to settle"), || async {
+            let Some(ready) = self.json(&self.admin(i, "/ready")).await else {
+                return false;
+            };
+            let Some(limits) = self.limits(i, "hop-strict").await else {
+                return false;
+            };
+            ready["gossip"]["peers_connected"] == peers
+                && limits["tiers"][0]["strict"]["share_reclaimed"] == true
+        })
+        .await;
+    }
+
+    fn signal(&mut self, i: usize, signal: Signal) -> Child {
+        let mut child = self.nodes[i].child.take().expect("gateway is running");
+        kill(Pid::from_raw(child.id() as i32), signal).unwrap();
+        let start = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            assert!(start.elapsed() < DEADLINE, "gateway {i} did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child
+    }
+
+    fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| {
+                let text = std::fs::read_to_string(&n.log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                format!("--- {}/{} ---\n{}", n.region, n.instance, tail.join("\n"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn certs(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+fn spawn(node: &mut Node) {
+    let log = std::fs::File::create(&node.log).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["gateway", "--config"])
+        .arg(&node.config)
+        .env("RUST_LOG", "info")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("TOLLGATE_INSTANCE")
+        .env_remove("TOLLGATE_GOSSIP_PEERS")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    node.child = Some(child);
+}
+
+/// Admitted and refused counts.
+#[derive(Default)]
+struct Tally {
+    admitted: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// Three concurrent clients hop over `gateways` on `path` as fast as they can for `span`.
+async fn hop(d: &Deployment, gateways: &[usize], path: &str, span: Duration) -> (u64, u64) {
+    let tally = Arc::new(Tally::default());
+    let urls: Vec<String> = gateways.iter().map(|&i| d.url(i, path)).collect();
+    let stop = Instant::now() + span;
+    let mut tasks = Vec::new();
+    for worker in 0..3 {
+        let (urls, tally, http) = (urls.clone(), tally.clone(), d.http.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = worker;
+            while Instant::now() < stop {
+                let url = &urls[n % urls.len()];
+                n += 1;
+                let Ok(response) = http.get(url).header("x-api-key", API_KEY).send().await else {
+                    continue;
+                };
+                match response.status().as_u16() {
+                    200 => tally.admitted.fetch_add(1, Ordering::Relaxed),
+                    429 => tally.refused.fetch_add(1, Ordering::Relaxed),
+                    other => panic!("unexpected status {other} from {url}"),
+                };
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    (
+        tally.admitted.load(Ordering::Relaxed),
+        tally.refused.load(Ordering::Relaxed),
+    )
+}
+
+fn merged(limits: &Value) -> u64 {
+    limits["tiers"][0]["eventual"]["merged"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+fn rights(limits: &Value) -> u64 {
+    limits["tiers"][0]["strict"]["rights_held"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_hopping_over_three_regions_is_held_to_the_global_limit() {
+    let d = Deployment::start(&[("us-east", "a"), ("eu-west", "a"), ("ap-south", "a")]).await;
+    let all = [0, 1, 2];
+    let span = WINDOW / 3;
+    let (strict, strict_refused) = hop(&d, &all, "/strict", span).await;
+    let (eventual, eventual_refused) = hop(&d, &all, "/eventual", span).await;
+    eprintln!(
+        "strict admitted {strict} refused {strict_refused}; eventual admitted {eventual} refused {eventual_refused}"
+    );
+    assert!(strict <= STRICT_QUOTA, "strict admitted {strict}");
+    assert!(
+        eventual as f64 <= EVENTUAL_QUOTA as f64 * 1.01,
+        "eventual admitted {eventual}"
+    );
+    // The limits are met by sharing the quota, not by refusing everything: the client ran
+    // far past both quotas.
+    assert!(strict_refused > 0 && eventual_refused > 0);
+    assert!(strict >= STRICT_QUOTA / 2, "strict admitted only {strict}");
+    assert!(
+        eventual >= EVENTUAL_QUOTA * 9 / 10,
+        "eventual admitted only {eventual}"
+    );
+    // Every region converges on the same global count.
+    d.until("the eventual counts to converge", || async {
+        let mut counts = Vec::new();
+        for i in all {
+            counts.push(d.limits(i, "hop-eventual").await.map(|l| merged(&l)));
+        }
+        counts.iter().all(|c| *c == Some(eventual))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_gateways_of_one_region_are_held_to_one_limit() {
+    let d = Deployment::start(&[("us-east", "a"), ("us-east", "b")]).await;
+    let (strict, _) = hop(&d, &[0, 1], "/strict", WINDOW / 3).await;
+    let (eventual, _) = hop(&d, &[0, 1], "/eventual", WINDOW / 3).await;
+    assert!(strict <= STRICT_QUOTA, "strict admitted {strict}");
+    assert!(strict >= STRICT_QUOTA / 2, "strict admitted only {strict}");
+    assert!(
+        eventual as f64 <= EVENTUAL_QUOTA as f64 * 1.01,
+        "eventual admitted {eventual}"
+    );
+    // Each knows the other by its instance, though both present the region's certificate.
+    let ready = d.json(&d.admin(0, "/ready")).await.unwrap();
+    assert_eq!(ready["gossip"]["peers"][0]["peer"], "us-east/b");
+    assert_eq!(ready["gossip"]["peers"][0]["status"], "ok");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_region_loses_at_most_one_interval_and_strict_never_exceeds_the_limit() {
+    let mut d = Deployment::start(&[("us-east", "a"), ("eu-west", "a"), ("ap-south", "a")]).await;
+
+    // Eventual: 60 admissions at eu-west, 10 ms apart, then SIGKILL at once.
+    let mut pace = tokio::time::interval(Duration::from_millis(10));
+    for _ in 0..60 {
+        pace.tick().await;
+        let response = d
+            .http
+            .get(d.url(1, "/eventual"))
+            .header("x-api-key", API_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    // Strict: use some rights at eu-west too before it dies.
+    let started = Instant::now();
+    let (before_kill, _) = hop(&d, &[0, 1, 2], "/strict", Duration::from_millis(500)).await;
+    d.signal(1, Signal::SIGKILL);
+    // What us-east learned of eu-west's 60: all but the last gossip interval (50 ms, five
+    // requests; ten allowed for scheduling).
+    d.until("us-east to hold eu-west's admissions", || async {
+        d.limits(0, "hop-eventual")
+            .await
+            .is_some_and(|l| merged(&l) >= 50)
+    })
+    .await;
+    let seen = merged(&d.limits(0, "hop-eventual").await.unwrap());
+    assert!((50..=60).contains(&seen), "us-east holds {seen} of 60");
+
+    // Restart: a new incarnation, with nothing of its own until its predecessor's
+    // admissions expire; the client keeps hopping over all three meanwhile.
+    spawn(&mut d.nodes[1]);
+    d.until("eu-west's new incarnation to connect", || async {
+        d.json(&d.admin(0, "/ready")).await.is_some_and(|r| {
+            r["gossip"]["peers"][0]["connected"] == true
+                && r["gossip"]["peers_connected"] == 2
+        })
+    })
+    .await;
+    let remaining = WINDOW.saturating_sub(started.elapsed() + Duration::from_millis(500));
+    let (after_restart, _) = hop(&d, &[0, 1, 2], "/strict", remaining).await;
+    assert!(
+        started.elapsed() < WINDOW,
+        "the test must fit in one window"
+    );
+    assert!(
+        before_kill + after_restart <= STRICT_QUOTA,
+        "strict admitted {before_kill} + {after_restart} in one window"
+    );
+    // The new incarnation re-learned the eventual count from its peers.
+    d.until("eu-west to re-learn the count", || async {
+        d.limits(1, "hop-eventual")
+            .await
+            .is_some_and(|l| merged(&l) == seen)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_sends_the_last_usage_and_hands_the_rights_over() {
+    let mut d = Deployment::start(&[("us-east", "a"), ("eu-west", "a"), ("ap-south", "a")]).await;
+    // A few strict admissions at eu-west, so it holds state for the key.
+    for _ in 0..2 {
+        let response = d
+            .http
+            .get(d.url(1, "/strict"))
+            .header("x-api-key", API_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let held: Vec<u64> = {
+        let mut v = Vec::new();
+        for i in 0..3 {
+            v.push(rights(&d.limits(i, "hop-strict").await.unwrap()));
+        }
+        v
+    };
+    assert!(held[1] > 0);
+    // Five eventual admissions, then SIGTERM before the next interval would carry them.
+    for _ in 0..5 {
+        let response = d
+            .http
+            .get(d.url(1, "/eventual"))
+            .header("x-api-key", API_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let child = d.signal(1, Signal::SIGTERM);
+    drop(child);
+    let survivors_before = held[0] + held[2];
+    d.until("eu-west's rights to reach a peer", || async {
+        let mut sum = 0;
+        for i in [0, 2] {
+            match d.limits(i, "hop-strict").await {
+                Some(l) => sum += rights(&l),
+                None => return false,
+            }
+        }
+        sum == survivors_before + held[1]
+    })
+    .await;
+    for i in [0, 2] {
+        let l = d.limits(i, "hop-eventual").await.unwrap();
+        assert_eq!(merged(&l), 5, "gateway {i} missed eu-west's last usage");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_with_a_certificate_from_another_ca_is_refused() {
+    let d = Deployment::start(&[("us-east", "a"), ("eu-west", "a")]).await;
+    // A peer presenting an eu-west certificate from another CA (trusting the real one).
+    let foreign = tempfile::tempdir().unwrap();
+    tollgate::certs::generate(foreign.path(), &["eu-west".to_owned()], false).unwrap();
+    let tls = tollgate::gossip::tls::PeerTls::load(
+        &d.certs().join("ca.pem"),
+        &foreign.path().join("eu-west.pem"),
+        &foreign.path().join("eu-west.key"),
+    )
+    .unwrap();
+    let endpoint = tollgate::gossip::quic::GossipEndpoint::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        tls,
+        vec!["us-east".to_owned()],
+    )
+    .unwrap();
+    let target: SocketAddr = format!("127.0.0.1:{}", d.nodes[0].gossip).parse().unwrap();
+    // The handshake may complete on our side before the server's verdict arrives; either
+    // way nothing can be exchanged, and the gateway counts the refusal.
+    if let Ok(connection) = endpoint.connect(target, "us-east").await {
+        let stream = connection.open_bi().await;
+        if let Ok((mut send, _recv)) = stream {
+            let _ = send.write_all(b"TG").await;
+        }
+        let closed = tokio::time::timeout(DEADLINE, connection.closed()).await;
+        assert!(closed.is_ok(), "a foreign peer kept its connection");
+    }
+    d.until("the refusal to be counted", || async {
+        let Ok(response) = d.http.get(d.admin(0, "/metrics")).send().await else {
+            return false;
+        };
+        let text = response.text().await.unwrap_or_default();
+        parse_prometheus(&text)
+            .iter()
+            .filter(|s| s.name == "tollgate_gossip_refused_peers_total")
+            .map(|s| s.value)
+            .sum::<f64>()
+            >= 1.0
+    })
+    .await;
+    // The real peers are undisturbed.
+    let ready = d.json(&d.admin(0, "/ready")).await.unwrap();
+    assert_eq!(ready["gossip"]["peers_connected"], 1);
+}
