@@ -197,15 +197,18 @@ impl Deployment {
         .await;
     }
 
-    fn signal(&mut self, i: usize, signal: Signal) -> Child {
+    /// Signals gateway `i` and reaps it.
+    fn signal(&mut self, i: usize, signal: Signal) -> std::process::ExitStatus {
         let mut child = self.nodes[i].child.take().expect("gateway is running");
         kill(Pid::from_raw(child.id() as i32), signal).unwrap();
         let start = Instant::now();
-        while child.try_wait().unwrap().is_none() {
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
             assert!(start.elapsed() < DEADLINE, "gateway {i} did not exit");
             std::thread::sleep(Duration::from_millis(10));
         }
-        child
     }
 
     fn logs(&self) -> String {
@@ -394,8 +397,7 @@ async fn a_killed_region_loses_at_most_one_interval_and_strict_never_exceeds_the
     spawn(&mut d.nodes[1]);
     d.until("eu-west's new incarnation to connect", || async {
         d.json(&d.admin(0, "/ready")).await.is_some_and(|r| {
-            r["gossip"]["peers"][0]["connected"] == true
-                && r["gossip"]["peers_connected"] == 2
+            r["gossip"]["peers"][0]["connected"] == true && r["gossip"]["peers_connected"] == 2
         })
     })
     .await;
@@ -451,8 +453,8 @@ async fn sigterm_sends_the_last_usage_and_hands_the_rights_over() {
             .unwrap();
         assert_eq!(response.status(), 200);
     }
-    let child = d.signal(1, Signal::SIGTERM);
-    drop(child);
+    let status = d.signal(1, Signal::SIGTERM);
+    assert!(status.success(), "eu-west exited with {status} on SIGTERM");
     let survivors_before = held[0] + held[2];
     d.until("eu-west's rights to reach a peer", || async {
         let mut sum = 0;

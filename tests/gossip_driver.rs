@@ -295,7 +295,9 @@ async fn a_restarted_region_is_redialled_and_catches_up() {
 
     // ap-south (the highest slot, dialled by both others) restarts as a new incarnation on
     // the same address; the port is free again once the old endpoint is fully dropped.
-    within(mesh.tasks.pop().unwrap().shutdown(Duration::from_secs(1))).await.unwrap();
+    within(mesh.tasks.pop().unwrap().shutdown(Duration::from_secs(1)))
+        .await
+        .unwrap();
     mesh.handles.pop();
     let addr = mesh.addrs[2];
     let deadline = tokio::time::Instant::now() + DEADLINE;

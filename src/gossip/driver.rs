@@ -390,8 +390,8 @@ enum Event {
         peer: PeerId,
         connection: Connection,
         send: SendStream,
-        recv: FrameStream,
-        hello: Option<Message>,
+        recv: Box<FrameStream>,
+        hello: Option<Box<Message>>,
     },
     /// A dial failed.
     DialFailed { peer: PeerId },
@@ -598,7 +598,7 @@ impl Driver {
                     peer,
                     connection,
                     send,
-                    recv,
+                    recv: Box::new(recv),
                     hello: None,
                 },
                 Err(error) => {
@@ -645,7 +645,7 @@ impl Driver {
                 self.tasks.spawn(read_loop(
                     peer,
                     generation,
-                    recv,
+                    *recv,
                     self.shared.clone(),
                     events.clone(),
                 ));
@@ -655,7 +655,7 @@ impl Driver {
                 let now = now_us();
                 g.on_connected(peer, now);
                 if let Some(hello) = hello {
-                    g.handle(now, peer, hello);
+                    g.handle(now, peer, *hello);
                 }
             }
             Event::DialFailed { peer } => {
@@ -772,7 +772,13 @@ async fn accept_loop(
                         Ok((peer, send, recv, hello)) => {
                             // Fails only when the driver has stopped.
                             let _ = events
-                                .send(Event::Up { peer, connection, send, recv, hello: Some(hello) })
+                                .send(Event::Up {
+                                    peer,
+                                    connection,
+                                    send,
+                                    recv: Box::new(recv),
+                                    hello: Some(Box::new(hello)),
+                                })
                                 .await;
                         }
                         Err(reason) => {
