@@ -100,7 +100,24 @@ fn memory_per_key(keys: usize) {
         quota: 100,
         spec: spec(),
     };
-    let mut strict = BoundedTable::new(slots, &actors[0], [(STRICT, policy)], now).expect("valid");
+    let mut strict =
+        BoundedTable::new(slots.clone(), &actors[0], [(STRICT, policy)], now).expect("valid");
+    // Reclaim the share as in production: the peers hand over once the wait is over.
+    let later = now + spec().window_us() + spec().sub_len_us();
+    for actor in &actors[1..] {
+        let mut peer =
+            BoundedTable::new(slots.clone(), actor, [(STRICT, policy)], now).expect("valid");
+        peer.tick(later);
+        for handover in peer.on_announce(&strict.announce(), later, 1024) {
+            strict.on_handover(&handover, later);
+        }
+    }
+    strict.tick(later);
+    assert!(
+        strict.is_reclaimed(),
+        "the share is reclaimed after the handovers"
+    );
+    let now = later;
     for k in 0..keys {
         let _ = strict.try_admit(STRICT, &format!("key:client-{k}"), now, 1);
     }

@@ -591,6 +591,22 @@ impl UsageTable {
     /// (always at least one chunk, possibly empty, so that the receiver learns that nothing
     /// changed up to [`Delta::to_version`]). Garbage sub-windows are left out.
     pub fn deltas_since(&self, since: u64, max_entries: usize, now_us: u64) -> Vec<Delta> {
+        self.deltas_for_peer(since, max_entries, now_us, &[])
+    }
+
+    /// [`UsageTable::deltas_since`] without the cells of the actors in `skip`: the
+    /// recipient's own (its counts only grow there, so an echo would only cost bandwidth) and
+    /// those of actors it hears directly. Merges are idempotent, so leaving cells out never
+    /// makes a state wrong, only possibly staler; anti-entropy repairs what a lost direct
+    /// link did not deliver.
+    pub fn deltas_for_peer(
+        &self,
+        since: u64,
+        max_entries: usize,
+        now_us: u64,
+        skip: &[ActorIdx],
+    ) -> Vec<Delta> {
+        let wanted = |c: &Cell| c.version > since && !skip.contains(&c.actor);
         let max_entries = max_entries.max(1);
         let mut out = Vec::new();
         let mut b = ChunkBuilder::new(self.actors.len());
@@ -605,7 +621,7 @@ impl UsageTable {
                     let group = &cells[i..j];
                     i = j;
                     let sub = ku.base_sub + u64::from(off);
-                    if sub < horizon || !group.iter().any(|c| c.version > since) {
+                    if sub < horizon || !group.iter().any(wanted) {
                         continue;
                     }
                     let Ok(rel) = u32::try_from(sub - horizon) else {
@@ -617,7 +633,7 @@ impl UsageTable {
                     }
                     let counts = group
                         .iter()
-                        .filter(|c| c.version > since)
+                        .filter(|c| wanted(c))
                         .filter_map(|c| {
                             let actor = self.actors.actor(c.actor)?;
                             Some((b.actor_ref(c.actor, actor)?, c.p, c.n))

@@ -129,6 +129,11 @@ pub enum Message {
     },
     /// Nothing to say, but still here (keeps the idle timer of the peer from firing).
     KeepAlive,
+    /// The slots the sender has a working connection with (bit `i`: slot `i`; slots past 63
+    /// are never claimed). A peer then leaves those slots' current counts out of its deltas
+    /// to the sender, which hears them first-hand: in a full mesh each change travels once
+    /// per peer instead of once per path.
+    Links(u64),
 }
 
 /// Timers and sizes of the protocol.
@@ -373,6 +378,10 @@ struct Peer {
     accepted: bool,
     /// Connection-scoped: it accepted ours (we received something other than `Hello`).
     hello_acked: bool,
+    /// Connection-scoped: the slots it told us it hears directly ([`Message::Links`]).
+    their_links: u64,
+    /// Connection-scoped: what we last told it of ours.
+    links_told: Option<u64>,
     hello_sent_us: u64,
     last_heard_us: Option<u64>,
     last_sent_us: u64,
@@ -385,9 +394,11 @@ struct Peer {
     status: PeerStatus,
     /// Our table version when we last sent it a delta or full state.
     sent_version: u64,
+    /// The version it confirmed when we last looked, and since when.
+    confirmed_seen: u64,
+    confirmed_at_us: u64,
     /// The ack we last sent it.
     sent_ack: Ack,
-    last_delta_sent_us: u64,
     last_full_state_us: Option<u64>,
     last_delta_rx_us: Option<u64>,
 }
@@ -410,6 +421,8 @@ impl Peer {
     fn reset_connection(&mut self) {
         self.accepted = false;
         self.hello_acked = false;
+        self.their_links = 0;
+        self.links_told = None;
     }
 }
 
@@ -479,6 +492,8 @@ impl Gossip {
                         attempts: 0,
                         accepted: false,
                         hello_acked: false,
+                        their_links: 0,
+                        links_told: None,
                         hello_sent_us: 0,
                         last_heard_us: None,
                         last_sent_us: now_us,
@@ -487,8 +502,9 @@ impl Gossip {
                         retired: Vec::new(),
                         status: PeerStatus::Unknown,
                         sent_version: 0,
+                        confirmed_seen: 0,
+                        confirmed_at_us: now_us,
                         sent_ack: Ack::default(),
-                        last_delta_sent_us: 0,
                         last_full_state_us: None,
                         last_delta_rx_us: None,
                     }
@@ -719,6 +735,11 @@ impl Gossip {
                 }
             }
             Message::Ack(ack) => self.node.on_ack(&actor, ack),
+            Message::Links(bits) => {
+                if let Some(p) = self.peer_mut(from) {
+                    p.their_links = bits;
+                }
+            }
             Message::Digest { digest, version } => {
                 self.on_digest(now_us, from, &actor, digest, version)
             }
@@ -829,10 +850,10 @@ impl Gossip {
             return;
         };
         let ack = self.node.ack_for(&actor);
-        let chunks = self
-            .node
-            .table()
-            .full_state_chunks(self.config.max_entries_per_frame, now_us);
+        let table = self.node.table();
+        // Only its own counts are left out: a full state repairs what direct links missed.
+        let own: Vec<ActorIdx> = table.actors().get(&actor).into_iter().collect();
+        let chunks = table.deltas_for_peer(0, self.config.max_entries_per_frame, now_us, &own);
         let version = self.node.table().version();
         for delta in chunks {
             self.send(to, Message::FullState { delta, ack }, now_us);
@@ -840,7 +861,6 @@ impl Gossip {
         if let Some(p) = self.peer_mut(to) {
             p.sent_version = version;
             p.sent_ack = ack;
-            p.last_delta_sent_us = now_us;
             p.last_full_state_us = Some(now_us);
         }
     }
@@ -993,29 +1013,65 @@ impl Gossip {
         self.own_pending = 0;
         let version = self.node.table().version();
         let resend_after = interval.saturating_mul(2);
-        for peer in self.ready_peers() {
+        let ready = self.ready_peers();
+        let links = ready
+            .iter()
+            .filter(|p| p.0 < 64)
+            .fold(0u64, |bits, p| bits | (1 << p.0));
+        for &peer in &ready {
+            if self
+                .peer_mut(peer)
+                .is_some_and(|p| p.links_told != Some(links))
+            {
+                self.send(peer, Message::Links(links), now_us);
+                if let Some(p) = self.peer_mut(peer) {
+                    p.links_told = Some(links);
+                }
+            }
+        }
+        for peer in ready {
             let Some(p) = self.peer_mut(peer) else {
                 continue;
             };
             let Some(actor) = p.actor.clone() else {
                 continue;
             };
-            let (sent_version, sent_ack, last) = (p.sent_version, p.sent_ack, p.last_delta_sent_us);
+            let (sent_version, sent_ack) = (p.sent_version, p.sent_ack);
             let confirmed = self.node.acks().confirmed_by(&actor);
+            let Some(p) = self.peer_mut(peer) else {
+                continue;
+            };
+            // Progress in what the peer confirms restarts the resend clock.
+            if confirmed != p.confirmed_seen {
+                p.confirmed_seen = confirmed;
+                p.confirmed_at_us = now_us;
+            }
+            let stalled = confirmed < sent_version
+                && now_us >= p.confirmed_at_us.saturating_add(resend_after);
             let ack = self.node.ack_for(&actor);
             let fresh = version > sent_version;
-            let resend = confirmed < version && now_us >= last.saturating_add(resend_after);
-            if fresh || resend {
-                for delta in self
-                    .node
-                    .deltas_for(&actor, self.config.max_entries_per_frame, now_us)
-                {
+            if fresh || stalled {
+                // Normally only what is new since the last delta: the stream is reliable, so
+                // what was sent arrives unless the driver dropped it (a full queue). Then the
+                // peer's acks stop advancing (a delta starting past what it has is merged
+                // but not acknowledged), and after two intervals we resend everything it has
+                // not confirmed.
+                let since = if stalled { confirmed } else { sent_version };
+                let skip = self.skip_for(peer);
+                for delta in self.node.table().deltas_for_peer(
+                    since,
+                    self.config.max_entries_per_frame,
+                    now_us,
+                    &skip,
+                ) {
                     self.send(peer, Message::Delta { delta, ack }, now_us);
                 }
                 if let Some(p) = self.peer_mut(peer) {
                     p.sent_version = version;
                     p.sent_ack = ack;
-                    p.last_delta_sent_us = now_us;
+                    if stalled {
+                        p.confirmed_at_us = now_us;
+                    }
                 }
             } else if ack.heard_from_you != sent_ack.heard_from_you {
                 self.send(peer, Message::Ack(ack), now_us);
@@ -1025,6 +1081,32 @@ impl Gossip {
             }
         }
         self.node.mark_sent();
+    }
+
+    /// The actors whose cells deltas to `to` leave out: its own, and the current actor of
+    /// every slot it says it hears directly (never ours: we are its direct source of ours).
+    fn skip_for(&self, to: PeerId) -> Vec<ActorIdx> {
+        let table = self.node.table();
+        let Some(recipient) = self.peers.get(usize::from(to.0)).and_then(Option::as_ref) else {
+            return Vec::new();
+        };
+        let mut skip: Vec<ActorIdx> = recipient
+            .actor
+            .as_ref()
+            .and_then(|a| table.actors().get(a))
+            .into_iter()
+            .collect();
+        for (i, p) in self.peers.iter().enumerate() {
+            let Some(p) = p else { continue };
+            let heard_directly = i < 64 && recipient.their_links & (1 << i) != 0;
+            if heard_directly
+                && i != usize::from(to.0)
+                && let Some(idx) = p.actor.as_ref().and_then(|a| table.actors().get(a))
+            {
+                skip.push(idx);
+            }
+        }
+        skip
     }
 
     // ----- the limiter-facing API -----
@@ -1080,7 +1162,10 @@ impl Gossip {
     }
 
     fn ask(&mut self, policy: PolicyId, key: &str, want: u64, now_us: u64) {
-        if self.bounded.is_superseded() || key.len() > crate::crdt::bounded::MAX_KEY_LEN {
+        if self.bounded.is_superseded()
+            || self.bounded.is_retired()
+            || key.len() > crate::crdt::bounded::MAX_KEY_LEN
+        {
             return;
         }
         let k = (policy, Box::<str>::from(key));
@@ -1172,7 +1257,7 @@ impl Gossip {
         }
         // Resend now whatever a peer has not confirmed, not two intervals from now.
         for p in self.peers.iter_mut().flatten() {
-            p.last_delta_sent_us = 0;
+            p.confirmed_at_us = 0;
         }
         self.flush(now_us);
         heir.is_some()

@@ -880,6 +880,7 @@ fn every_message_variant_round_trips_through_the_codec() {
             version: 12,
         },
         Message::KeepAlive,
+        Message::Links(0b101),
     ];
     let mut stream = Vec::new();
     for m in &messages {
