@@ -1148,7 +1148,11 @@ impl Gossip {
             return ok;
         };
         let n = u64::try_from(self.peers.len()).unwrap_or(u64::MAX).max(1);
-        let batch = (p.quota / n.saturating_mul(4)).max(1);
+        // Ask below an eighth of an even share, for an eighth. Asking earlier (a quarter)
+        // measured worse in the simulator (2.5% against 1.7% wrongful refusals at 0.8x
+        // the limit's rate): regions asked each other back and forth, and rights in flight
+        // serve no one.
+        let batch = (p.quota / n.saturating_mul(8)).max(1);
         let available = self.bounded.available(policy, key, now_us);
         if !ok || available < batch {
             self.ask(
