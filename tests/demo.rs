@@ -78,6 +78,34 @@ async fn demo_serves_three_regions_and_stops_every_child_on_sigterm() {
         }
     }
 
+    // The strict global policy on bookings serves once every gateway holds its share: after
+    // this cold start, one window plus one sub-window (11 s), as the demo itself waits.
+    for admin in [9081, 9082, 9083] {
+        loop {
+            let limits = http
+                .get(format!(
+                    "http://127.0.0.1:{admin}/limits/bookings-global?key=ip:127.0.0.1"
+                ))
+                .send()
+                .await;
+            let reclaimed = match limits {
+                Ok(response) => response
+                    .json::<Value>()
+                    .await
+                    .is_ok_and(|v| v["tiers"][0]["strict"]["share_reclaimed"] == Value::Bool(true)),
+                Err(_) => false,
+            };
+            if reclaimed {
+                break;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "gateway on admin port {admin} never held its strict share"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     // The airline flow across regions: onboard in one, read in another, book in a third.
     let username = format!("demo{}", std::process::id());
     let created = http

@@ -411,11 +411,16 @@ async fn a_killed_region_loses_at_most_one_interval_and_strict_never_exceeds_the
         before_kill + after_restart <= STRICT_QUOTA,
         "strict admitted {before_kill} + {after_restart} in one window"
     );
-    // The new incarnation re-learned the eventual count from its peers.
-    d.until("eu-west to re-learn the count", || async {
-        d.limits(1, "hop-eventual")
-            .await
-            .is_some_and(|l| merged(&l) == seen)
+    // The new incarnation re-learned the eventual count from its peers, and all three agree
+    // (what the dead one told only one of them reaches the others by anti-entropy).
+    d.until("every region to agree on the count", || async {
+        let mut counts = Vec::new();
+        for i in 0..3 {
+            counts.push(d.limits(i, "hop-eventual").await.map(|l| merged(&l)));
+        }
+        counts
+            .iter()
+            .all(|c| *c == counts[0] && c.is_some_and(|c| (seen..=60).contains(&c)))
     })
     .await;
 }

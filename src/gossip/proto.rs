@@ -387,6 +387,8 @@ struct Peer {
     last_sent_us: u64,
     /// Its current actor, from its accepted `Hello`.
     actor: Option<Actor>,
+    /// We merged a complete full state from it (once is enough: deltas follow).
+    learned: bool,
     /// When we last accepted a message from `actor` (what a retired incarnation is timed by).
     actor_heard_us: Option<u64>,
     /// Older incarnations still counted by the eventual rule, with when last heard.
@@ -426,6 +428,11 @@ impl Peer {
     }
 }
 
+/// Longest a new incarnation waits for its peers' full states before deciding eventual
+/// policies without them (a handshake and a full state take a round trip or two; a peer that
+/// is not there by then is treated as cut off).
+const LEARN_TIMEOUT_US: u64 = 1_000_000;
+
 /// Most strict-mode keys with an outstanding `Ask` remembered (asks past it are not sent).
 const MAX_PENDING_ASKS: usize = 100_000;
 
@@ -453,6 +460,9 @@ pub struct Gossip {
     next_gc_us: u64,
     /// Last `Ask` per strict key.
     asks: BTreeMap<(PolicyId, Box<str>), u64>,
+    /// Until then, eventual admissions wait for the peers' full states (see
+    /// [`Gossip::is_learning`]).
+    learn_until_us: u64,
     stats: GossipStats,
 }
 
@@ -498,6 +508,7 @@ impl Gossip {
                         last_heard_us: None,
                         last_sent_us: now_us,
                         actor: None,
+                        learned: false,
                         actor_heard_us: None,
                         retired: Vec::new(),
                         status: PeerStatus::Unknown,
@@ -532,6 +543,7 @@ impl Gossip {
             next_announce_us: now_us,
             next_gc_us: now_us.saturating_add(config.gc_every_us.max(1)),
             asks: BTreeMap::new(),
+            learn_until_us: now_us.saturating_add(LEARN_TIMEOUT_US.min(config.idle_timeout_us)),
             stats: GossipStats::default(),
         })
     }
@@ -727,11 +739,16 @@ impl Gossip {
         match msg {
             Message::Hello { .. } | Message::KeepAlive => {}
             Message::Delta { delta, ack } | Message::FullState { delta, ack } => {
+                // A delta from version 0 (a full state, or a resend from scratch) ends, with
+                // its last chunk, the peer's whole state: the stream is ordered.
+                let whole =
+                    delta.from_version == 0 && delta.chunk.saturating_add(1) == delta.chunks;
                 let report = self.node.on_delta(&actor, &delta, now_us);
                 self.count_merge(report);
                 self.node.on_ack(&actor, ack);
                 if let Some(p) = self.peer_mut(from) {
                     p.last_delta_rx_us = Some(now_us);
+                    p.learned |= whole;
                 }
             }
             Message::Ack(ack) => self.node.on_ack(&actor, ack),
@@ -1111,8 +1128,19 @@ impl Gossip {
 
     // ----- the limiter-facing API -----
 
+    /// Whether this incarnation is still learning the counts: it started less than a second
+    /// (at most an idle timeout) ago and has not yet merged a full state from every peer. A
+    /// new incarnation knows nothing of what was admitted before it (its predecessor's
+    /// admissions included) until its peers' full states arrive, a round trip or two after
+    /// it starts; deciding before that would spend quota that is already gone. Peers that
+    /// are not there by then stop holding it back: it serves as a cut-off actor does.
+    pub fn is_learning(&self, now_us: u64) -> bool {
+        now_us < self.learn_until_us && self.peers.iter().flatten().any(|p| !p.learned)
+    }
+
     /// Eventual mode: admits `cost` on `(policy, key)` under `limit` if the rule allows (see
-    /// [`crate::crdt::eventual`]). An unknown policy or a full table refuses.
+    /// [`crate::crdt::eventual`]). An unknown policy or a full table refuses, and so does an
+    /// incarnation still learning the counts ([`Gossip::is_learning`]).
     pub fn try_admit_eventual(
         &mut self,
         policy: PolicyId,
@@ -1121,6 +1149,9 @@ impl Gossip {
         limit: u64,
         now_us: u64,
     ) -> bool {
+        if self.is_learning(now_us) {
+            return false;
+        }
         let ok = self
             .node
             .try_admit(policy, key, now_us, cost, limit)

@@ -383,9 +383,10 @@ fn loss_and_duplication_are_repaired_with(seed: u64) {
     };
     let mut sim = Sim::new(seed, lossy);
     let ks = keys(100);
-    // Admissions spread over two seconds while a fifth of all messages are lost.
+    // Admissions spread over two seconds while a fifth of all messages are lost (from one
+    // second in: with a full state lost, a fresh node waits that long before it decides).
     for round in 0..20 {
-        sim.run_until(T0 + 500 * MS + round * 100 * MS);
+        sim.run_until(T0 + SEC + round * 100 * MS);
         burst(&mut sim, &ks[..(round as usize * 5 + 5)], 1);
     }
     sim.run_until(sim.now + 200 * MS);
@@ -944,4 +945,51 @@ fn a_strict_refund_returns_the_rights() {
     assert_eq!(sim.nodes[0].remaining_strict(STRICT, "k", now + MS), before);
     // Nothing more to refund.
     assert_eq!(sim.nodes[0].refund_strict(STRICT, "k", now, 3, now + MS), 0);
+}
+
+#[test]
+fn a_new_incarnation_admits_eventual_only_once_it_learned_the_counts() {
+    let mut sim = Sim::new(13, CALM);
+    sim.run_until(T0 + 3 * SEC);
+    for _ in 0..30 {
+        assert!(sim.nodes[1].try_admit_eventual(SHORT, "k", 1, SHORT_LIMIT, sim.now));
+    }
+    sim.run_until(sim.now + 200 * MS);
+    let now = sim.now;
+    sim.nodes[1] = Gossip::new(
+        slots()[1].actor(2),
+        slots(),
+        config(),
+        policies(),
+        DIGEST,
+        78,
+        now,
+    )
+    .unwrap();
+    for other in [0, 2] {
+        sim.nodes[other].on_disconnected(PeerId(1), now);
+    }
+    // Knowing nothing yet, it refuses rather than spend quota that may be gone.
+    assert!(sim.nodes[1].is_learning(now));
+    assert!(!sim.nodes[1].try_admit_eventual(SHORT, "k", 1, SHORT_LIMIT, now));
+    sim.run_until(now + SEC);
+    assert!(!sim.nodes[1].is_learning(sim.now));
+    assert_eq!(sim.nodes[1].count(SHORT, "k", sim.now), 30);
+    assert!(sim.nodes[1].try_admit_eventual(SHORT, "k", 1, SHORT_LIMIT, sim.now));
+
+    // Alone (every peer unreachable), it serves after the idle timeout, as a cut-off actor.
+    let mut alone = Gossip::new(
+        slots()[0].actor(5),
+        slots(),
+        config(),
+        policies(),
+        DIGEST,
+        1,
+        T0,
+    )
+    .unwrap();
+    assert!(!alone.try_admit_eventual(SHORT, "k", 1, SHORT_LIMIT, T0 + SEC / 2));
+    let later = T0 + SEC;
+    assert!(!alone.is_learning(later));
+    assert!(alone.try_admit_eventual(SHORT, "k", 1, SHORT_LIMIT, later));
 }
