@@ -42,9 +42,12 @@ for image in debian:bookworm-slim redis:7; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
   offline="$repo/../shared/offline-images/build.sh"
-  if [ -x "$offline" ]; then
+  if [ -f "$offline" ]; then
     log "missing ${missing[*]}: building local stand-ins with $offline"
-    "$offline" >/dev/null
+    bash "$offline" >/dev/null || die "$offline failed"
+    for image in "${missing[@]}"; do
+      docker image inspect "$image" >/dev/null 2>&1 || die "$offline did not make $image"
+    done
   else
     log "missing ${missing[*]} and no $offline to build them: trying docker pull"
     for image in "${missing[@]}"; do
