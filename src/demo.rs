@@ -209,6 +209,9 @@ async fn start_and_wait(
         ] {
             command.env_remove(var);
         }
+        for service in ["users", "bookings"] {
+            command.env_remove(crate::config::service_instances_env(service));
+        }
         spawn(roles, logs, region.to_owned(), command)?;
     }
 

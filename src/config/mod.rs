@@ -3,9 +3,10 @@
 //! A region file describes one gateway instance: where it listens, its Redis, and the upstream
 //! services it routes to. See the README's "Configuration reference" for every key.
 //!
-//! Three environment variables override the file, so one file can serve every instance of a
-//! region (containers, the demo): `TOLLGATE_LISTEN`, `TOLLGATE_ADMIN_LISTEN` and
-//! `TOLLGATE_REDIS_URL` (an empty `TOLLGATE_REDIS_URL` removes Redis).
+//! Environment variables override the file, so one file can serve every instance of a
+//! region (containers, the demo): `TOLLGATE_LISTEN`, `TOLLGATE_ADMIN_LISTEN`,
+//! `TOLLGATE_REDIS_URL` (an empty `TOLLGATE_REDIS_URL` removes Redis) and, per service,
+//! `TOLLGATE_SERVICE_<NAME>_INSTANCES` (see [`service_instances_env`]).
 
 mod fields;
 mod gossip;
@@ -37,6 +38,21 @@ pub const ENV_LISTEN: &str = "TOLLGATE_LISTEN";
 pub const ENV_ADMIN_LISTEN: &str = "TOLLGATE_ADMIN_LISTEN";
 /// Environment variable overriding `redis_url`; empty means "no Redis".
 pub const ENV_REDIS_URL: &str = "TOLLGATE_REDIS_URL";
+
+/// The environment variable replacing `services.<name>.instances`: `TOLLGATE_SERVICE_`, the
+/// name in upper case with `-` as `_`, then `_INSTANCES`; its value is the instance URLs
+/// separated by commas (`http://users-1:7001,http://users-2:7001`). Containers use it: the
+/// shipped region files cannot know the services' host names.
+pub fn service_instances_env(service: &str) -> String {
+    let name: String = service
+        .chars()
+        .map(|c| match c {
+            '-' | '.' => '_',
+            c => c.to_ascii_uppercase(),
+        })
+        .collect();
+    format!("TOLLGATE_SERVICE_{name}_INSTANCES")
+}
 
 /// Why a config could not be loaded. Displays as one line per problem, each naming the file
 /// and key, so every mistake is fixed in one go.
@@ -299,7 +315,7 @@ fn read_region(
             let names = section.sub_keys_of_self();
             for name in names {
                 if let Some(service) = section.table(&name, errors)
-                    && let Some(config) = read_service(&name, service, errors)
+                    && let Some(config) = read_service(&name, service, env, errors)
                 {
                     services.insert(name, config);
                 }
@@ -381,10 +397,25 @@ fn env_or(
 fn read_service(
     name: &str,
     mut section: Section<'_>,
+    env: &impl Fn(&str) -> Option<String>,
     errors: &mut Errors,
 ) -> Option<ServiceConfig> {
     let routes: Option<Vec<String>> = section.required("routes", errors);
-    let instance_urls: Option<Vec<String>> = section.required("instances", errors);
+    // The file's list is still read (and type-checked) when the environment replaces it.
+    let file_instances: Option<Vec<String>> = section.required("instances", errors);
+    let instances_var = service_instances_env(name);
+    let (instance_urls, instances_key) = match env(&instances_var) {
+        Some(text) => (
+            Some(
+                text.split(',')
+                    .map(|url| url.trim().to_owned())
+                    .filter(|url| !url.is_empty())
+                    .collect(),
+            ),
+            format!("(environment) {instances_var}"),
+        ),
+        None => (file_instances, section.key("instances")),
+    };
     let connect_timeout = section.or("connect_timeout", Duration::from_secs(1), errors);
     let request_timeout = section.or("request_timeout", Duration::from_secs(30), errors);
     let concurrency_limit = section.or("concurrency_limit", 1024usize, errors);
@@ -415,17 +446,14 @@ fn read_service(
     let mut instances = Vec::new();
     if let Some(urls) = &instance_urls {
         if urls.is_empty() {
-            errors.push(
-                section.key("instances"),
-                "at least one instance is required",
-            );
+            errors.push(instances_key.clone(), "at least one instance is required");
         }
         for (i, url) in urls.iter().enumerate() {
             match Instance::parse(url) {
                 Ok(instance) => instances.push(instance),
                 Err(message) => {
                     ok = false;
-                    errors.push(format!("{}[{i}]", section.key("instances")), message);
+                    errors.push(format!("{instances_key}[{i}]"), message);
                 }
             }
         }
@@ -632,6 +660,46 @@ instances = ["http://127.0.0.1:7101"]
         assert_eq!(config.listen.to_string(), "0.0.0.0:18081");
         assert_eq!(config.admin_listen.to_string(), "127.0.0.1:9081");
         assert_eq!(config.redis_url.as_deref(), Some("redis://10.0.0.1:6379/2"));
+    }
+
+    #[test]
+    fn environment_replaces_service_instances() {
+        assert_eq!(
+            service_instances_env("users"),
+            "TOLLGATE_SERVICE_USERS_INSTANCES"
+        );
+        assert_eq!(
+            service_instances_env("seat-maps"),
+            "TOLLGATE_SERVICE_SEAT_MAPS_INSTANCES"
+        );
+        let env = |name: &str| {
+            (name == "TOLLGATE_SERVICE_USERS_INSTANCES")
+                .then(|| "http://users-1:7001, http://users-2:7001,".to_owned())
+        };
+        let config = RegionConfig::parse(Path::new("t.toml"), MINIMAL, env).unwrap();
+        let urls: Vec<String> = config.services["users"]
+            .instances
+            .iter()
+            .map(|instance| instance.to_string())
+            .collect();
+        assert_eq!(urls, ["http://users-1:7001", "http://users-2:7001"]);
+
+        let bad = |name: &str| {
+            (name == "TOLLGATE_SERVICE_USERS_INSTANCES").then(|| "ftp://x:1".to_owned())
+        };
+        let err = RegionConfig::parse(Path::new("t.toml"), MINIMAL, bad).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("(environment) TOLLGATE_SERVICE_USERS_INSTANCES[0]"),
+            "{err}"
+        );
+        let empty = |name: &str| (name == "TOLLGATE_SERVICE_USERS_INSTANCES").then(String::new);
+        let err = RegionConfig::parse(Path::new("t.toml"), MINIMAL, empty).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("(environment) TOLLGATE_SERVICE_USERS_INSTANCES: at least one"),
+            "{err}"
+        );
     }
 
     #[test]

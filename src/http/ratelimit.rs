@@ -289,6 +289,8 @@ impl RateLimiter {
             match answer {
                 Ok(outcomes) if outcomes.len() == applied.len() => {
                     if self.breaker().on_success() == Some(Transition::Closed) {
+                        metrics::gauge!(crate::metrics::STORE_BREAKER_OPEN, "store" => self.store.kind())
+                            .set(0.0);
                         tracing::info!(
                             store = self.store.kind(),
                             "bucket store answering again, back to normal"
