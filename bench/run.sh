@@ -134,18 +134,30 @@ LUA
 # cpu_ticks PID: utime+stime in clock ticks.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+# peer_ticks: cpu_ticks summed over the running peers (0 without peers).
+peer_ticks() {
+  local sum=0 pid
+  for pid in "${PEER_PIDS[@]}"; do sum=$((sum + $(cpu_ticks "$pid"))); done
+  echo "$sum"
+}
 
 results="$WORK/results.tsv"
 : >"$results"
-run_target() { # name url pid
-  local name=$1 url=$2 pid=$3 before after
+# run_target NAME URL PID: one wrk run; CPU and RSS of PID, and CPU of the peers if any (they
+# share the 2 cores: what gossip costs them is part of what a global policy costs).
+run_target() {
+  local name=$1 url=$2 pid=$3 before after peers_before peers_after
   before=$(cpu_ticks "$pid")
+  peers_before=$(peer_ticks)
   wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$WORK/p999.lua" "$url" >"$WORK/wrk.out"
   after=$(cpu_ticks "$pid")
-  python3 - "$name" "$((after - before))" "$(rss_kib "$pid")" "$(getconf CLK_TCK)" "$WORK/wrk.out" >>"$results" <<'PY'
+  peers_after=$(peer_ticks)
+  python3 - "$name" "$((after - before))" "$(rss_kib "$pid")" "$(getconf CLK_TCK)" "$WORK/wrk.out" \
+    "$((peers_after - peers_before))" >>"$results" <<'PY'
 import re, sys
 name, ticks, rss, hz = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 out = open(sys.argv[5]).read()
+peer_ticks = int(sys.argv[6])
 def ms(text):
     value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()
     return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
@@ -154,7 +166,7 @@ total = int(re.search(r"(\d+) requests in", out).group(1))
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
 p999 = int(re.search(r"^p99\.9 (\d+)", out, re.M).group(1)) / 1000
-print("\t".join(map(str, [name, rps, ms(lat["50"]), ms(lat["99"]), p999, ticks / hz / total * 10000, rss / 1024, non2xx.group(1) if non2xx else 0])))
+print("\t".join(map(str, [name, rps, ms(lat["50"]), ms(lat["99"]), p999, ticks / hz / total * 10000, rss / 1024, non2xx.group(1) if non2xx else 0, peer_ticks / hz / total * 10000])))
 PY
 }
 
@@ -284,6 +296,9 @@ ratio_line("tollgate global strict (+ Redis) / nginx + limit_req", "tollgate glo
 ratio_line("tollgate global eventual / tollgate Redis policy", "tollgate global-eventual.toml", "tollgate redis-policy.toml")
 ratio_line("tollgate global strict / tollgate Redis policy", "tollgate global-strict.toml", "tollgate redis-policy.toml")
 ratio_line("tollgate 429 path / tollgate admit path (Redis policy)", "tollgate reject.toml", "tollgate redis-policy.toml")
+for name in rows:
+    if name.startswith("tollgate global-"):
+        emit(f"- {name}: its two peers used {med(name, 7):.3f} CPU s per 10k requests together (gossip)")
 if "tollgate redis-policy.toml" in rows and "tollgate proxy.toml" in rows:
     a, b = "tollgate redis-policy.toml", "tollgate proxy.toml"
     emit(f"- added p50 / p99 of the Redis policy over the plain proxy: {med(a,1)-med(b,1):.2f} / {med(a,2)-med(b,2):.2f} ms")
