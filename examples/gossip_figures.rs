@@ -275,9 +275,10 @@ async fn start(n_peers: usize, dir: &Path) -> (Vec<GossipHandle>, Vec<DriverTask
 
 fn all_connected(handles: &[GossipHandle]) -> bool {
     handles.iter().all(|h| {
-        h.peer_status()
-            .iter()
-            .all(|p| matches!(p.link, LinkState::Up { .. }) && p.status == PeerStatus::Ok)
+        !h.is_learning()
+            && h.peer_status()
+                .iter()
+                .all(|p| matches!(p.link, LinkState::Up { .. }) && p.status == PeerStatus::Ok)
     })
 }
 

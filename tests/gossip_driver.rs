@@ -178,11 +178,14 @@ async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
+/// Every region connected to every other, handshaken, and holding every peer's full state
+/// (so eventual decisions count).
 fn all_connected(handles: &[GossipHandle]) -> bool {
     handles.iter().all(|h| {
-        h.peer_status()
-            .iter()
-            .all(|p| matches!(p.link, LinkState::Up { .. }) && p.status == PeerStatus::Ok)
+        !h.is_learning()
+            && h.peer_status()
+                .iter()
+                .all(|p| matches!(p.link, LinkState::Up { .. }) && p.status == PeerStatus::Ok)
     })
 }
 
@@ -317,8 +320,9 @@ async fn a_restarted_region_is_redialled_and_catches_up() {
     mesh.handles.push(handle);
     mesh.tasks.push(task);
 
+    // It decides once it has every peer's full state (not only the first to arrive).
     eventually("the restarted region caught up", || {
-        mesh.handles[2].count(EVENTUAL, "tenant:b") == 5
+        mesh.handles[2].count(EVENTUAL, "tenant:b") == 5 && !mesh.handles[2].is_learning()
     })
     .await;
     for _ in 0..7 {

@@ -179,6 +179,48 @@ async fn burst_is_admitted_exactly_then_429_with_headers_and_no_upstream_call() 
     gw.stop().await;
 }
 
+/// How many scripts Redis has run (`EVALSHA` and `EVAL` calls).
+fn scripts_run(redis: &RedisServer) -> u64 {
+    let stats = support::redis_cli(redis.port(), &["INFO", "commandstats"]).unwrap();
+    stats
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn refusals_of_a_known_empty_bucket_do_not_ask_redis() {
+    let redis = RedisServer::start();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let gw = gateway(&redis_top(&redis, ""), "", PER_CLIENT, hits.clone()).await;
+    assert_eq!(admitted_of(&gw, 6, &[]).await, 5);
+    let after_first_refusal = scripts_run(&redis);
+    for _ in 0..20 {
+        let response = get(&gw, &[]).await;
+        assert_eq!(response.status(), 429);
+        let ratelimit = response.headers()["ratelimit"].to_str().unwrap().to_owned();
+        assert!(ratelimit.starts_with("\"per-client\";r=0;"), "{ratelimit}");
+        assert!(response.headers().contains_key("retry-after"));
+    }
+    assert_eq!(
+        scripts_run(&redis),
+        after_first_refusal,
+        "refusals of an empty bucket were decided without Redis"
+    );
+    // Another client's bucket is not affected.
+    let other = [("x-api-key", "free-key".to_owned())];
+    assert_eq!(get(&gw, &other).await.status(), 200);
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn a_thousand_concurrent_requests_on_one_key_admit_exactly_the_burst() {
     let redis = RedisServer::start();
@@ -366,7 +408,7 @@ fn failure_policy(mode: &str) -> String {
     format!(
         r#"
 [policies.p]
-key = ["ip"]
+key = ["api_key", "ip"]
 rate = "3/1h"
 burst = 3
 on_store_error = "{mode}"
@@ -434,9 +476,13 @@ async fn redis_killed_with_on_store_error_open_admits_everything() {
     assert_eq!(admitted_of(&gw, 3, &[]).await, 3);
     assert_eq!(get(&gw, &[]).await.status(), 429);
     drop(redis);
-    // Fail open: nothing is counted, so more than the burst gets through.
-    assert_eq!(admitted_of(&gw, 10, &[]).await, 10);
+    // Fail open: nothing is counted, so more than the burst gets through for a client
+    // whose bucket cannot be known.
+    let other = [("x-api-key", "free-key".to_owned())];
+    assert_eq!(admitted_of(&gw, 10, &other).await, 10);
     assert!(gw.gateway.limiter.breaker_open());
+    // A bucket known to be empty stays refused: Redis would have said so.
+    assert_eq!(get(&gw, &[]).await.status(), 429);
     gw.stop().await;
 }
 
@@ -454,18 +500,25 @@ async fn redis_killed_with_on_store_error_local_uses_an_in_process_bucket_then_r
     .await;
     assert_eq!(admitted_of(&gw, 4, &[]).await, 3, "Redis bucket");
     drop(redis);
-    // The local bucket has the same shape and starts full: exactly 3 more.
-    assert_eq!(admitted_of(&gw, 6, &[]).await, 3, "local fallback bucket");
+    // Another client (the first one's bucket is known to be empty): the local bucket has the
+    // same shape and starts full, so exactly 3.
+    let other = [("x-api-key", "free-key".to_owned())];
+    assert_eq!(
+        admitted_of(&gw, 6, &other).await,
+        3,
+        "local fallback bucket"
+    );
     assert!(gw.gateway.limiter.breaker_open());
     // Redis returns (empty: a restart loses the buckets); decisions go back to it.
     let _redis = RedisServer::start_on(port);
     let deadline = Instant::now() + DEADLINE;
+    let third = [("x-api-key", "premium-key".to_owned())];
     while gw.gateway.limiter.breaker_open() {
-        let _ = get(&gw, &[]).await;
+        let _ = get(&gw, &third).await;
         assert!(Instant::now() < deadline, "never went back to Redis");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let key = "tollgate:rl:{ip:127.0.0.1}:p";
+    let key = "tollgate:rl:{key:premium-client}:p";
     let tat = support::redis_cli(port, &["GET", key]).unwrap();
     assert!(
         !tat.trim().is_empty(),

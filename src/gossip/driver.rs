@@ -269,6 +269,11 @@ impl GossipHandle {
         self.shared.wake.notify_one();
     }
 
+    /// See [`Gossip::is_learning`].
+    pub fn is_learning(&self) -> bool {
+        self.shared.lock().is_learning(now_us())
+    }
+
     /// See [`Gossip::inspect`].
     pub fn inspect(&self, policy: PolicyId, key: &str) -> Inspection {
         self.shared.lock().inspect(policy, key, now_us())

@@ -32,6 +32,7 @@ use crate::gossip::driver::{GlobalCheck, GlobalOutcome};
 use crate::http::problem::Problem;
 use crate::limit::breaker::{Breaker, Transition};
 use crate::limit::decision::{self, Outcome, PolicyResult, Verdict};
+use crate::limit::empty::EmptyBuckets;
 use crate::limit::identity::{self, IdentityConfig, IdentityError};
 use crate::limit::policy::{self, Applied, OnStoreError, Policy, Scope};
 pub use crate::metrics::Decision;
@@ -51,6 +52,8 @@ pub struct RateLimiter {
     deadline: Duration,
     /// The deployment-wide state of global policies, when the gateway gossips.
     global: Option<Arc<GlobalLimits>>,
+    /// Buckets the store refused, until their cost fits again: refused without asking.
+    empty: Mutex<EmptyBuckets>,
 }
 
 /// The result of checking one request.
@@ -79,6 +82,7 @@ impl RateLimiter {
             origin: Instant::now(),
             deadline: store_timeout * 2,
             global: None,
+            empty: Mutex::new(EmptyBuckets::default()),
         }
     }
 
@@ -278,6 +282,9 @@ impl RateLimiter {
     /// Asks the store (unless the breaker is open), falling back per policy on failure.
     /// Returns the results and whether the local fallback decided any of them.
     async fn decide(&self, applied: &[Applied<'_>]) -> (Vec<PolicyResult>, bool) {
+        if let Some(results) = self.known_empty(applied) {
+            return (results, false);
+        }
         let buckets: Vec<BucketRequest> = applied.iter().map(|a| a.bucket.clone()).collect();
         let use_store = self.breaker().allow(self.origin.elapsed());
         if use_store {
@@ -295,6 +302,15 @@ impl RateLimiter {
                             store = self.store.kind(),
                             "bucket store answering again, back to normal"
                         );
+                    }
+                    if outcomes.iter().any(|o| !o.admitted) {
+                        let now = self.now_us();
+                        let mut empty = self.empty();
+                        for (a, o) in applied.iter().zip(&outcomes) {
+                            if !o.admitted {
+                                empty.note_refused(&a.bucket.key, o.retry_after_us, now);
+                            }
+                        }
                     }
                     let results = applied
                         .iter()
@@ -315,6 +331,42 @@ impl RateLimiter {
             }
         }
         self.fallback(applied).await
+    }
+
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    fn empty(&self) -> std::sync::MutexGuard<'_, EmptyBuckets> {
+        // Never held across a panic point; recover rather than propagate poisoning.
+        self.empty.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Refusals without a store round trip: if a bucket of the request is known to be
+    /// empty, the request is refused by it (the other policies are not reported: nothing was
+    /// asked of them). `None`: ask the store.
+    fn known_empty(&self, applied: &[Applied<'_>]) -> Option<Vec<PolicyResult>> {
+        let now = self.now_us();
+        let empty = self.empty();
+        if empty.is_empty() {
+            return None;
+        }
+        let results: Vec<PolicyResult> = applied
+            .iter()
+            .filter_map(|a| {
+                let wait = empty.refused_for(&a.bucket.key, now)?;
+                Some(result(
+                    a,
+                    Outcome::Decided(BucketOutcome {
+                        admitted: false,
+                        remaining: 0,
+                        next_token_us: wait,
+                        retry_after_us: wait,
+                    }),
+                ))
+            })
+            .collect();
+        (!results.is_empty()).then_some(results)
     }
 
     fn record_failure(&self, error: &StoreError) {

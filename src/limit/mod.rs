@@ -6,6 +6,7 @@
 pub mod breaker;
 pub mod bucket;
 pub mod decision;
+pub mod empty;
 pub mod identity;
 pub mod policy;
 pub mod rate;
