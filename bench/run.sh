@@ -257,6 +257,9 @@ if need oha && grep -q '^tollgate proxy.toml' "$results"; then
     awk '{v[NR] = $1} END {m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf "%d", m / 2}')
   echo "fixed rate: $rate req/s (half of tollgate proxy.toml's saturation)" >&2
   run_fixed "upstream direct" http://127.0.0.1:9001/api/v1/users/42 "$rate"
+  # The reference proxy at the same rate: on 2 cores part of any proxy's tail is the
+  # scheduler sharing the cores between the load generator, the proxy and the upstream.
+  run_fixed "nginx proxy" http://127.0.0.1:8091/api/v1/users/42 "$rate"
   start_tollgate bench/proxy.toml
   run_fixed "tollgate proxy.toml" http://127.0.0.1:8090/api/v1/users/42 "$rate"
   stop_tollgate
@@ -317,6 +320,9 @@ if fixed:
     if "upstream direct" in fixed and "tollgate proxy.toml" in fixed:
         added = fixed["tollgate proxy.toml"][3] - fixed["upstream direct"][3]
         emit(f"\n- p99 added by tollgate at half of saturation: {added:.2f} ms (target: at most 0.5 ms)")
+        if "nginx proxy" in fixed:
+            nginx_added = fixed["nginx proxy"][3] - fixed["upstream direct"][3]
+            emit(f"- p99 added by nginx at the same rate: {nginx_added:.2f} ms")
 # Microbenchmark numbers are written by hand from `cargo bench`: keep them across runs.
 kept = ""
 if out_path and os.path.exists(out_path):
