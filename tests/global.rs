@@ -23,6 +23,9 @@ const DEADLINE: Duration = Duration::from_secs(40);
 /// The policies' window: a cold start waits it plus a sub-window before strict admits.
 const WINDOW: Duration = Duration::from_secs(8);
 const STRICT_QUOTA: u64 = 20;
+/// The eventual policy's window: long, so that no admission expires while a test checks
+/// counts (eventual mode has no cold-start wait to keep short).
+const EVENTUAL_WINDOW: Duration = Duration::from_secs(120);
 const EVENTUAL_QUOTA: u64 = 200;
 const API_KEY: &str = "hopper-secret";
 /// The policies' key for that API key.
@@ -72,7 +75,7 @@ mode = "strict"
 [policies.hop-eventual]
 routes = ["/eventual"]
 key = ["api_key", "ip"]
-rate = "{EVENTUAL_QUOTA}/{window}s"
+rate = "{EVENTUAL_QUOTA}/{eventual_window}s"
 scope = "global"
 mode = "eventual"
 
@@ -91,6 +94,7 @@ backoff_cap = "500ms"
         admin = node.admin,
         gossip = node.gossip,
         window = WINDOW.as_secs(),
+        eventual_window = EVENTUAL_WINDOW.as_secs(),
     );
     for peer in slots {
         text.push_str(&format!(
@@ -520,7 +524,11 @@ async fn a_peer_with_a_certificate_from_another_ca_is_refused() {
             >= 1.0
     })
     .await;
-    // The real peers are undisturbed.
-    let ready = d.json(&d.admin(0, "/ready")).await.unwrap();
-    assert_eq!(ready["gossip"]["peers_connected"], 1);
+    // The real peer is undisturbed (polled: on a loaded machine a link may be redialled).
+    d.until("the real peer to stay connected", || async {
+        d.json(&d.admin(0, "/ready"))
+            .await
+            .is_some_and(|r| r["gossip"]["peers_connected"] == 1)
+    })
+    .await;
 }
