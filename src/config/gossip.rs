@@ -176,7 +176,7 @@ pub(super) fn read_gossip(
         let addr: Option<String> = peer.required("addr", errors);
         peer.finish(errors);
         if let Some(region) = &region
-            && !is_name(region)
+            && crate::certs::validate_region(region).is_err()
         {
             errors.push(
                 format!("{at}.region"),
@@ -250,7 +250,10 @@ fn parse_peers_env(text: &str) -> Result<Vec<PeerSettings>, String> {
         let bad = || format!("{item:?}: expected region/instance=host:port");
         let (slot, addr) = item.split_once('=').ok_or_else(bad)?;
         let (region, instance) = slot.split_once('/').ok_or_else(bad)?;
-        if !is_name(region) || !is_name(instance) || !is_host_port(addr) {
+        if crate::certs::validate_region(region).is_err()
+            || !is_name(instance)
+            || !is_host_port(addr)
+        {
             return Err(bad());
         }
         if peers

@@ -238,7 +238,7 @@ impl RateLimiter {
     }
 
     /// Decides the request's global policies in process (`None`: it has none).
-    fn decide_global<'a>(&self, applied: &'a [Applied<'a>]) -> Option<GlobalDecision<'a>> {
+    fn decide_global<'a>(&'a self, applied: &'a [Applied<'a>]) -> Option<GlobalDecision<'a>> {
         let limits = self.global.as_ref()?;
         let mut checks = Vec::new();
         let mut entries = Vec::new();
@@ -256,7 +256,7 @@ impl RateLimiter {
                 cost: a.policy.cost,
                 quota: entry.quota,
             });
-            entries.push((i, entry.clone()));
+            entries.push((i, entry));
         }
         if checks.is_empty() {
             return None;
@@ -431,7 +431,7 @@ impl RateLimiter {
 struct GlobalDecision<'a> {
     checks: Vec<GlobalCheck<'a>>,
     /// Index in the request's applied policies, and the entry, per check.
-    entries: Vec<(usize, GlobalEntry)>,
+    entries: Vec<(usize, &'a GlobalEntry)>,
     outcomes: Vec<GlobalOutcome>,
     /// When it was decided (for a refund).
     at_us: u64,

@@ -156,6 +156,25 @@ impl Sim {
         }
     }
 
+    /// Node `i` restarts as `incarnation` (seeded with `seed`) at the current time; the
+    /// others see its connections close.
+    fn restart(&mut self, i: usize, incarnation: u64, seed: u64) {
+        let now = self.now;
+        self.nodes[i] = Gossip::new(
+            slots()[i].actor(incarnation),
+            slots(),
+            config(),
+            policies(),
+            DIGEST,
+            seed,
+            now,
+        )
+        .unwrap();
+        for other in (0..self.nodes.len()).filter(|&o| o != i) {
+            self.nodes[other].on_disconnected(PeerId(i as u16), now);
+        }
+    }
+
     fn is_cut(&self, a: usize, b: usize) -> bool {
         self.cut.contains(&(a.min(b), a.max(b)))
     }
@@ -456,19 +475,7 @@ fn a_restarted_peer_is_a_new_actor_and_its_predecessor_still_counts() {
     assert_converged(&sim, &ks, 3);
     // Slot 1 restarts as incarnation 2; its connections close.
     let now = sim.now;
-    sim.nodes[1] = Gossip::new(
-        slots()[1].actor(2),
-        slots(),
-        config(),
-        policies(),
-        DIGEST,
-        77,
-        now,
-    )
-    .unwrap();
-    for other in [0, 2] {
-        sim.nodes[other].on_disconnected(PeerId(1), now);
-    }
+    sim.restart(1, 2, 77);
     sim.run_until(now + 2 * SEC);
     assert!(sim.all_connected());
     let report = sim.nodes[0].peer_status();
@@ -956,19 +963,7 @@ fn a_new_incarnation_admits_eventual_only_once_it_learned_the_counts() {
     }
     sim.run_until(sim.now + 200 * MS);
     let now = sim.now;
-    sim.nodes[1] = Gossip::new(
-        slots()[1].actor(2),
-        slots(),
-        config(),
-        policies(),
-        DIGEST,
-        78,
-        now,
-    )
-    .unwrap();
-    for other in [0, 2] {
-        sim.nodes[other].on_disconnected(PeerId(1), now);
-    }
+    sim.restart(1, 2, 78);
     // Knowing nothing yet, it refuses rather than spend quota that may be gone.
     assert!(sim.nodes[1].is_learning(now));
     assert!(!sim.nodes[1].try_admit_eventual(SHORT, "k", 1, SHORT_LIMIT, now));
