@@ -10,8 +10,9 @@ use tokio::net::TcpListener;
 
 use crate::config::RegionConfig;
 use crate::global::{GlobalError, GlobalLimits};
+use crate::http::admin::admin_app;
 use crate::http::ratelimit::RateLimiter;
-use crate::http::{admin::admin_app, stack::proxy_app};
+use crate::http::stack::{self, proxy_stack};
 use crate::limit::breaker::Breaker;
 use crate::proxy::Proxy;
 use crate::store::memory::MemoryStore;
@@ -173,14 +174,10 @@ pub async fn serve(
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
-    let proxy_server = axum::serve(
-        listener,
-        proxy_app(gateway.clone()).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stopped());
+    let proxy_server = stack::serve(listener, proxy_stack(gateway.clone()), stopped());
     let admin_server =
         axum::serve(admin_listener, admin_app(gateway.clone())).with_graceful_shutdown(stopped());
-    let mut proxy_task = tokio::spawn(async move { proxy_server.await });
+    let mut proxy_task = tokio::spawn(proxy_server);
     let mut admin_task = tokio::spawn(async move { admin_server.await });
     tracing::info!(%region, %proxy_addr, %admin_addr, "gateway listening");
 

@@ -38,9 +38,12 @@
 //! counters taken from the state machine are sampled when `/metrics` is scraped, so they
 //! cost nothing on the request path. `peer` is `region/instance` from the config.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{LazyLock, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
+use ::metrics::{Counter, Histogram};
 use http::StatusCode;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -189,15 +192,112 @@ pub fn record_request(
     decision: &'static str,
     elapsed: Duration,
 ) {
-    ::metrics::counter!(
-        REQUESTS_TOTAL,
-        "service" => service.to_owned(),
-        "status" => status.as_u16().to_string(),
-        "decision" => decision,
-    )
-    .increment(1);
-    ::metrics::histogram!(REQUEST_DURATION_SECONDS, "service" => service.to_owned())
-        .record(elapsed.as_secs_f64());
+    static REQUESTS: LazyLock<Cached<(u16, &'static str), Counter>> = LazyLock::new(Cached::new);
+    static DURATIONS: LazyLock<Cached<(), Histogram>> = LazyLock::new(Cached::new);
+    let status = status.as_u16();
+    REQUESTS.with(
+        service,
+        (status, decision),
+        || {
+            ::metrics::counter!(
+                REQUESTS_TOTAL,
+                "service" => service.to_owned(),
+                "status" => status.to_string(),
+                "decision" => decision,
+            )
+        },
+        |counter| counter.increment(1),
+    );
+    DURATIONS.with(
+        service,
+        (),
+        || ::metrics::histogram!(REQUEST_DURATION_SECONDS, "service" => service.to_owned()),
+        |histogram| histogram.record(elapsed.as_secs_f64()),
+    );
+}
+
+/// Counts one rate-limit decision of `policy`.
+pub fn count_decision(policy: &str, decision: &'static str) {
+    static DECISIONS: LazyLock<Cached<&'static str, Counter>> = LazyLock::new(Cached::new);
+    DECISIONS.with(
+        policy,
+        decision,
+        || {
+            ::metrics::counter!(
+                RATELIMIT_DECISIONS_TOTAL,
+                "policy" => policy.to_owned(),
+                "decision" => decision,
+            )
+        },
+        |counter| counter.increment(1),
+    );
+}
+
+/// Counts one global (cross-region) check of `policy`.
+pub fn count_global_decision(policy: &str, mode: &'static str, admitted: bool) {
+    static GLOBAL: LazyLock<Cached<(&'static str, bool), Counter>> = LazyLock::new(Cached::new);
+    GLOBAL.with(
+        policy,
+        (mode, admitted),
+        || {
+            ::metrics::counter!(
+                GLOBAL_DECISIONS_TOTAL,
+                "policy" => policy.to_owned(),
+                "mode" => mode,
+                "admitted" => if admitted { "true" } else { "false" },
+            )
+        },
+        |counter| counter.increment(1),
+    );
+}
+
+/// Metric handles by a name label (a service or policy from the config) and a few small
+/// labels, each made once.
+///
+/// `metrics::counter!` with owned labels allocates its key and looks it up in the registry on
+/// every call: about 4,800 instructions per proxied request in a callgrind profile, more than
+/// routing the request. The label sets are few (services x statuses x decisions), so each is
+/// made once and its handle kept; a hit costs a read lock and two small hash lookups.
+struct Cached<K, H> {
+    handles: RwLock<HashMap<Box<str>, HashMap<K, H>>>,
+}
+
+impl<K: Copy + Eq + Hash, H> Cached<K, H> {
+    fn new() -> Self {
+        // Handles are bound to the recorder installed when they are made: install ours first.
+        install();
+        Self {
+            handles: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// Runs `use_handle` on the handle for (`name`, `labels`), made by `make` the first time.
+    fn with(&self, name: &str, labels: K, make: impl FnOnce() -> H, use_handle: impl FnOnce(&H)) {
+        if let Some(handle) = read(&self.handles)
+            .get(name)
+            .and_then(|by_labels| by_labels.get(&labels))
+        {
+            use_handle(handle);
+            return;
+        }
+        let mut handles = write(&self.handles);
+        let handle = handles
+            .entry(name.into())
+            .or_default()
+            .entry(labels)
+            .or_insert_with(make);
+        use_handle(handle);
+    }
+}
+
+/// The maps only ever gain whole entries, so a panic while one is held cannot leave them
+/// half-written: recover the guard rather than propagate the poison.
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Samples one upstream service's gauges (called when `/metrics` is scraped).
@@ -233,6 +333,15 @@ mod tests {
             "none",
             Duration::from_millis(3),
         );
+        // Cached handles: the same label set counts on, another gets its own series.
+        for _ in 0..2 {
+            record_request(
+                "unit-test-svc",
+                StatusCode::TOO_MANY_REQUESTS,
+                "rejected",
+                Duration::from_millis(1),
+            );
+        }
         let text = render();
         assert!(
             text.contains(
@@ -242,7 +351,13 @@ mod tests {
         );
         assert!(
             text.contains(
-                r#"tollgate_request_duration_seconds_bucket{service="unit-test-svc",le="0.005"} 1"#
+                r#"tollgate_requests_total{service="unit-test-svc",status="429",decision="rejected"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"tollgate_request_duration_seconds_bucket{service="unit-test-svc",le="0.005"} 3"#
             ),
             "{text}"
         );

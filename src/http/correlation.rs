@@ -9,10 +9,10 @@
 //! [`crate::telemetry`]) with the ID as its `correlation_id` attribute, so a trace in Jaeger
 //! is found by the ID a client or a log line shows.
 
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -45,9 +45,12 @@ impl RequestId {
     }
 
     pub fn generate() -> Self {
-        let id = uuid::Uuid::now_v7().hyphenated().to_string();
+        // uuid's `fast-rng` draws the random bits from a thread-local generator: without it
+        // every ID cost a getrandom(2) system call.
+        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let id = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut text);
         // A hyphenated UUID is ASCII hex and '-', always a valid header value.
-        Self(HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid")))
+        Self(HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("invalid")))
     }
 
     pub fn header_value(&self) -> &HeaderValue {
@@ -86,20 +89,20 @@ pub async fn correlate(request: Request, next: Next) -> Response {
         route: route.as_deref(),
         region: None,
     };
-    traced(request, next, server).await
+    traced(request, |request| next.run(request), server).await
 }
 
-/// Middleware for the gateway's proxy listener: [`traced`] with the matched route prefix as
+/// The gateway's first layer ([`crate::http::stack`]): [`traced`] with the matched route prefix as
 /// `http.route` and the region as `cloud.region`, and the request counted in the metrics
 /// ([`crate::metrics`]) under its service, status and rate-limit decision.
 ///
 /// It is the outermost layer, so every answer, refusals and 429s included, is counted and
 /// traced, and the decision a limiter put in the response's extensions is seen.
-pub async fn correlate_gateway(
-    State(gateway): State<Arc<Gateway>>,
-    request: Request,
-    next: Next,
-) -> Response {
+pub async fn correlate_gateway<F, Fut>(gateway: &Gateway, request: Request, next: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let started = Instant::now();
     let routed = gateway.proxy.route(request.uri().path());
     let server = Server {
@@ -132,7 +135,11 @@ struct Server<'a> {
 /// The span follows the OpenTelemetry HTTP server conventions and carries `correlation_id`,
 /// so that every log line of the request has it and a trace can be found by it. It continues
 /// the caller's trace when the request brings a valid `traceparent`.
-async fn traced(mut request: Request, next: Next, server: Server<'_>) -> Response {
+async fn traced<F, Fut>(mut request: Request, next: F, server: Server<'_>) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let id = RequestId::from_headers(request.headers());
     request
         .headers_mut()
@@ -143,14 +150,9 @@ async fn traced(mut request: Request, next: Next, server: Server<'_>) -> Respons
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| addr.ip());
-    // Span name per the conventions: "{method} {route}", or just the method without a route.
-    let name = match server.route {
-        Some(route) => format!("{method} {route}"),
-        None => method.to_string(),
-    };
     let span = tracing::info_span!(
         "request",
-        otel.name = name.as_str(),
+        otel.name = Empty,
         otel.kind = "server",
         otel.status_code = Empty,
         correlation_id = %id,
@@ -161,8 +163,16 @@ async fn traced(mut request: Request, next: Next, server: Server<'_>) -> Respons
         cloud.region = server.region,
         http.response.status_code = Empty,
     );
+    // Span name per the conventions: "{method} {route}", or just the method without a route;
+    // made only when the span is recorded, since it costs an allocation.
+    if !span.is_disabled() {
+        match server.route {
+            Some(route) => span.record("otel.name", format!("{method} {route}")),
+            None => span.record("otel.name", method.as_str()),
+        };
+    }
     telemetry::continue_trace(&span, request.headers());
-    let mut response = next.run(request).instrument(span.clone()).await;
+    let mut response = next(request).instrument(span.clone()).await;
     let status = response.status();
     span.record("http.response.status_code", status.as_u16());
     // Server spans are errors only for 5xx: a 4xx is the client's mistake, not ours.

@@ -16,12 +16,12 @@
 //! can bypass a global check. If the store then refuses the request, what the global check
 //! took is given back.
 
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::{ConnectInfo, Request, State};
-use axum::middleware::Next;
+use axum::extract::{ConnectInfo, Request};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde_json::json;
@@ -223,12 +223,7 @@ impl RateLimiter {
         };
         span.record("decision", decision.as_str());
         for applied in &applied {
-            metrics::counter!(
-                crate::metrics::RATELIMIT_DECISIONS_TOTAL,
-                "policy" => applied.policy.name.clone(),
-                "decision" => decision.as_str(),
-            )
-            .increment(1);
+            crate::metrics::count_decision(&applied.policy.name, decision.as_str());
         }
         Checked {
             decision,
@@ -263,13 +258,11 @@ impl RateLimiter {
         }
         let (outcomes, at_us) = limits.handle.admit(&checks);
         for ((_, entry), outcome) in entries.iter().zip(&outcomes) {
-            metrics::counter!(
-                crate::metrics::GLOBAL_DECISIONS_TOTAL,
-                "policy" => entry.policy.clone(),
-                "mode" => entry.mode.as_str(),
-                "admitted" => if outcome.admitted { "true" } else { "false" },
-            )
-            .increment(1);
+            crate::metrics::count_global_decision(
+                &entry.policy,
+                entry.mode.as_str(),
+                outcome.admitted,
+            );
         }
         Some(GlobalDecision {
             checks,
@@ -570,12 +563,13 @@ fn unauthenticated(error: &IdentityError) -> Response {
     response
 }
 
-/// Middleware: checks the request; refuses it, or forwards it and adds the headers.
-pub async fn rate_limit(
-    State(limiter): State<Arc<RateLimiter>>,
-    request: Request,
-    next: Next,
-) -> Response {
+/// The gateway's second layer ([`crate::http::stack`]): checks the request; refuses it, or
+/// passes it to `next` and adds the headers to what comes back.
+pub async fn rate_limit<F, Fut>(limiter: &RateLimiter, request: Request, next: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let peer = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
@@ -591,7 +585,7 @@ pub async fn rate_limit(
         .await;
     let mut response = match checked.refusal {
         Some(refusal) => refusal,
-        None => next.run(request).await,
+        None => next(request).await,
     };
     let headers = response.headers_mut();
     for (name, value) in checked.headers {

@@ -1,15 +1,16 @@
-//! The gateway's tower layer stack, in ONE place, in the order a request passes through it.
+//! The gateway's tower layer stack, in ONE place, in the order a request passes through it,
+//! and the loop that serves it on the proxy listener.
 //!
 //! ```text
 //! client
 //!   │
-//!   ├─ 1. correlate      X-Request-ID accepted or generated, server span opened (W3C
+//!   ├─ 1. Correlate      X-Request-ID accepted or generated, server span opened (W3C
 //!   │                    trace context continued), ID echoed on every response (errors
 //!   │                    and refusals included), request counted in the metrics
-//!   ├─ 2. rate_limit     identify the caller (401 if its credentials are bad), decide every
+//!   ├─ 2. RateLimit      identify the caller (401 if its credentials are bad), decide every
 //!   │                    matching policy in one store round trip (429 / 503 with
 //!   │                    RateLimit headers), add RateLimit headers to what passes
-//!   ├─ 3. proxy          route → concurrency slot → instance → upstream (streaming)
+//!   ├─ 3. Forward        route → concurrency slot → instance → upstream (streaming)
 //!   ▼
 //! upstream
 //! ```
@@ -18,30 +19,213 @@
 //! logged under the request's ID and answers with it. Rate limiting comes after the ID exists
 //! (a 429 must carry it) and before any upstream resource (a concurrency slot, a connection)
 //! is taken, so refused traffic costs the upstream nothing.
+//!
+//! # Why not an axum `Router`
+//!
+//! The proxy listener has one route (everything) and three layers. Built as an axum router
+//! with `from_fn` middleware, the routing, the per-layer boxing and the handler adapters cost
+//! about 9,000 instructions per request (callgrind, `bench/proxy.toml`), a sixth of the
+//! gateway's whole work for a proxied request. Here each layer is a plain tower service whose
+//! future is boxed once, and hyper serves the stack directly. The admin listener and the demo
+//! services, whose routes are many and whose traffic is small, stay on axum.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
-use axum::Router;
-use axum::extract::{ConnectInfo, Request, State};
-use axum::middleware::from_fn_with_state;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request};
 use axum::response::{IntoResponse, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 use crate::gateway::Gateway;
 use crate::http::correlation::correlate_gateway;
-use crate::http::ratelimit::rate_limit;
+use crate::http::ratelimit::{RateLimiter, rate_limit};
 
-/// The proxy listener's app. Serve it with `into_make_service_with_connect_info::<SocketAddr>`
-/// so the client address is known.
-pub fn proxy_app(gateway: Arc<Gateway>) -> Router {
-    Router::new()
-        .fallback(proxy)
-        .with_state(gateway.clone())
-        .layer(from_fn_with_state(gateway.limiter.clone(), rate_limit))
-        .layer(from_fn_with_state(gateway, correlate_gateway))
+/// How long a client may take to send a request's head: a slow client holds a connection, not
+/// the gateway.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long to back off after `accept` fails (out of file descriptors, mostly): retrying at
+/// once would spin on the same error.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The future every layer returns.
+pub type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+/// The proxy listener's service: the three layers above, outermost first.
+pub type ProxyStack = Correlate<RateLimit<Forward>>;
+
+/// Builds the stack. Requests must carry [`ConnectInfo<SocketAddr>`] (as [`serve`] adds) so
+/// the client address is known.
+pub fn proxy_stack(gateway: Arc<Gateway>) -> ProxyStack {
+    ServiceBuilder::new()
+        .layer(CorrelateLayer(gateway.clone()))
+        .layer(RateLimitLayer(gateway.limiter.clone()))
+        .service(Forward(gateway))
 }
 
-async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+/// Serves `stack` on `listener` (HTTP/1.1) until `shutdown` resolves, then stops accepting and
+/// waits for open connections to finish their in-flight request.
+pub async fn serve(
+    listener: TcpListener,
+    stack: ProxyStack,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Responses are whole writes; Nagle would hold the next one for the client's ACK.
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "TCP_NODELAY not set");
+        }
+        let stack = stack.clone();
+        let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+            let mut request = request.map(Body::new);
+            request.extensions_mut().insert(ConnectInfo(peer));
+            stack.clone().oneshot(request)
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, %peer, "client connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// Layer 1: the request's correlation ID, server span and metrics.
+#[derive(Clone)]
+pub struct CorrelateLayer(Arc<Gateway>);
+
+impl<S> Layer<S> for CorrelateLayer {
+    type Service = Correlate<S>;
+
+    fn layer(&self, inner: S) -> Correlate<S> {
+        Correlate {
+            gateway: self.0.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Correlate<S> {
+    gateway: Arc<Gateway>,
+    inner: S,
+}
+
+impl<S> Service<Request> for Correlate<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Every layer is always ready: backpressure is the concurrency limit in `Forward`.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> ResponseFuture {
+        let gateway = self.gateway.clone();
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            Ok(correlate_gateway(&gateway, request, |request| call_inner(inner, request)).await)
+        })
+    }
+}
+
+/// Layer 2: identity and rate limits.
+#[derive(Clone)]
+pub struct RateLimitLayer(Arc<RateLimiter>);
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+
+    fn layer(&self, inner: S) -> RateLimit<S> {
+        RateLimit {
+            limiter: self.0.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RateLimit<S> {
+    limiter: Arc<RateLimiter>,
+    inner: S,
+}
+
+impl<S> Service<Request> for RateLimit<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> ResponseFuture {
+        let limiter = self.limiter.clone();
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            Ok(rate_limit(&limiter, request, |request| call_inner(inner, request)).await)
+        })
+    }
+}
+
+/// Layer 3, the innermost service: forwards to the upstream the path routes to.
+#[derive(Clone)]
+pub struct Forward(Arc<Gateway>);
+
+impl Service<Request> for Forward {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> ResponseFuture {
+        let gateway = self.0.clone();
+        Box::pin(async move { Ok(forward(&gateway, request).await) })
+    }
+}
+
+async fn forward(gateway: &Gateway, request: Request) -> Response {
     let client = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
@@ -53,5 +237,17 @@ async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Respons
             tracing::info!(%error, "request not proxied");
             error.into_response()
         }
+    }
+}
+
+/// Calls the next layer. The layers here never fail (errors are responses), so the
+/// `Infallible` error cannot occur.
+async fn call_inner<S>(inner: S, request: Request) -> Response
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    match inner.oneshot(request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
     }
 }

@@ -8,6 +8,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+use super::client::Lease;
+
 /// The request body sent upstream: the client's body, cut off with an error once it exceeds
 /// `max_request_body`. Content-Length is checked before forwarding; this catches chunked
 /// bodies, which announce no length. The flag tells the proxy the failure was ours (413), not
@@ -80,17 +82,32 @@ impl Body for LimitedBody {
 
 /// A response body that keeps resources (the concurrency slot, the in-flight count) until the
 /// client has received the last byte or gone away, so a long streamed response still counts
-/// against the limits.
+/// against the limits. When the upstream's body has ended, its connection goes back to the
+/// instance's idle connections; a body cut short takes its connection with it.
 pub struct GuardedBody<B, G> {
     inner: B,
+    lease: Option<Lease>,
     _guard: G,
 }
 
-impl<B, G> GuardedBody<B, G> {
-    pub fn new(inner: B, guard: G) -> Self {
-        Self {
+impl<B: Body, G> GuardedBody<B, G> {
+    pub fn new(inner: B, lease: Lease, guard: G) -> Self {
+        let mut body = Self {
             inner,
+            lease: Some(lease),
             _guard: guard,
+        };
+        // A response without a body (HEAD, 204, 304) may never be polled: its exchange has
+        // ended already.
+        body.release_if_ended();
+        body
+    }
+
+    fn release_if_ended(&mut self) {
+        if self.inner.is_end_stream()
+            && let Some(lease) = self.lease.take()
+        {
+            lease.release();
         }
     }
 }
@@ -103,7 +120,21 @@ impl<B: Body + Unpin, G: Unpin> Body for GuardedBody<B, G> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            // The server may stop polling once `is_end_stream` says so: give the connection
+            // back as soon as the last frame is out.
+            Poll::Ready(Some(Ok(_))) => self.release_if_ended(),
+            Poll::Ready(None) => {
+                if let Some(lease) = self.lease.take() {
+                    lease.release();
+                }
+            }
+            // A failed body leaves the connection in an unknown state: the lease drops it.
+            Poll::Ready(Some(Err(_))) => self.lease = None,
+            Poll::Pending => {}
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -1,13 +1,18 @@
-//! Active health checks: one task per service probes every instance each interval.
+//! Active health checks: one task per service probes every instance each interval; and the
+//! task that closes idle upstream connections past their time.
 
 use std::sync::Arc;
 
-use http::{Method, Request, Uri};
+use http::{Method, Request, Uri, header};
+use http_body_util::BodyExt;
 use tokio::time::MissedTickBehavior;
 
 use super::Upstream;
 use super::body::LimitedBody;
-use super::pool::Transition;
+use super::pool::{Endpoint, Transition};
+
+/// How often idle connections are checked for expiry.
+const REAP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Probes `upstream`'s instances forever; the caller aborts the task on shutdown.
 pub async fn run(upstream: Arc<Upstream>) {
@@ -22,13 +27,7 @@ pub async fn run(upstream: Arc<Upstream>) {
             let upstream = upstream.clone();
             let check = check.clone();
             async move {
-                let healthy = probe(
-                    &upstream,
-                    &endpoint.instance.to_string(),
-                    &check.path,
-                    check.timeout,
-                )
-                .await;
+                let healthy = probe(endpoint, &check.path, check.timeout).await;
                 match endpoint.record_check(healthy, &check) {
                     Transition::BecameHealthy => tracing::info!(
                         service = %upstream.config.name,
@@ -48,20 +47,42 @@ pub async fn run(upstream: Arc<Upstream>) {
     }
 }
 
-async fn probe(upstream: &Upstream, base: &str, path: &str, timeout: std::time::Duration) -> bool {
-    let Ok(uri) = format!("{base}{path}").parse::<Uri>() else {
+async fn probe(endpoint: &Endpoint, path: &str, timeout: std::time::Duration) -> bool {
+    let Ok(uri) = path.parse::<Uri>() else {
         return false;
     };
     let Ok(request) = Request::builder()
         .method(Method::GET)
         .uri(uri)
-        .header("user-agent", "tollgate-health-check")
+        .header(header::HOST, endpoint.connections.host_header().clone())
+        .header(header::USER_AGENT, "tollgate-health-check")
         .body(LimitedBody::empty())
     else {
         return false;
     };
-    match tokio::time::timeout(timeout, upstream.client.request(request)).await {
-        Ok(Ok(response)) => response.status().is_success(),
-        _ => false,
+    let exchange = async {
+        let (response, lease) = endpoint.connections.send(request).await.ok()?;
+        let healthy = response.status().is_success();
+        // Reading the (small) body to its end lets the connection serve the next request.
+        response.into_body().collect().await.ok()?;
+        lease.release();
+        Some(healthy)
+    };
+    matches!(
+        tokio::time::timeout(timeout, exchange).await,
+        Ok(Some(true))
+    )
+}
+
+/// Closes idle upstream connections past their time, every [`REAP_INTERVAL`], forever; the
+/// caller aborts the task on shutdown.
+pub async fn reap_idle(upstream: Arc<Upstream>) {
+    let mut ticker = tokio::time::interval(REAP_INTERVAL);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        let now = ticker.tick().await;
+        for endpoint in &upstream.pool.endpoints {
+            endpoint.connections.reap(now);
+        }
     }
 }

@@ -1,11 +1,14 @@
 //! The reverse proxy: route, admit into the service's concurrency limit, pick an instance,
 //! forward with bodies streaming both ways, and map every failure to a problem response.
 //!
-//! Retries: a request whose connection was refused is retried on another instance only when
-//! it has no body. A streamed body is consumed as it is sent and cannot be replayed, and
-//! buffering it to make retries possible is exactly what the gateway must not do.
+//! Retries: a request whose connection could not be made is tried on another instance, body
+//! and all, since nothing of it was sent (see [`client`]). Once a request has gone out it is
+//! never retried: a streamed body is consumed as it is sent and cannot be replayed, buffering
+//! it to make retries possible is exactly what the gateway must not do, and the upstream may
+//! already have acted on it.
 
 mod body;
+pub mod client;
 mod concurrency;
 mod error;
 mod headers;
@@ -21,10 +24,6 @@ use axum::body::Body;
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
-use http_body::Body as _;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -34,44 +33,40 @@ use tracing::field::Empty;
 use crate::config::{RegionConfig, ServiceConfig};
 use crate::telemetry;
 pub use body::{GuardedBody, LimitedBody};
+use client::SendError;
 pub use concurrency::{ConcurrencyLimit, Refused};
 pub use error::ProxyError;
 pub use headers::{add_forwarded, strip_hop_by_hop};
 pub use pool::{Endpoint, Pool};
 pub use routes::RouteTable;
 
-/// Most instances one request is tried on (bodyless requests only).
+/// Most instances one request is tried on (only connect failures are retried).
 const MAX_ATTEMPTS: usize = 3;
 
 /// `server.port` of an `http://` instance written without a port.
 const DEFAULT_HTTP_PORT: u16 = 80;
 
-/// One upstream service: its instances, client, and limits.
+/// One upstream service: its instances (each with its connections) and limits.
 pub struct Upstream {
     pub config: ServiceConfig,
     pub pool: Pool,
-    client: Client<HttpConnector, LimitedBody>,
     limit: ConcurrencyLimit,
 }
 
 impl Upstream {
     fn new(config: ServiceConfig) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(60))
-            // Keep enough idle connections for the concurrency the service allows.
-            .pool_max_idle_per_host(config.concurrency_limit)
-            .build(connector);
         Self {
-            pool: Pool::new(&config.instances),
+            // Keep enough idle connections per instance for the concurrency the service allows.
+            pool: Pool::new(
+                &config.instances,
+                config.connect_timeout,
+                config.concurrency_limit,
+            ),
             limit: ConcurrencyLimit::new(
                 config.concurrency_limit,
                 config.queue_size,
                 config.queue_timeout,
             ),
-            client,
             config,
         }
     }
@@ -124,10 +119,12 @@ impl Proxy {
         }
     }
 
-    /// Starts the active health checks; they stop when the returned set is dropped.
+    /// Starts the active health checks and idle-connection expiry; they stop when the
+    /// returned set is dropped.
     pub fn spawn_health_checks(&self) -> JoinSet<()> {
         let mut tasks = JoinSet::new();
         for upstream in &self.upstreams {
+            tasks.spawn(health::reap_idle(upstream.clone()));
             if upstream.config.health_check.is_some() {
                 tasks.spawn(health::run(upstream.clone()));
             }
@@ -191,22 +188,19 @@ impl Proxy {
         let (mut parts, body) = request.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         add_forwarded(&mut parts.headers, client, "http");
-        // The upstream sees its own authority in Host, as nginx does by default; the client's
-        // Host travels in X-Forwarded-Host. hyper sets Host from the URI.
+        // The upstream sees its own authority in Host (set per attempt below), as nginx does by
+        // default; the client's Host travels in X-Forwarded-Host.
         parts.headers.remove(header::HOST);
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-
-        let has_body = !body.is_end_stream();
+        // Origin form: the connection already goes to the instance.
+        parts.uri = match parts.uri.path_and_query() {
+            Some(path_and_query) => Uri::from(path_and_query.clone()),
+            None => Uri::from(PathAndQuery::from_static("/")),
+        };
+        parts.version = Version::HTTP_11;
         let too_large = Arc::new(AtomicBool::new(false));
-        let mut body = Some(LimitedBody::new(
-            body,
-            self.max_request_body,
-            too_large.clone(),
-        ));
+        let body = LimitedBody::new(body, self.max_request_body, too_large.clone());
+        let mut outgoing = Request::from_parts(parts, body);
+
         let mut tried = 0u64;
         let mut last_error = None;
         for _ in 0..MAX_ATTEMPTS.min(upstream.pool.endpoints.len()) {
@@ -216,29 +210,17 @@ impl Proxy {
             };
             tried |= 1 << index.min(63);
             let endpoint = &upstream.pool.endpoints[index];
-            let uri = Uri::builder()
-                .scheme(endpoint.instance.scheme.clone())
-                .authority(endpoint.instance.authority.clone())
-                .path_and_query(path_and_query.clone())
-                .build()
-                .map_err(|e| ProxyError::UpstreamFailed {
-                    service: name.clone(),
-                    instance: endpoint.instance.to_string(),
-                    reason: e.to_string(),
-                })?;
-            let mut outgoing = Request::new(body.take().unwrap_or_else(LimitedBody::empty));
-            *outgoing.method_mut() = parts.method.clone();
-            *outgoing.uri_mut() = uri;
-            *outgoing.version_mut() = Version::HTTP_11;
-            *outgoing.headers_mut() = parts.headers.clone();
+            outgoing
+                .headers_mut()
+                .insert(header::HOST, endpoint.connections.host_header().clone());
 
             let authority = &endpoint.instance.authority;
             let span = tracing::info_span!(
                 "upstream",
-                otel.name = parts.method.as_str(),
+                otel.name = outgoing.method().as_str(),
                 otel.kind = "client",
                 otel.status_code = Empty,
-                http.request.method = parts.method.as_str(),
+                http.request.method = outgoing.method().as_str(),
                 server.address = authority.host(),
                 server.port = authority.port_u16().unwrap_or(DEFAULT_HTTP_PORT),
                 service = name.as_str(),
@@ -252,16 +234,16 @@ impl Proxy {
             let in_flight = endpoint.start_request();
             let sent = tokio::time::timeout(
                 upstream.config.request_timeout,
-                upstream.client.request(outgoing),
+                endpoint.connections.send(outgoing),
             )
             .instrument(span.clone())
             .await;
             record_attempt(&span, &sent);
             match sent {
-                Ok(Ok(response)) => {
+                Ok(Ok((response, lease))) => {
                     let (mut head, incoming) = response.into_parts();
                     strip_hop_by_hop(&mut head.headers);
-                    let body = Body::new(GuardedBody::new(incoming, (slot, in_flight)));
+                    let body = Body::new(GuardedBody::new(incoming, lease, (slot, in_flight)));
                     return Ok(Response::from_parts(head, body));
                 }
                 Err(_elapsed) => {
@@ -270,17 +252,12 @@ impl Proxy {
                         timeout: upstream.config.request_timeout,
                     });
                 }
-                Ok(Err(_)) if too_large.load(Ordering::Acquire) => {
-                    return Err(ProxyError::BodyTooLarge {
-                        limit: self.max_request_body,
-                    });
-                }
-                Ok(Err(error)) if error.is_connect() => {
+                Ok(Err(SendError::Connect { reason, request })) => {
                     if endpoint.eject(now, upstream.config.ejection_time) {
                         tracing::warn!(
                             service = %name,
                             instance = %endpoint.instance,
-                            error = %error_chain(&error),
+                            error = %reason,
                             "instance refused a connection, ejected for {:?}",
                             upstream.config.ejection_time
                         );
@@ -288,13 +265,16 @@ impl Proxy {
                     last_error = Some(ProxyError::Unreachable {
                         service: name.clone(),
                         instance: endpoint.instance.to_string(),
-                        reason: error_chain(&error),
+                        reason,
                     });
-                    if has_body {
-                        break;
-                    }
+                    outgoing = *request;
                 }
-                Ok(Err(error)) => {
+                Ok(Err(SendError::Failed(_))) if too_large.load(Ordering::Acquire) => {
+                    return Err(ProxyError::BodyTooLarge {
+                        limit: self.max_request_body,
+                    });
+                }
+                Ok(Err(SendError::Failed(error))) => {
                     return Err(ProxyError::UpstreamFailed {
                         service: name.clone(),
                         instance: endpoint.instance.to_string(),
@@ -310,12 +290,12 @@ impl Proxy {
 }
 
 /// Puts an attempt's outcome on its client span: the status, or what kind of failure.
-fn record_attempt<B, E>(
+fn record_attempt<B, L, E>(
     span: &tracing::Span,
-    sent: &Result<Result<Response<B>, hyper_util::client::legacy::Error>, E>,
+    sent: &Result<Result<(Response<B>, L), SendError>, E>,
 ) {
     let error_type = match sent {
-        Ok(Ok(response)) => {
+        Ok(Ok((response, _))) => {
             let status = response.status();
             span.record("http.response.status_code", status.as_u16());
             // For a client span every 4xx and 5xx is a failed call.
@@ -326,8 +306,8 @@ fn record_attempt<B, E>(
             return;
         }
         Err(_) => "timeout",
-        Ok(Err(error)) if error.is_connect() => "connect",
-        Ok(Err(_)) => "upstream_failed",
+        Ok(Err(SendError::Connect { .. })) => "connect",
+        Ok(Err(SendError::Failed(_))) => "upstream_failed",
     };
     span.record("otel.status_code", "ERROR");
     span.record("error.type", error_type);

@@ -13,12 +13,15 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::client::Connections;
 use crate::config::{HealthCheckConfig, Instance};
 
 /// One upstream instance and what the gateway knows of it.
 #[derive(Debug)]
 pub struct Endpoint {
     pub instance: Instance,
+    /// Its kept-alive connections.
+    pub connections: std::sync::Arc<Connections>,
     /// Requests sent to it whose response has not finished yet.
     in_flight: AtomicUsize,
     health: Mutex<Health>,
@@ -43,8 +46,14 @@ pub enum Transition {
 }
 
 impl Endpoint {
-    pub fn new(instance: Instance) -> Self {
+    /// An instance reached within `connect_timeout`, keeping up to `max_idle` connections.
+    pub fn new(instance: Instance, connect_timeout: Duration, max_idle: usize) -> Self {
         Self {
+            connections: std::sync::Arc::new(Connections::new(
+                &instance,
+                connect_timeout,
+                max_idle,
+            )),
             instance,
             in_flight: AtomicUsize::new(0),
             health: Mutex::new(Health {
@@ -136,12 +145,12 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(instances: &[Instance]) -> Self {
+    pub fn new(instances: &[Instance], connect_timeout: Duration, max_idle: usize) -> Self {
         Self {
             endpoints: instances
                 .iter()
                 .cloned()
-                .map(|i| std::sync::Arc::new(Endpoint::new(i)))
+                .map(|i| std::sync::Arc::new(Endpoint::new(i, connect_timeout, max_idle)))
                 .collect(),
             sequence: AtomicU64::new(0),
         }
@@ -158,10 +167,29 @@ impl Pool {
     /// Picks an available instance not in `tried` (a bit set of indices): two random
     /// candidates, the one with fewer requests in flight wins.
     pub fn pick(&self, now: Instant, tried: u64) -> Option<usize> {
-        let candidates: Vec<usize> = (0..self.endpoints.len())
-            .filter(|&i| i >= 64 || tried & (1 << i) == 0)
-            .filter(|&i| self.endpoints[i].is_available(now))
-            .collect();
+        let eligible =
+            |i: usize| (i >= 64 || tried & (1 << i) == 0) && self.endpoints[i].is_available(now);
+        // The common deployments have a handful of instances: their candidates fit on the
+        // stack, so a pick allocates nothing.
+        let mut on_stack = [0usize; 16];
+        let mut spilled = Vec::new();
+        let mut n = 0;
+        for i in (0..self.endpoints.len()).filter(|&i| eligible(i)) {
+            if n < on_stack.len() {
+                on_stack[n] = i;
+            } else {
+                if spilled.is_empty() {
+                    spilled.extend_from_slice(&on_stack);
+                }
+                spilled.push(i);
+            }
+            n += 1;
+        }
+        let candidates: &[usize] = if spilled.is_empty() {
+            &on_stack[..n]
+        } else {
+            &spilled
+        };
         match candidates.len() {
             0 => None,
             1 => Some(candidates[0]),
@@ -196,7 +224,7 @@ mod tests {
         let instances: Vec<Instance> = (0..n)
             .map(|i| Instance::parse(&format!("http://127.0.0.1:{}", 7000 + i)).unwrap())
             .collect();
-        Pool::new(&instances)
+        Pool::new(&instances, Duration::from_secs(1), 4)
     }
 
     fn check() -> HealthCheckConfig {
@@ -238,6 +266,19 @@ mod tests {
         assert_eq!(pool.available(now), 1);
         assert!((0..50).all(|_| pool.pick(now, 0) == Some(1)));
         assert_eq!(pool.available(now + Duration::from_secs(10)), 2);
+    }
+
+    #[test]
+    fn picks_among_more_instances_than_fit_on_the_stack() {
+        let pool = pool(40);
+        let now = Instant::now();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..4000 {
+            seen.insert(pool.pick(now, 0).unwrap());
+        }
+        assert_eq!(seen.len(), 40);
+        let all_but_last = (1u64 << 39) - 1;
+        assert_eq!(pool.pick(now, all_but_last), Some(39));
     }
 
     #[test]
