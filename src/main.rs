@@ -9,6 +9,13 @@ use tollgate::config::RegionConfig;
 use tollgate::services::{BookingsArgs, UsersArgs};
 use tollgate::telemetry::{self, LogFormat, Role};
 
+/// mimalloc instead of glibc's malloc: a proxied request makes about two dozen short-lived
+/// allocations (headers, boxed futures, buffers) on one thread and frees them on another;
+/// glibc spends ~250 instructions and an arena lock per pair there, mimalloc a fraction
+/// (callgrind on `bench/proxy.toml`: see README, Performance).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "tollgate",

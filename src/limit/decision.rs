@@ -90,23 +90,27 @@ pub fn verdict(results: &[PolicyResult]) -> Verdict {
 }
 
 /// The `RateLimit-Policy`, `RateLimit` and legacy headers for a response.
+///
+/// Every limited response carries them, so each value is written into one string, with no
+/// intermediate strings per policy.
 pub fn headers(results: &[PolicyResult], admitted: bool) -> Vec<(HeaderName, HeaderValue)> {
+    use std::fmt::Write;
     if results.is_empty() {
         return Vec::new();
     }
-    let policy = results
-        .iter()
-        .map(|r| {
-            format!(
-                "\"{}\";q={};w={}",
-                r.name,
-                r.limit.rate.amount,
-                r.limit.rate.window_secs()
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
-    let mut items = Vec::new();
+    // Writing to a String cannot fail: the `write!` results below are always Ok.
+    let mut policy = String::with_capacity(32 * results.len());
+    for (i, r) in results.iter().enumerate() {
+        let separator = if i == 0 { "" } else { ", " };
+        let _ = write!(
+            policy,
+            "{separator}\"{}\";q={};w={}",
+            r.name,
+            r.limit.rate.amount,
+            r.limit.rate.window_secs()
+        );
+    }
+    let mut items = String::with_capacity(32 * results.len());
     let mut legacy: Option<(u64, u64, u64)> = None;
     for result in results {
         let Outcome::Decided(outcome) = result.outcome else {
@@ -122,18 +126,19 @@ pub fn headers(results: &[PolicyResult], admitted: bool) -> Vec<(HeaderName, Hea
             0
         };
         let t = ceil_secs(outcome.next_token_us);
-        items.push(format!("\"{}\";r={remaining};t={t}", result.name));
+        let separator = if items.is_empty() { "" } else { ", " };
+        let _ = write!(items, "{separator}\"{}\";r={remaining};t={t}", result.name);
         if result.legacy_headers && legacy.is_none_or(|(_, r, _)| remaining < r) {
             legacy = Some((result.limit.rate.amount, remaining, t));
         }
     }
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(5);
     // Policy names are validated to be token characters, so these are valid header values.
-    if let Ok(value) = HeaderValue::from_str(&policy) {
+    if let Ok(value) = HeaderValue::try_from(policy) {
         out.push((RATELIMIT_POLICY.clone(), value));
     }
     if !items.is_empty()
-        && let Ok(value) = HeaderValue::from_str(&items.join(", "))
+        && let Ok(value) = HeaderValue::try_from(items)
     {
         out.push((RATELIMIT.clone(), value));
     }

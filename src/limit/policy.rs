@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 use super::bucket::BucketSpec;
 use super::identity::Identity;
 use super::rate::Rate;
+use crate::limit::identity::IpText;
 use crate::store::BucketRequest;
 
 /// What a policy keys its buckets on. A policy lists several, tried in order; the first that
@@ -145,7 +146,10 @@ impl Policy {
     /// policy then does not apply to the request).
     pub fn key_for(&self, identity: &Identity, headers: &HeaderMap) -> Option<String> {
         self.key.iter().find_map(|source| match source {
-            KeySource::Ip => Some(format!("ip:{}", identity.ip)),
+            KeySource::Ip => {
+                let mut text = IpText::default();
+                Some(["ip:", text.format(identity.ip)].concat())
+            }
             KeySource::ApiKey => identity
                 .api_key
                 .as_ref()
@@ -194,7 +198,8 @@ pub struct Applied<'p> {
 /// Storage key of a bucket. The key value is the hash tag, so every policy keyed on the same
 /// identity lands in one Redis Cluster slot and is decided by one script.
 pub fn bucket_key(policy: &str, key: &str) -> String {
-    format!("tollgate:rl:{{{key}}}:{policy}")
+    // `concat` sizes the string once; `format!` would grow it through the formatter.
+    ["tollgate:rl:{", key, "}:", policy].concat()
 }
 
 /// The policies that apply to a request, with their buckets.
