@@ -113,6 +113,8 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
   redis-server --port 6379 --bind 127.0.0.1 --save '' --appendonly no >/dev/null & PIDS+=($!)
   wait_port 6379
 fi
+# Redis's own CPU is part of what a Redis policy costs (it shares the cores).
+REDIS_PID=$(pgrep -f '^redis-server [^ ]*:6379( |$)' | head -1 || true)
 nginx_worker() { pgrep -P "$(cat "$WORK/nginx.pid")" | head -1; }
 
 # http_get PORT PATH: the raw response (no curl on a fresh machine).
@@ -134,6 +136,8 @@ LUA
 # cpu_ticks PID: utime+stime in clock ticks.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+# redis_ticks: Redis's cpu_ticks (0 if its process is not visible).
+redis_ticks() { if [ -n "$REDIS_PID" ]; then cpu_ticks "$REDIS_PID"; else echo 0; fi; }
 # peer_ticks: cpu_ticks summed over the running peers (0 without peers).
 peer_ticks() {
   local sum=0 pid
@@ -146,18 +150,21 @@ results="$WORK/results.tsv"
 # run_target NAME URL PID: one wrk run; CPU and RSS of PID, and CPU of the peers if any (they
 # share the 2 cores: what gossip costs them is part of what a global policy costs).
 run_target() {
-  local name=$1 url=$2 pid=$3 before after peers_before peers_after
+  local name=$1 url=$2 pid=$3 before after peers_before peers_after redis_before redis_after
   before=$(cpu_ticks "$pid")
   peers_before=$(peer_ticks)
+  redis_before=$(redis_ticks)
   wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$WORK/p999.lua" "$url" >"$WORK/wrk.out"
   after=$(cpu_ticks "$pid")
   peers_after=$(peer_ticks)
+  redis_after=$(redis_ticks)
   python3 - "$name" "$((after - before))" "$(rss_kib "$pid")" "$(getconf CLK_TCK)" "$WORK/wrk.out" \
-    "$((peers_after - peers_before))" >>"$results" <<'PY'
+    "$((peers_after - peers_before))" "$((redis_after - redis_before))" >>"$results" <<'PY'
 import re, sys
 name, ticks, rss, hz = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 out = open(sys.argv[5]).read()
 peer_ticks = int(sys.argv[6])
+redis_ticks = int(sys.argv[7])
 def ms(text):
     value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()
     return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
@@ -166,7 +173,7 @@ total = int(re.search(r"(\d+) requests in", out).group(1))
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
 p999 = int(re.search(r"^p99\.9 (\d+)", out, re.M).group(1)) / 1000
-print("\t".join(map(str, [name, rps, ms(lat["50"]), ms(lat["99"]), p999, ticks / hz / total * 10000, rss / 1024, non2xx.group(1) if non2xx else 0, peer_ticks / hz / total * 10000])))
+print("\t".join(map(str, [name, rps, ms(lat["50"]), ms(lat["99"]), p999, ticks / hz / total * 10000, rss / 1024, non2xx.group(1) if non2xx else 0, peer_ticks / hz / total * 10000, redis_ticks / hz / total * 10000])))
 PY
 }
 
@@ -284,10 +291,10 @@ emit(f"`wrk -t1 -c{conns} -d{duration}`, {rounds} rounds alternating targets, me
 emit(f"returning a 35-byte JSON body. CPU and RSS are the process under test (the nginx worker for")
 emit(f"nginx rows: it also serves the upstream; for global configs the gateway measured, not its two")
 emit(f"peers). Reproduce with `bench/run.sh`.\n")
-emit("| target | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 10k req | RSS MiB | non-2xx |")
-emit("|---|---:|---:|---:|---:|---:|---:|---:|")
+emit("| target | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 10k req | RSS MiB | non-2xx | Redis CPU s / 10k req |")
+emit("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for name in rows:
-    emit(f"| {name} | {med(name,0):,.0f} | {med(name,1):.2f} | {med(name,2):.2f} | {med(name,3):.2f} | {med(name,4):.3f} | {med(name,5):.1f} | {med(name,6):,.0f} |")
+    emit(f"| {name} | {med(name,0):,.0f} | {med(name,1):.2f} | {med(name,2):.2f} | {med(name,3):.2f} | {med(name,4):.3f} | {med(name,5):.1f} | {med(name,6):,.0f} | {med(name,8):.3f} |")
 emit()
 def ratio_line(text, a, b):
     if a in rows and b in rows:

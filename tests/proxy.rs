@@ -525,6 +525,58 @@ async fn refusing_instance_is_ejected_and_comes_back_when_healthy() {
 }
 
 #[tokio::test]
+async fn a_request_with_a_body_is_retried_when_an_instance_refuses_the_connection() {
+    // Nothing was sent on a connection that never opened, so the body is still whole and
+    // goes to the other instance.
+    let down = closed_addr();
+    let up = echo_upstream().await;
+    let gateway = TestGateway::start("", &service("s", "/", &[down, up], "")).await;
+    let http = client();
+    for i in 0..10 {
+        let response = http
+            .post(gateway.url("/orders"))
+            .body(format!("order {i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201, "the echo upstream answers 201");
+        let seen: Value = response.json().await.unwrap();
+        assert_eq!(seen["body"], format!("order {i}"));
+    }
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused_across_requests() {
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            counter.fetch_add(1, Ordering::SeqCst);
+            let service = hyper::service::service_fn(|_request| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(Body::from("pong")))
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    let gateway = TestGateway::start("", &service("s", "/", &[addr], "")).await;
+    let http = client();
+    for _ in 0..50 {
+        let response = http.get(gateway.url("/ping")).send().await.unwrap();
+        assert_eq!(response.text().await.unwrap(), "pong");
+    }
+    // One after the other, every request finds the previous one's connection idle.
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    gateway.stop().await;
+}
+
+#[tokio::test]
 async fn concurrency_limit_refuses_excess_with_503_and_retry_after() {
     let (entered_tx, mut entered_rx) = mpsc::channel::<()>(4);
     let release = Arc::new(tokio::sync::Notify::new());
