@@ -165,11 +165,26 @@ struct Shared {
     gossip: Mutex<Gossip>,
     /// Wakes the driver loop: the machine may have something to send or a new deadline.
     wake: Notify,
+    /// The instant (µs) the driver sleeps until, set under the machine's lock as it goes to
+    /// sleep (`u64::MAX`: no deadline). A request that changes the machine wakes the driver
+    /// only if there is output now or the next deadline moved before this one: admissions
+    /// come by the ten thousand per second and most change nothing the driver must act on
+    /// before its next delta, so waking it for each cost a task wake-up, a lock and a new
+    /// timer per request.
+    armed_until: AtomicU64,
     /// Frames dropped because a peer's queue was full (or it had no connection).
     dropped: AtomicU64,
 }
 
 impl Shared {
+    /// Wakes the driver if what changed in `g` needs it before its armed deadline.
+    fn nudge(&self, g: &Gossip) {
+        let due = g.poll_timeout().unwrap_or(u64::MAX);
+        if g.has_output() || due < self.armed_until.load(Ordering::Acquire) {
+            self.wake.notify_one();
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Gossip> {
         // The machine does not panic on any input (see `proto`); if a bug made it panic
         // anyway, its state is still a valid CRDT state, so keep serving rather than
@@ -194,21 +209,17 @@ impl std::fmt::Debug for GossipHandle {
 impl GossipHandle {
     /// See [`Gossip::try_admit_eventual`].
     pub fn try_admit_eventual(&self, policy: PolicyId, key: &str, cost: u64, limit: u64) -> bool {
-        let ok = self
-            .shared
-            .lock()
-            .try_admit_eventual(policy, key, cost, limit, now_us());
-        self.shared.wake.notify_one();
+        let mut g = self.shared.lock();
+        let ok = g.try_admit_eventual(policy, key, cost, limit, now_us());
+        self.shared.nudge(&g);
         ok
     }
 
     /// See [`Gossip::try_admit_strict`] (may queue `Ask`s, hence the wake-up).
     pub fn try_admit_strict(&self, policy: PolicyId, key: &str, cost: u64) -> bool {
-        let ok = self
-            .shared
-            .lock()
-            .try_admit_strict(policy, key, cost, now_us());
-        self.shared.wake.notify_one();
+        let mut g = self.shared.lock();
+        let ok = g.try_admit_strict(policy, key, cost, now_us());
+        self.shared.nudge(&g);
         ok
     }
 
@@ -252,8 +263,8 @@ impl GossipHandle {
                     GlobalMode::Strict => g.remaining_strict(check.policy, check.key, now),
                 };
             }
+            self.shared.nudge(&g);
         }
-        self.shared.wake.notify_one();
         (outcomes, now)
     }
 
@@ -265,8 +276,7 @@ impl GossipHandle {
         for check in checks {
             refund_one(&mut g, check, admitted_at_us, now);
         }
-        drop(g);
-        self.shared.wake.notify_one();
+        self.shared.nudge(&g);
     }
 
     /// See [`Gossip::is_learning`].
@@ -415,6 +425,8 @@ pub fn spawn_driver(
     let shared = Arc::new(Shared {
         gossip: Mutex::new(gossip),
         wake: Notify::new(),
+        // Until the driver first goes to sleep, every change wakes it.
+        armed_until: AtomicU64::new(0),
         dropped: AtomicU64::new(0),
     });
     let endpoint = Arc::new(endpoint);
@@ -541,7 +553,13 @@ impl Driver {
             while let Some(item) = g.poll_transmit(now) {
                 out.push(item);
             }
-            g.poll_timeout()
+            let deadline = g.poll_timeout();
+            // Under the lock: a change made after this sees the deadline the driver will
+            // sleep until (see `Shared::armed_until`).
+            self.shared
+                .armed_until
+                .store(deadline.unwrap_or(u64::MAX), Ordering::Release);
+            deadline
         };
         for peer in closes {
             // The machine already counts it as disconnected.

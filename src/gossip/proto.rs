@@ -910,6 +910,15 @@ impl Gossip {
         self.out.pop_front()
     }
 
+    /// Whether [`Gossip::poll_transmit`] or [`Gossip::poll_close`] has something now, without
+    /// taking it: a driver that is asleep until [`Gossip::poll_timeout`] need not wake for
+    /// a change unless this or an earlier timeout says so.
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty()
+            || !self.close.is_empty()
+            || self.own_pending >= self.config.max_entries_per_frame.max(1)
+    }
+
     /// The next instant at which [`Gossip::handle_timeout`] has work.
     pub fn poll_timeout(&self) -> Option<u64> {
         let mut t = self
