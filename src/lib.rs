@@ -7,9 +7,10 @@
 //! # Layout
 //!
 //! - [`config`]: region file → parse → validate (every error at once, with file and key).
-//! - [`proxy`]: routing, instance pools and health, concurrency limits, forwarding.
-//! - [`http`]: the gateway's layer stack ([`http::stack`], in one file), the admin API,
-//!   correlation IDs and problem responses shared with the services.
+//! - [`proxy`]: routing, instance pools and health, kept-alive upstream connections
+//!   ([`proxy::client`]), concurrency limits, forwarding.
+//! - [`http`]: the gateway's tower layer stack and its accept loop ([`http::stack`], in one
+//!   file), the admin API, correlation IDs and problem responses shared with the services.
 //! - [`gateway`]: a regional gateway process: listeners and graceful shutdown.
 //! - [`services`]: the airline's upstream services, users and bookings.
 //! - [`demo`]: `tollgate demo`, three regions and the services on one machine.
