@@ -7,6 +7,7 @@
 
 mod support;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,16 @@ async fn admin(url: &str) -> MultiplexedConnection {
 async fn redis_now(conn: &mut MultiplexedConnection) -> u64 {
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.expect("TIME");
     secs * 1_000_000 + micros
+}
+
+/// A small xorshift generator: the randomized tests replay the same cases on every run.
+fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
+    move |below: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % below.max(1)
+    }
 }
 
 async fn one(store: &dyn BucketStore, request: &BucketRequest) -> BucketOutcome {
@@ -160,6 +171,228 @@ async fn thousand_concurrent_acquires_admit_exactly_burst() {
         .filter(|&admitted| admitted)
         .count();
     assert_eq!(admitted, 100);
+}
+
+/// In one batch, an earlier request drains a key; a later request on that key and another
+/// is refused as a whole and takes nothing from the other key, which the next request sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_drained_by_an_earlier_one_in_its_batch_takes_nothing() {
+    let server = RedisServer::start();
+    let store = RedisStore::new(&server.url(), Duration::from_secs(5)).expect("store");
+    let mut conn = admin(&server.url()).await;
+    let hot = request("tollgate:rl:{b}:hot", 2, HOUR_US, 2);
+    let other = slow("tollgate:rl:{b}:other", 5);
+    let drain = [hot.clone()];
+    let both = [request(&hot.key, 2, HOUR_US, 1), other.clone()];
+    let after = [other.clone()];
+    let decision = store
+        .acquire_batch(&[&drain, &both, &after])
+        .await
+        .expect("batch");
+    let [drained, refused, next] = &decision.outcomes[..] else {
+        panic!("three answers expected: {decision:?}");
+    };
+    assert!(drained[0].admitted);
+    assert_eq!(drained[0].remaining, 0);
+    assert!(!refused[0].admitted, "hot was drained by the first request");
+    assert_eq!(refused[0].retry_after_us, HOUR_US);
+    assert!(refused[1].admitted, "other had room...");
+    assert_eq!(
+        refused[1].remaining, 5,
+        "...and reports its untouched level"
+    );
+    assert!(next[0].admitted);
+    assert_eq!(next[0].remaining, 4, "the refused request consumed nothing");
+    let stored: u64 = redis::cmd("GET")
+        .arg(&other.key)
+        .query_async(&mut conn)
+        .await
+        .expect("GET");
+    assert_eq!(stored, decision.now_us + HOUR_US, "exactly one draw");
+}
+
+/// What `acquire` decides for one request at `now`, by `bucket::decide` per bucket, all or
+/// nothing, given every key's TAT in `state` (absent: full); updates `state` when admitted.
+fn model_request(
+    state: &mut HashMap<String, u64>,
+    requests: &[BucketRequest],
+    now: u64,
+) -> Vec<BucketOutcome> {
+    let mut draws: HashMap<&str, u64> = HashMap::new();
+    let decided: Vec<(bucket::BucketDecision, u64)> = requests
+        .iter()
+        .map(|r| {
+            let before = state.get(&r.key).copied().unwrap_or(0);
+            let tat = draws.get(r.key.as_str()).copied().unwrap_or(before);
+            let d = bucket::decide(r.spec, tat, now, r.cost);
+            if d.admitted {
+                draws.insert(&r.key, d.tat_us);
+            }
+            (d, before)
+        })
+        .collect();
+    let all = decided.iter().all(|(d, _)| d.admitted);
+    if all {
+        for (key, tat) in draws {
+            state.insert(key.to_owned(), tat);
+        }
+    }
+    decided
+        .into_iter()
+        .zip(requests)
+        .map(|((d, before), r)| {
+            if all || !d.admitted {
+                BucketOutcome {
+                    admitted: d.admitted,
+                    remaining: d.remaining,
+                    next_token_us: d.next_token_us,
+                    retry_after_us: d.retry_after_us,
+                }
+            } else {
+                // Had room, but the request was refused: the bucket as it is.
+                let level = bucket::decide(r.spec, before, now, 0);
+                BucketOutcome {
+                    admitted: true,
+                    remaining: level.remaining,
+                    next_token_us: level.next_token_us,
+                    retry_after_us: 0,
+                }
+            }
+        })
+        .collect()
+}
+
+/// Random batches against the sequential model at the `now` the script reports: every
+/// outcome and every stored TAT must be what deciding the requests one by one at that instant
+/// gives. Keys come from a small pool, so requests in a batch collide, drain each other, list
+/// a key twice, and cost more than the burst.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_matches_sequential_decide_to_the_microsecond() {
+    let server = RedisServer::start();
+    let store = RedisStore::new(&server.url(), Duration::from_secs(5)).expect("store");
+    let mut conn = admin(&server.url()).await;
+    let mut next = xorshift(0x2545_f491_4f6c_dd1d);
+    let mut refused_as_a_whole = 0;
+    for case in 0..200 {
+        let keys: Vec<String> = (0..1 + next(5))
+            .map(|k| format!("tollgate:rl:{{batch}}:{case}:{k}"))
+            .collect();
+        let specs: Vec<BucketSpec> = keys
+            .iter()
+            .map(|_| {
+                let burst_below = if next(4) == 0 { 1 << 20 } else { 6 };
+                let interval_below = if next(2) == 0 { 1 << 32 } else { 5_000 };
+                let burst = 1 + next(burst_below);
+                let interval_us = 1 + next(interval_below);
+                BucketSpec { burst, interval_us }
+            })
+            .filter(|s| {
+                s.burst
+                    .checked_mul(s.interval_us)
+                    .is_some_and(|c| c <= 1 << 52)
+            })
+            .collect();
+        if specs.is_empty() {
+            continue;
+        }
+        let before = redis_now(&mut conn).await;
+        let mut state: HashMap<String, u64> = HashMap::new();
+        for (key, spec) in keys.iter().zip(&specs) {
+            if next(3) == 0 {
+                continue; // absent: a full bucket
+            }
+            let capacity = spec.full_refill_us();
+            let offset = next(capacity * 2 + 2) as i64 - (capacity / 2) as i64;
+            let tat = before.saturating_add_signed(offset);
+            let _: () = redis::cmd("SET")
+                .arg(key)
+                .arg(tat)
+                .query_async(&mut conn)
+                .await
+                .expect("SET");
+            state.insert(key.clone(), tat);
+        }
+        let batch: Vec<Vec<BucketRequest>> = (0..1 + next(12))
+            .map(|_| {
+                (0..1 + next(3))
+                    .map(|_| {
+                        let k = next(specs.len() as u64) as usize;
+                        let spec = specs[k];
+                        BucketRequest {
+                            key: keys[k].clone(),
+                            spec,
+                            cost: next(spec.burst.min(4) + 2),
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let slices: Vec<&[BucketRequest]> = batch.iter().map(Vec::as_slice).collect();
+        let decision = store.acquire_batch(&slices).await.expect("batch");
+        let after = redis_now(&mut conn).await;
+        let now = decision.now_us;
+        assert!((before..=after).contains(&now), "case {case}: TIME {now}");
+
+        let initial = state.clone();
+        let mut written: HashSet<&str> = HashSet::new();
+        for (i, (requests, got)) in batch.iter().zip(&decision.outcomes).enumerate() {
+            let expected = model_request(&mut state, requests, now);
+            assert_eq!(
+                got, &expected,
+                "case {case}, request {i} of {batch:?} at {now} from {initial:?}"
+            );
+            if got.iter().all(|o| o.admitted) {
+                written.extend(requests.iter().map(|r| r.key.as_str()));
+            } else if got.iter().any(|o| o.admitted) {
+                refused_as_a_whole += 1;
+            }
+        }
+        for key in &keys {
+            let stored: Option<u64> = redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .expect("GET");
+            let model = state.get(key).copied();
+            if !written.contains(key.as_str()) {
+                assert_eq!(stored, model, "case {case}: {key} was not to be written");
+            } else if let Some(tat) = model.filter(|&tat| tat > now) {
+                // Written with PX: it may have expired since if it was almost full.
+                assert!(
+                    stored == Some(tat) || (stored.is_none() && tat <= redis_now(&mut conn).await),
+                    "case {case}: {key} stored {stored:?}, model {tat}"
+                );
+            } else {
+                assert_eq!(stored, None, "case {case}: {key} is full again: deleted");
+            }
+        }
+    }
+    assert!(
+        refused_as_a_whole > 10,
+        "the cases exercise all-or-nothing ({refused_as_a_whole})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_batch_arguments_are_a_script_error() {
+    let server = RedisServer::start();
+    let mut conn = admin(&server.url()).await;
+    let script = redis::Script::new(include_str!("../src/store/bucket.lua"));
+    let cases: [&[&str]; 5] = [
+        &["batch"],
+        &["batch", "2", "1", "1", "10", "5", "1"], // one request announced twice
+        &["batch", "1", "1", "2", "10", "5", "1"], // key index beyond KEYS
+        &["batch", "1", "1", "1", "10", "5", "1", "7"], // trailing argument
+        &["batches"],
+    ];
+    for args in cases {
+        let mut invocation = script.key("tollgate:rl:{m}:p");
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        let result = invocation.invoke_async::<redis::Value>(&mut conn).await;
+        assert!(result.is_err(), "{args:?} answered {result:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,6 +50,7 @@ mod script;
 mod single;
 
 pub use cluster::RedisClusterStore;
+pub use script::BatchDecision;
 pub use single::RedisStore;
 
 /// Default hard deadline for one acquire or ping.

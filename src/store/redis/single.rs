@@ -11,7 +11,7 @@ use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{Client, Value};
 use futures_util::future::BoxFuture;
 
-use super::script::{self, Mode};
+use super::script::{self, BatchDecision};
 use super::{Lazy, connect_timeout, store_error};
 use crate::store::{BucketOutcome, BucketRequest, BucketStore, StoreError};
 
@@ -104,11 +104,28 @@ impl RedisStore {
             .map_err(|error| store_error(error, self.command_timeout))
     }
 
-    async fn acquire_inner(
+    /// Decides `batch` with one script run, in this order: each request all or nothing, each
+    /// seeing the draws of those before it, all at one Redis `TIME` (returned). Under the
+    /// same deadline as [`BucketStore::acquire`].
+    pub async fn acquire_batch(
         &self,
-        requests: &[BucketRequest],
-    ) -> Result<Vec<BucketOutcome>, StoreError> {
-        let invocation = script::invocation(Mode::Acquire, requests);
+        batch: &[&[BucketRequest]],
+    ) -> Result<BatchDecision, StoreError> {
+        for requests in batch {
+            script::check(requests)?;
+        }
+        self.connection
+            .guard(self.command_timeout, self.decide(batch.iter().copied()))
+            .await
+    }
+
+    /// One `EVALSHA` of the batch script for `batch` (requests already checked).
+    async fn decide<'r>(
+        &self,
+        batch: impl ExactSizeIterator<Item = &'r [BucketRequest]> + Clone,
+    ) -> Result<BatchDecision, StoreError> {
+        let sizes: Vec<usize> = batch.clone().map(<[BucketRequest]>::len).collect();
+        let invocation = script::batch_invocation(batch);
         let mut connection = self.connection.get(|| self.connect())?;
         let reply = match invocation.invoke_async::<Value>(&mut connection).await {
             // Refused means the command was never sent, so one retry cannot take tokens twice.
@@ -121,7 +138,7 @@ impl RedisStore {
             other => other,
         }
         .map_err(|error| store_error(error, self.command_timeout))?;
-        script::parse_reply(reply, requests.len())
+        script::parse_batch_reply(reply, &sizes)
     }
 }
 
@@ -135,9 +152,16 @@ impl BucketStore for RedisStore {
                 return Ok(Vec::new());
             }
             script::check(requests)?;
-            self.connection
-                .guard(self.command_timeout, self.acquire_inner(requests))
-                .await
+            let batch = std::iter::once(requests);
+            let decision = self
+                .connection
+                .guard(self.command_timeout, self.decide(batch))
+                .await?;
+            decision
+                .outcomes
+                .into_iter()
+                .next()
+                .ok_or_else(|| StoreError::Protocol("a batch of one got no answer".to_owned()))
         })
     }
 
