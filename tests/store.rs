@@ -380,11 +380,15 @@ async fn malformed_batch_arguments_are_a_script_error() {
     let script = redis::Script::new(include_str!("../src/store/bucket.lua"));
     let cases: [&[&str]; 5] = [
         &["batch"],
-        &["batch", "2", "1", "1", "10", "5", "1"], // one request announced twice
-        &["batch", "1", "1", "2", "10", "5", "1"], // key index beyond KEYS
-        &["batch", "1", "1", "1", "10", "5", "1", "7"], // trailing argument
+        &["batch", "10", "5", "2", "1", "1", "1"], // one request announced twice
+        &["batch", "10", "5", "1", "1", "2", "1"], // kind beyond KEYS
+        &["batch", "10", "5", "1", "1", "1", "1", "7"], // trailing argument
         &["batches"],
     ];
+    let mut valid = script.key("tollgate:rl:{m}:p");
+    valid.arg(&["batch", "10", "5", "1", "1", "1", "1"]);
+    let reply: Vec<i64> = valid.invoke_async(&mut conn).await.expect("a valid batch");
+    assert_eq!(reply[1..], [1, 4, 10, 0]);
     for args in cases {
         let mut invocation = script.key("tollgate:rl:{m}:p");
         for arg in args {

@@ -1,20 +1,22 @@
 -- tollgate token buckets in Redis: GCRA exactly as `decide` and `refund` in
 -- src/limit/bucket.rs, for several buckets at once, atomically (a script runs alone).
 --
--- KEYS     the bucket keys. In Redis Cluster all keys of one call must share a hash slot; the
---          Rust caller groups keys by hash tag so they do.
+-- KEYS     the bucket keys (`batch`: kinds, so a key may repeat with another spec). In Redis
+--          Cluster all keys of one call must share a hash slot; the Rust caller groups keys by
+--          hash tag so they do (`batch` is used only on a single server).
 -- ARGV[1]  "acquire", "batch" or "refund".
 --
 -- acquire  one request. ARGV[2..]: three integers per key, in KEYS order: interval_us, burst,
 --          cost. Decides every bucket against Redis TIME (one clock for every gateway) and
 --          writes the new TATs only if ALL buckets admit: all or nothing.
--- batch    several requests (the single-server store's group commit). KEYS lists each key
---          once. ARGV[2] is the number of requests, then per request: its number of buckets m,
---          then m times key_index (into KEYS), interval_us, burst, cost. The requests are
---          decided in ARGV order at one Redis TIME, each all or nothing exactly as `acquire`,
---          each seeing the draws of the requests before it; every changed key is written once
---          at the end. So each request gets what `acquire` would answer if the requests ran
---          one after another at that TIME, and the keys end as they would then.
+-- batch    several requests (the single-server store's group commit). KEYS lists each bucket
+--          kind (a key with its spec) once; ARGV[2..] are two integers per kind, in KEYS order:
+--          interval_us, burst; then the number of requests; then per request its number of
+--          buckets m and m times kind (an index into KEYS) and cost. The requests are decided
+--          in argument order at one Redis TIME, each all or nothing exactly as `acquire`, each
+--          seeing the draws of the requests before it; every changed key is written once at
+--          the end. So each request gets what `acquire` would answer if the requests ran one
+--          after another at that TIME, and the keys end as they would then.
 -- refund   gives `cost` tokens back to every bucket, never beyond full (used by the cluster
 --          store when buckets in another slot rejected the request). Arguments as `acquire`.
 --
@@ -39,7 +41,7 @@
 local EXACT = 9007199254740992 -- 2^53
 
 local BAD_ARGS = 'ERR tollgate bucket.lua: want ARGV mode, then interval_us, burst, cost per key '
-  .. '(batch: count, then per request m and m times key_index, interval_us, burst, cost)'
+  .. '(batch: interval_us, burst per key, then count, then per request m and m times kind, cost)'
 
 local mode = ARGV[1]
 if mode ~= 'acquire' and mode ~= 'batch' and mode ~= 'refund' then
@@ -93,57 +95,71 @@ local function int_arg(i, min)
   return v
 end
 
--- One bucket of a request from ARGV[i..i+2] (interval_us, burst, cost), or nil if malformed.
-local function bucket_at(i, key)
-  local interval, burst, cost = int_arg(i, 1), int_arg(i + 1, 0), int_arg(i + 2, 0)
-  if key == nil or interval == nil or burst == nil or cost == nil then
-    return nil
+-- The buckets as parallel arrays (no table per bucket: a batch holds hundreds): each kind's
+-- key, interval and burst; each bucket's kind and cost; each request's first and last bucket.
+local kkey, kint, kburst = {}, {}, {}
+local bkind, bcost = {}, {}
+local rfirst, rlast = {}, {}
+local nkinds, nbuckets, nrequests = #KEYS, 0, 0
+local nargs = #ARGV
+
+-- One kind per key from ARGV[at..]: its interval_us and burst, every `stride` arguments.
+local function read_kinds(at, stride)
+  for k = 1, nkinds do
+    local base = at + stride * (k - 1)
+    local interval, burst = int_arg(base, 1), int_arg(base + 1, 0)
+    if interval == nil or burst == nil then
+      return false
+    end
+    kkey[k], kint[k], kburst[k] = KEYS[k], interval, burst
   end
-  return { key = key, interval = interval, burst = burst, cost = cost }
+  return true
 end
 
--- Every bucket in argument order, and each request as {first, last} bucket index.
-local buckets, requests = {}, {}
-local nargs = #ARGV
 if mode == 'batch' then
-  local count = int_arg(2, 0)
+  if not read_kinds(2, 2) then
+    return redis.error_reply(BAD_ARGS)
+  end
+  local at = 2 + 2 * nkinds
+  local count = int_arg(at, 0)
   if count == nil then
     return redis.error_reply(BAD_ARGS)
   end
-  local at = 3
+  at = at + 1
   for q = 1, count do
     local m = int_arg(at, 0)
-    if m == nil or at + 4 * m > nargs then
+    if m == nil or at + 2 * m > nargs then
       return redis.error_reply(BAD_ARGS)
     end
-    local first = #buckets + 1
-    for j = 0, m - 1 do
-      local base = at + 1 + 4 * j
-      local k = int_arg(base, 1)
-      local b = k and bucket_at(base + 1, KEYS[k])
-      if not b then
+    rfirst[q] = nbuckets + 1
+    for j = 1, m do
+      local k, cost = int_arg(at + 2 * j - 1, 1), int_arg(at + 2 * j, 0)
+      if k == nil or k > nkinds or cost == nil then
         return redis.error_reply(BAD_ARGS)
       end
-      buckets[#buckets + 1] = b
+      nbuckets = nbuckets + 1
+      bkind[nbuckets], bcost[nbuckets] = k, cost
     end
-    requests[q] = { first, #buckets }
-    at = at + 1 + 4 * m
+    rlast[q] = nbuckets
+    at = at + 1 + 2 * m
   end
+  nrequests = count
   if at ~= nargs + 1 then
     return redis.error_reply(BAD_ARGS)
   end
 else
-  if nargs ~= 1 + 3 * #KEYS then
+  if nargs ~= 1 + 3 * nkinds or not read_kinds(2, 3) then
     return redis.error_reply(BAD_ARGS)
   end
-  for i = 1, #KEYS do
-    local b = bucket_at(2 + 3 * (i - 1), KEYS[i])
-    if not b then
+  for k = 1, nkinds do
+    local cost = int_arg(4 + 3 * (k - 1), 0)
+    if cost == nil then
       return redis.error_reply(BAD_ARGS)
     end
-    buckets[i] = b
+    bkind[k], bcost[k] = k, cost
   end
-  requests[1] = { 1, #buckets }
+  nbuckets, nrequests = nkinds, 1
+  rfirst[1], rlast[1] = 1, nkinds
 end
 
 -- The stored TAT, 0 (full) when absent. Anything that is not a sane integer (written by
@@ -198,11 +214,12 @@ end
 local reply = {}
 
 if mode == 'refund' then
-  for i = 1, #buckets do
-    local b = buckets[i]
-    local tat = tat_of(b.key)
+  for i = 1, nbuckets do
+    local k = bkind[i]
+    local key, interval, burst, cost = kkey[k], kint[k], kburst[k], bcost[i]
+    local tat = tat_of(key)
     -- refund: tat.saturating_sub(cost * interval).max(now.min(tat))
-    local back = tat - b.cost * b.interval
+    local back = tat - cost * interval
     if back < 0 then
       back = 0
     end
@@ -213,8 +230,8 @@ if mode == 'refund' then
     if back < floor_at then
       back = floor_at
     end
-    set_tat(b.key, back)
-    local remaining, next_us = level(b.burst, b.interval, math.max(back, now))
+    set_tat(key, back)
+    local remaining, next_us = level(burst, interval, math.max(back, now))
     reply[#reply + 1] = 1
     reply[#reply + 1] = remaining
     reply[#reply + 1] = next_us
@@ -224,63 +241,76 @@ if mode == 'refund' then
   return reply
 end
 
+-- `n` values in `reply` so far; a bucket's 4 start at reply[base + 1].
+local n = 0
 if mode == 'batch' then
   reply[1] = now
+  n = 1
 end
 
-for q = 1, #requests do
-  local first, last = requests[q][1], requests[q][2]
+-- Each bucket's TAT before its request, for reporting it untouched if the request is refused.
+local befores = {}
+for q = 1, nrequests do
+  local first, last = rfirst[q], rlast[q]
   -- This request's draws: a key listed twice sees its first draw; kept only if all admit.
-  local draws = {}
-  local decisions = {}
+  -- A one-bucket request (the common case) needs no table: its draw is `single`.
+  local draws = nil
+  if last > first then
+    draws = {}
+  end
+  local single = nil
   local all = true
+  local start = n
   for i = first, last do
-    local b = buckets[i]
-    local before = tat_of(b.key)
-    local tat = draws[b.key]
-    if tat == nil then
-      tat = before
+    local k = bkind[i]
+    local key, interval, burst, cost = kkey[k], kint[k], kburst[k], bcost[i]
+    local before = tat_of(key)
+    befores[i] = before
+    local tat = before
+    if draws and draws[key] then
+      tat = draws[key]
     end
-    tat = math.max(tat, now)
-    local capacity = b.burst * b.interval
-    local d
-    if b.cost <= b.burst and tat + b.cost * b.interval - now <= capacity then
-      local new_tat = tat + b.cost * b.interval
-      draws[b.key] = new_tat
-      local remaining, next_us = level(b.burst, b.interval, new_tat)
-      d = { 1, remaining, next_us, 0 }
+    if tat < now then
+      tat = now
+    end
+    local capacity = burst * interval
+    if cost <= burst and tat + cost * interval - now <= capacity then
+      local new_tat = tat + cost * interval
+      if draws then
+        draws[key] = new_tat
+      else
+        single = new_tat
+      end
+      local remaining, next_us = level(burst, interval, new_tat)
+      reply[n + 1], reply[n + 2], reply[n + 3], reply[n + 4] = 1, remaining, next_us, 0
     else
       all = false
-      local remaining, next_us = level(b.burst, b.interval, tat)
+      local remaining, next_us = level(burst, interval, tat)
       local retry = -1
-      if b.cost <= b.burst then
-        retry = tat + b.cost * b.interval - now - capacity
+      if cost <= burst then
+        retry = tat + cost * interval - now - capacity
       end
-      d = { 0, remaining, next_us, retry }
+      reply[n + 1], reply[n + 2], reply[n + 3], reply[n + 4] = 0, remaining, next_us, retry
     end
-    d.before = before
-    decisions[i - first + 1] = d
+    n = n + 4
   end
 
   if all then
     -- In bucket order, so the set of changed keys has a deterministic order.
     for i = first, last do
-      local key = buckets[i].key
-      set_tat(key, draws[key])
+      local key = kkey[bkind[i]]
+      set_tat(key, draws and draws[key] or single)
     end
-  end
-
-  for i = first, last do
-    local d, b = decisions[i - first + 1], buckets[i]
-    if not all and d[1] == 1 then
-      -- Had room, but nothing was taken: report the bucket as it is.
-      local remaining, next_us = level(b.burst, b.interval, math.max(d.before, now))
-      d = { 1, remaining, next_us, 0 }
+  else
+    for i = first, last do
+      local base = start + 4 * (i - first)
+      if reply[base + 1] == 1 then
+        -- Had room, but nothing was taken: report the bucket as it is.
+        local k = bkind[i]
+        local remaining, next_us = level(kburst[k], kint[k], math.max(befores[i], now))
+        reply[base + 2], reply[base + 3] = remaining, next_us
+      end
     end
-    reply[#reply + 1] = d[1]
-    reply[#reply + 1] = d[2]
-    reply[#reply + 1] = d[3]
-    reply[#reply + 1] = d[4]
   end
 end
 

@@ -9,6 +9,7 @@ use std::sync::LazyLock;
 
 use ::redis::{Script, ScriptInvocation, Value};
 
+use crate::limit::bucket::BucketSpec;
 use crate::store::{BucketOutcome, BucketRequest, StoreError};
 
 /// `store/bucket.lua`, loaded once per process. `redis::Script` sends `EVALSHA` and, on
@@ -104,32 +105,34 @@ pub(crate) fn batch_invocation<'r>(
     invocation
 }
 
-/// KEYS and ARGV (after the mode) of a batch: every key once, and per request its bucket
-/// count, then per bucket the key's index (from 1), interval_us, burst and cost. Indices
-/// instead of repeated keys: a hot key shared by the whole batch costs its bytes once.
+/// KEYS and ARGV (after the mode) of a batch: every bucket kind (key and spec) once, with its
+/// interval_us and burst; the number of requests; per request its bucket count, then per
+/// bucket its kind's index (from 1) and cost. A hot key shared by the whole batch costs its
+/// bytes and its spec once, and each of its requests three small integers.
 fn batch_layout<'r>(
     batch: impl ExactSizeIterator<Item = &'r [BucketRequest]>,
 ) -> (Vec<&'r str>, Vec<u64>) {
     let mut keys: Vec<&str> = Vec::new();
-    let mut index: HashMap<&str, u64> = HashMap::new();
-    let mut args = Vec::with_capacity(1 + batch.len() * 5);
-    args.push(batch.len() as u64);
-    for requests in batch {
-        args.push(requests.len() as u64);
-        for request in requests {
-            let key_index = *index.entry(request.key.as_str()).or_insert_with(|| {
-                keys.push(request.key.as_str());
-                keys.len() as u64
-            });
-            args.extend([
-                key_index,
-                request.spec.interval_us,
-                request.spec.burst,
-                lua_cost(request),
-            ]);
+    let mut kinds: Vec<u64> = Vec::new();
+    let mut index: HashMap<(&str, BucketSpec), u64> = HashMap::new();
+    let mut requests = Vec::with_capacity(1 + batch.len() * 3);
+    requests.push(batch.len() as u64);
+    for buckets in batch {
+        requests.push(buckets.len() as u64);
+        for request in buckets {
+            let spec = request.spec;
+            let kind = *index
+                .entry((request.key.as_str(), spec))
+                .or_insert_with(|| {
+                    keys.push(request.key.as_str());
+                    kinds.extend([spec.interval_us, spec.burst]);
+                    keys.len() as u64
+                });
+            requests.extend([kind, lua_cost(request)]);
         }
     }
-    (keys, args)
+    kinds.extend(requests);
+    (keys, kinds)
 }
 
 /// Parses the script's reply: 4 integers per bucket. Any other shape is a protocol error.
@@ -240,7 +243,6 @@ fn parse_outcomes(items: &[Value]) -> Result<Vec<BucketOutcome>, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limit::bucket::BucketSpec;
 
     fn request(burst: u64, interval_us: u64, cost: u64) -> BucketRequest {
         BucketRequest {
@@ -273,20 +275,22 @@ mod tests {
     }
 
     #[test]
-    fn batch_layout_sends_each_key_once_and_clamps_costs() {
+    fn batch_layout_sends_each_kind_once_and_clamps_costs() {
         let first = [keyed("hot", 5, 1), keyed("a", 2, 9)];
         let second = [keyed("hot", 5, 2)];
-        let third = [keyed("b", 3, 1), keyed("hot", 5, 1), keyed("a", 2, 1)];
+        // "a" with another burst (a reloaded policy) is another kind.
+        let third = [keyed("b", 3, 1), keyed("hot", 5, 1), keyed("a", 4, 1)];
         let batch: [&[BucketRequest]; 3] = [&first, &second, &third];
         let (keys, args) = batch_layout(batch.into_iter());
-        assert_eq!(keys, ["hot", "a", "b"]);
+        assert_eq!(keys, ["hot", "a", "b", "a"]);
         assert_eq!(
             args,
             [
+                10, 5, 10, 2, 10, 3, 10, 4, // interval and burst per kind
                 3, // requests
-                2, 1, 10, 5, 1, 2, 10, 2, 3, // a's cost 9 > burst 2: clamped to 3
-                1, 1, 10, 5, 2, // hot again: index 1
-                3, 3, 10, 3, 1, 1, 10, 5, 1, 2, 10, 2, 1, // b is new: index 3
+                2, 1, 1, 2, 3, // a's cost 9 > burst 2: clamped to 3
+                1, 1, 2, // hot again: kind 1
+                3, 3, 1, 1, 1, 4, 1,
             ]
         );
     }
