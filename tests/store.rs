@@ -9,6 +9,7 @@ mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
@@ -16,7 +17,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use redis::aio::MultiplexedConnection;
 use tollgate::limit::bucket::{self, BucketSpec};
-use tollgate::store::redis::{RedisClusterStore, RedisStore};
+use tollgate::store::redis::{MAX_BATCH_REQUESTS, RedisClusterStore, RedisStore};
 use tollgate::store::{BucketOutcome, BucketRequest, BucketStore, StoreError};
 
 use support::{RedisCluster, RedisServer};
@@ -52,6 +53,24 @@ async fn admin(url: &str) -> MultiplexedConnection {
 async fn redis_now(conn: &mut MultiplexedConnection) -> u64 {
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.expect("TIME");
     secs * 1_000_000 + micros
+}
+
+/// How many `EVALSHA` commands the server has run (`INFO commandstats`).
+async fn evalsha_calls(conn: &mut MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .expect("INFO commandstats");
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+        .map(|rest| {
+            rest.split(',')
+                .next()
+                .and_then(|calls| calls.parse().ok())
+                .expect("a call count")
+        })
+        .unwrap_or(0)
 }
 
 /// A small xorshift generator: the randomized tests replay the same cases on every run.
@@ -171,6 +190,93 @@ async fn thousand_concurrent_acquires_admit_exactly_burst() {
         .filter(|&admitted| admitted)
         .count();
     assert_eq!(admitted, 100);
+}
+
+/// The batcher under a burst of concurrent acquires on one hot key: exactly `burst` admitted,
+/// and with far fewer script runs than requests (requests arriving while a batch is out go
+/// together in the next one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_acquires_are_batched_and_still_exact() {
+    let server = RedisServer::start();
+    let store = Arc::new(RedisStore::new(&server.url(), Duration::from_secs(10)).expect("store"));
+    let mut conn = admin(&server.url()).await;
+    // Loads the script, so NOSCRIPT retries do not count below.
+    one(&*store, &slow("tollgate:rl:{warm}:p", 1)).await;
+    let req = Arc::new(slow("tollgate:rl:{hot}:p", 300));
+    let before = evalsha_calls(&mut conn).await;
+    let tasks = (0..2000).map(|_| {
+        let store = store.clone();
+        let req = req.clone();
+        tokio::spawn(async move { one(&*store, &req).await })
+    });
+    let outcomes: Vec<BucketOutcome> = join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task"))
+        .collect();
+    let calls = evalsha_calls(&mut conn).await - before;
+    eprintln!("2000 concurrent acquires: {calls} script runs");
+    assert_eq!(outcomes.iter().filter(|o| o.admitted).count(), 300);
+    // Every remaining count from 299 down to 0 was handed out exactly once.
+    let mut remaining: Vec<u64> = outcomes
+        .iter()
+        .filter(|o| o.admitted)
+        .map(|o| o.remaining)
+        .collect();
+    remaining.sort_unstable();
+    assert_eq!(remaining, (0..300).collect::<Vec<u64>>());
+    assert!(
+        calls * 10 <= 2000,
+        "{calls} script runs for 2000 requests: batches did not form"
+    );
+    assert!(calls as usize >= 2000 / MAX_BATCH_REQUESTS, "the cap holds");
+}
+
+/// Requests that arrive while a batch is out are sent together, in arrival order, as soon as
+/// it answers. Redis is frozen so that the first batch stays out while the others queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_queued_behind_a_batch_go_in_one_script_run() {
+    let server = RedisServer::start();
+    let store = Arc::new(RedisStore::new(&server.url(), Duration::from_secs(10)).expect("store"));
+    let mut conn = admin(&server.url()).await;
+    one(&*store, &slow("tollgate:rl:{warm}:p", 1)).await;
+    let before = evalsha_calls(&mut conn).await;
+
+    let pid = Pid::from_raw(i32::try_from(server.pid()).expect("pid fits i32"));
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+    let queued = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let store = store.clone();
+            let queued = queued.clone();
+            tokio::spawn(async move {
+                let req = slow("tollgate:rl:{q}:p", 60);
+                let acquire = store.acquire(std::slice::from_ref(&req));
+                tokio::pin!(acquire);
+                // The first poll hands the request to the batcher.
+                assert!(futures_util::poll!(&mut acquire).is_pending());
+                queued.fetch_add(1, Ordering::SeqCst);
+                (i, acquire.await.expect("answered after SIGCONT")[0])
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    while queued.load(Ordering::SeqCst) < 100 {
+        assert!(start.elapsed() < RECOVERY_DEADLINE, "tasks did not start");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    kill(pid, Signal::SIGCONT).expect("SIGCONT");
+    let outcomes: Vec<(usize, BucketOutcome)> = join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task"))
+        .collect();
+    let calls = evalsha_calls(&mut conn).await - before;
+    assert_eq!(outcomes.iter().filter(|(_, o)| o.admitted).count(), 60);
+    // One batch was out when Redis froze (two if another was sent before the first came
+    // back; none if the batcher woke only after all had queued); everything else waited for
+    // it and went in one more.
+    assert!((1..=3).contains(&calls), "{calls} script runs");
 }
 
 /// In one batch, an earlier request drains a key; a later request on that key and another
@@ -600,6 +706,11 @@ async fn frozen_redis_times_out_within_the_deadline_and_recovers_after_sigcont()
     }
     assert!(calls >= 5);
     assert!(matches!(store.ping().await, Err(StoreError::Timeout(_))));
+    // Concurrent waiters share batches: each still gets its Timeout within its deadline.
+    let waiters = (0..20).map(|_| fails_within(&store, &req, Duration::from_millis(200)));
+    for error in join_all(waiters).await {
+        assert!(matches!(error, StoreError::Timeout(_)), "{error:?}");
+    }
 
     kill(pid, Signal::SIGCONT).expect("SIGCONT");
     let took = wait_until_working(&store, &req).await;
@@ -620,6 +731,32 @@ async fn store_made_while_redis_is_down_is_unavailable_then_works() {
     let _server = RedisServer::start_on(port);
     let took = wait_until_working(&store, &req).await;
     assert!(took < Duration::from_secs(1), "usable after {took:?}");
+}
+
+/// The batcher task dies with the runtime it was started on; the store starts a new one on
+/// the next call instead of staying dead.
+#[test]
+fn a_store_outlives_the_runtime_that_started_its_batcher() {
+    let server = RedisServer::start();
+    let req = slow("tollgate:rl:{rt}:p", 5);
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime")
+    };
+    let first = runtime();
+    let store = first.block_on(async {
+        let store = RedisStore::new(&server.url(), TIMEOUT).expect("store");
+        assert_eq!(one(&store, &req).await.remaining, 4);
+        store
+    });
+    drop(first);
+    runtime().block_on(async {
+        wait_until_working(&store, &req).await;
+        assert!(one(&store, &req).await.remaining <= 2);
+    });
 }
 
 #[test]

@@ -51,7 +51,7 @@ mod single;
 
 pub use cluster::RedisClusterStore;
 pub use script::BatchDecision;
-pub use single::RedisStore;
+pub use single::{MAX_BATCH_BUCKETS, MAX_BATCH_REQUESTS, RedisStore};
 
 /// Default hard deadline for one acquire or ping.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_millis(50);
