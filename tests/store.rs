@@ -7,7 +7,9 @@
 
 mod support;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
@@ -15,7 +17,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use redis::aio::MultiplexedConnection;
 use tollgate::limit::bucket::{self, BucketSpec};
-use tollgate::store::redis::{RedisClusterStore, RedisStore};
+use tollgate::store::redis::{MAX_BATCH_REQUESTS, RedisClusterStore, RedisStore};
 use tollgate::store::{BucketOutcome, BucketRequest, BucketStore, StoreError};
 
 use support::{RedisCluster, RedisServer};
@@ -51,6 +53,34 @@ async fn admin(url: &str) -> MultiplexedConnection {
 async fn redis_now(conn: &mut MultiplexedConnection) -> u64 {
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.expect("TIME");
     secs * 1_000_000 + micros
+}
+
+/// How many `EVALSHA` commands the server has run (`INFO commandstats`).
+async fn evalsha_calls(conn: &mut MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .expect("INFO commandstats");
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+        .map(|rest| {
+            rest.split(',')
+                .next()
+                .and_then(|calls| calls.parse().ok())
+                .expect("a call count")
+        })
+        .unwrap_or(0)
+}
+
+/// A small xorshift generator: the randomized tests replay the same cases on every run.
+fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
+    move |below: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % below.max(1)
+    }
 }
 
 async fn one(store: &dyn BucketStore, request: &BucketRequest) -> BucketOutcome {
@@ -160,6 +190,319 @@ async fn thousand_concurrent_acquires_admit_exactly_burst() {
         .filter(|&admitted| admitted)
         .count();
     assert_eq!(admitted, 100);
+}
+
+/// The batcher under a burst of concurrent acquires on one hot key: exactly `burst` admitted,
+/// and with far fewer script runs than requests (requests arriving while a batch is out go
+/// together in the next one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_acquires_are_batched_and_still_exact() {
+    let server = RedisServer::start();
+    let store = Arc::new(RedisStore::new(&server.url(), Duration::from_secs(10)).expect("store"));
+    let mut conn = admin(&server.url()).await;
+    // Loads the script, so NOSCRIPT retries do not count below.
+    one(&*store, &slow("tollgate:rl:{warm}:p", 1)).await;
+    let req = Arc::new(slow("tollgate:rl:{hot}:p", 300));
+    let before = evalsha_calls(&mut conn).await;
+    let tasks = (0..2000).map(|_| {
+        let store = store.clone();
+        let req = req.clone();
+        tokio::spawn(async move { one(&*store, &req).await })
+    });
+    let outcomes: Vec<BucketOutcome> = join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task"))
+        .collect();
+    let calls = evalsha_calls(&mut conn).await - before;
+    eprintln!("2000 concurrent acquires: {calls} script runs");
+    assert_eq!(outcomes.iter().filter(|o| o.admitted).count(), 300);
+    // Every remaining count from 299 down to 0 was handed out exactly once.
+    let mut remaining: Vec<u64> = outcomes
+        .iter()
+        .filter(|o| o.admitted)
+        .map(|o| o.remaining)
+        .collect();
+    remaining.sort_unstable();
+    assert_eq!(remaining, (0..300).collect::<Vec<u64>>());
+    assert!(
+        calls * 10 <= 2000,
+        "{calls} script runs for 2000 requests: batches did not form"
+    );
+    assert!(calls as usize >= 2000 / MAX_BATCH_REQUESTS, "the cap holds");
+}
+
+/// Requests that arrive while a batch is out are sent together, in arrival order, as soon as
+/// it answers. Redis is frozen so that the first batch stays out while the others queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_queued_behind_a_batch_go_in_one_script_run() {
+    let server = RedisServer::start();
+    let store = Arc::new(RedisStore::new(&server.url(), Duration::from_secs(10)).expect("store"));
+    let mut conn = admin(&server.url()).await;
+    one(&*store, &slow("tollgate:rl:{warm}:p", 1)).await;
+    let before = evalsha_calls(&mut conn).await;
+
+    let pid = Pid::from_raw(i32::try_from(server.pid()).expect("pid fits i32"));
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+    let queued = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let store = store.clone();
+            let queued = queued.clone();
+            tokio::spawn(async move {
+                let req = slow("tollgate:rl:{q}:p", 60);
+                let acquire = store.acquire(std::slice::from_ref(&req));
+                tokio::pin!(acquire);
+                // The first poll hands the request to the batcher.
+                assert!(futures_util::poll!(&mut acquire).is_pending());
+                queued.fetch_add(1, Ordering::SeqCst);
+                (i, acquire.await.expect("answered after SIGCONT")[0])
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    while queued.load(Ordering::SeqCst) < 100 {
+        assert!(start.elapsed() < RECOVERY_DEADLINE, "tasks did not start");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    kill(pid, Signal::SIGCONT).expect("SIGCONT");
+    let outcomes: Vec<(usize, BucketOutcome)> = join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task"))
+        .collect();
+    let calls = evalsha_calls(&mut conn).await - before;
+    assert_eq!(outcomes.iter().filter(|(_, o)| o.admitted).count(), 60);
+    // One batch was out when Redis froze (two if another was sent before the first came
+    // back; none if the batcher woke only after all had queued); everything else waited for
+    // it and went in one more.
+    assert!((1..=3).contains(&calls), "{calls} script runs");
+}
+
+/// In one batch, an earlier request drains a key; a later request on that key and another
+/// is refused as a whole and takes nothing from the other key, which the next request sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_drained_by_an_earlier_one_in_its_batch_takes_nothing() {
+    let server = RedisServer::start();
+    let store = RedisStore::new(&server.url(), Duration::from_secs(5)).expect("store");
+    let mut conn = admin(&server.url()).await;
+    let hot = request("tollgate:rl:{b}:hot", 2, HOUR_US, 2);
+    let other = slow("tollgate:rl:{b}:other", 5);
+    let drain = [hot.clone()];
+    let both = [request(&hot.key, 2, HOUR_US, 1), other.clone()];
+    let after = [other.clone()];
+    let decision = store
+        .acquire_batch(&[&drain, &both, &after])
+        .await
+        .expect("batch");
+    let [drained, refused, next] = &decision.outcomes[..] else {
+        panic!("three answers expected: {decision:?}");
+    };
+    assert!(drained[0].admitted);
+    assert_eq!(drained[0].remaining, 0);
+    assert!(!refused[0].admitted, "hot was drained by the first request");
+    assert_eq!(refused[0].retry_after_us, HOUR_US);
+    assert!(refused[1].admitted, "other had room...");
+    assert_eq!(
+        refused[1].remaining, 5,
+        "...and reports its untouched level"
+    );
+    assert!(next[0].admitted);
+    assert_eq!(next[0].remaining, 4, "the refused request consumed nothing");
+    let stored: u64 = redis::cmd("GET")
+        .arg(&other.key)
+        .query_async(&mut conn)
+        .await
+        .expect("GET");
+    assert_eq!(stored, decision.now_us + HOUR_US, "exactly one draw");
+}
+
+/// What `acquire` decides for one request at `now`, by `bucket::decide` per bucket, all or
+/// nothing, given every key's TAT in `state` (absent: full); updates `state` when admitted.
+fn model_request(
+    state: &mut HashMap<String, u64>,
+    requests: &[BucketRequest],
+    now: u64,
+) -> Vec<BucketOutcome> {
+    let mut draws: HashMap<&str, u64> = HashMap::new();
+    let decided: Vec<(bucket::BucketDecision, u64)> = requests
+        .iter()
+        .map(|r| {
+            let before = state.get(&r.key).copied().unwrap_or(0);
+            let tat = draws.get(r.key.as_str()).copied().unwrap_or(before);
+            let d = bucket::decide(r.spec, tat, now, r.cost);
+            if d.admitted {
+                draws.insert(&r.key, d.tat_us);
+            }
+            (d, before)
+        })
+        .collect();
+    let all = decided.iter().all(|(d, _)| d.admitted);
+    if all {
+        for (key, tat) in draws {
+            state.insert(key.to_owned(), tat);
+        }
+    }
+    decided
+        .into_iter()
+        .zip(requests)
+        .map(|((d, before), r)| {
+            if all || !d.admitted {
+                BucketOutcome {
+                    admitted: d.admitted,
+                    remaining: d.remaining,
+                    next_token_us: d.next_token_us,
+                    retry_after_us: d.retry_after_us,
+                }
+            } else {
+                // Had room, but the request was refused: the bucket as it is.
+                let level = bucket::decide(r.spec, before, now, 0);
+                BucketOutcome {
+                    admitted: true,
+                    remaining: level.remaining,
+                    next_token_us: level.next_token_us,
+                    retry_after_us: 0,
+                }
+            }
+        })
+        .collect()
+}
+
+/// Random batches against the sequential model at the `now` the script reports: every
+/// outcome and every stored TAT must be what deciding the requests one by one at that instant
+/// gives. Keys come from a small pool, so requests in a batch collide, drain each other, list
+/// a key twice, and cost more than the burst.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_matches_sequential_decide_to_the_microsecond() {
+    let server = RedisServer::start();
+    let store = RedisStore::new(&server.url(), Duration::from_secs(5)).expect("store");
+    let mut conn = admin(&server.url()).await;
+    let mut next = xorshift(0x2545_f491_4f6c_dd1d);
+    let mut refused_as_a_whole = 0;
+    for case in 0..200 {
+        let keys: Vec<String> = (0..1 + next(5))
+            .map(|k| format!("tollgate:rl:{{batch}}:{case}:{k}"))
+            .collect();
+        let specs: Vec<BucketSpec> = keys
+            .iter()
+            .map(|_| {
+                let burst_below = if next(4) == 0 { 1 << 20 } else { 6 };
+                let interval_below = if next(2) == 0 { 1 << 32 } else { 5_000 };
+                let burst = 1 + next(burst_below);
+                let interval_us = 1 + next(interval_below);
+                BucketSpec { burst, interval_us }
+            })
+            .filter(|s| {
+                s.burst
+                    .checked_mul(s.interval_us)
+                    .is_some_and(|c| c <= 1 << 52)
+            })
+            .collect();
+        if specs.is_empty() {
+            continue;
+        }
+        let before = redis_now(&mut conn).await;
+        let mut state: HashMap<String, u64> = HashMap::new();
+        for (key, spec) in keys.iter().zip(&specs) {
+            if next(3) == 0 {
+                continue; // absent: a full bucket
+            }
+            let capacity = spec.full_refill_us();
+            let offset = next(capacity * 2 + 2) as i64 - (capacity / 2) as i64;
+            let tat = before.saturating_add_signed(offset);
+            let _: () = redis::cmd("SET")
+                .arg(key)
+                .arg(tat)
+                .query_async(&mut conn)
+                .await
+                .expect("SET");
+            state.insert(key.clone(), tat);
+        }
+        let batch: Vec<Vec<BucketRequest>> = (0..1 + next(12))
+            .map(|_| {
+                (0..1 + next(3))
+                    .map(|_| {
+                        let k = next(specs.len() as u64) as usize;
+                        let spec = specs[k];
+                        BucketRequest {
+                            key: keys[k].clone(),
+                            spec,
+                            cost: next(spec.burst.min(4) + 2),
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let slices: Vec<&[BucketRequest]> = batch.iter().map(Vec::as_slice).collect();
+        let decision = store.acquire_batch(&slices).await.expect("batch");
+        let after = redis_now(&mut conn).await;
+        let now = decision.now_us;
+        assert!((before..=after).contains(&now), "case {case}: TIME {now}");
+
+        let initial = state.clone();
+        let mut written: HashSet<&str> = HashSet::new();
+        for (i, (requests, got)) in batch.iter().zip(&decision.outcomes).enumerate() {
+            let expected = model_request(&mut state, requests, now);
+            assert_eq!(
+                got, &expected,
+                "case {case}, request {i} of {batch:?} at {now} from {initial:?}"
+            );
+            if got.iter().all(|o| o.admitted) {
+                written.extend(requests.iter().map(|r| r.key.as_str()));
+            } else if got.iter().any(|o| o.admitted) {
+                refused_as_a_whole += 1;
+            }
+        }
+        for key in &keys {
+            let stored: Option<u64> = redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .expect("GET");
+            let model = state.get(key).copied();
+            if !written.contains(key.as_str()) {
+                assert_eq!(stored, model, "case {case}: {key} was not to be written");
+            } else if let Some(tat) = model.filter(|&tat| tat > now) {
+                // Written with PX: it may have expired since if it was almost full.
+                assert!(
+                    stored == Some(tat) || (stored.is_none() && tat <= redis_now(&mut conn).await),
+                    "case {case}: {key} stored {stored:?}, model {tat}"
+                );
+            } else {
+                assert_eq!(stored, None, "case {case}: {key} is full again: deleted");
+            }
+        }
+    }
+    assert!(
+        refused_as_a_whole > 10,
+        "the cases exercise all-or-nothing ({refused_as_a_whole})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_batch_arguments_are_a_script_error() {
+    let server = RedisServer::start();
+    let mut conn = admin(&server.url()).await;
+    let script = redis::Script::new(include_str!("../src/store/bucket.lua"));
+    let cases: [&[&str]; 5] = [
+        &["batch"],
+        &["batch", "10", "5", "2", "1", "1", "1"], // one request announced twice
+        &["batch", "10", "5", "1", "1", "2", "1"], // kind beyond KEYS
+        &["batch", "10", "5", "1", "1", "1", "1", "7"], // trailing argument
+        &["batches"],
+    ];
+    let mut valid = script.key("tollgate:rl:{m}:p");
+    valid.arg(&["batch", "10", "5", "1", "1", "1", "1"]);
+    let reply: Vec<i64> = valid.invoke_async(&mut conn).await.expect("a valid batch");
+    assert_eq!(reply[1..], [1, 4, 10, 0]);
+    for args in cases {
+        let mut invocation = script.key("tollgate:rl:{m}:p");
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        let result = invocation.invoke_async::<redis::Value>(&mut conn).await;
+        assert!(result.is_err(), "{args:?} answered {result:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -363,6 +706,11 @@ async fn frozen_redis_times_out_within_the_deadline_and_recovers_after_sigcont()
     }
     assert!(calls >= 5);
     assert!(matches!(store.ping().await, Err(StoreError::Timeout(_))));
+    // Concurrent waiters share batches: each still gets its Timeout within its deadline.
+    let waiters = (0..20).map(|_| fails_within(&store, &req, Duration::from_millis(200)));
+    for error in join_all(waiters).await {
+        assert!(matches!(error, StoreError::Timeout(_)), "{error:?}");
+    }
 
     kill(pid, Signal::SIGCONT).expect("SIGCONT");
     let took = wait_until_working(&store, &req).await;
@@ -383,6 +731,32 @@ async fn store_made_while_redis_is_down_is_unavailable_then_works() {
     let _server = RedisServer::start_on(port);
     let took = wait_until_working(&store, &req).await;
     assert!(took < Duration::from_secs(1), "usable after {took:?}");
+}
+
+/// The batcher task dies with the runtime it was started on; the store starts a new one on
+/// the next call instead of staying dead.
+#[test]
+fn a_store_outlives_the_runtime_that_started_its_batcher() {
+    let server = RedisServer::start();
+    let req = slow("tollgate:rl:{rt}:p", 5);
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime")
+    };
+    let first = runtime();
+    let store = first.block_on(async {
+        let store = RedisStore::new(&server.url(), TIMEOUT).expect("store");
+        assert_eq!(one(&store, &req).await.remaining, 4);
+        store
+    });
+    drop(first);
+    runtime().block_on(async {
+        wait_until_working(&store, &req).await;
+        assert!(one(&store, &req).await.remaining <= 2);
+    });
 }
 
 #[test]

@@ -6,6 +6,35 @@
 //! - **One script per decision.** All buckets of a request (in one hash slot) are decided and
 //!   written by a single `EVALSHA`, which Redis runs alone: no read-modify-write races between
 //!   gateways, one round trip, and Redis `TIME` as the one clock all gateways share.
+//! - **With one server, one script per batch of concurrent decisions** (group commit). Under
+//!   load most of a decision's cost is per command, not per bucket: the `EVALSHA` call, `TIME`,
+//!   the client's encoding and decoding. So [`RedisStore`] does not send its own script per
+//!   acquire: it queues the request for a batcher task, which takes the first waiting request
+//!   and every one already queued behind it and decides them all with one run of the script's
+//!   `batch` mode. Measured with 64 concurrent connections through the gateway: about 16
+//!   requests per run and Redis CPU per request down from 14 to 6 µs; with 64 tasks calling
+//!   the store in-process, client CPU per decision down from 3.9 to 1.9 µs.
+//!   - *Exact.* The script reads `TIME` once and decides the requests in queue order, each all
+//!     or nothing across its own buckets as a lone `acquire` would, carrying each key's TAT
+//!     from one request to the next (the second request on a hot key sees the first's draw),
+//!     and writes every changed key once at the end with the same expiry. Each request gets
+//!     exactly what deciding them one after another at that `TIME` would give (tested against
+//!     the pure [`crate::limit::bucket`] model at the `TIME` the script reports).
+//!   - *Latency.* One batch is in flight at a time. A request arriving while none is out is
+//!     sent at once, alone: there is no timer and never a wait for company. One arriving while
+//!     a batch is out waits for that batch's answer, then goes with everything that queued
+//!     meanwhile: at most one batch ahead of it, so the batch size grows with the load by
+//!     itself. Two in flight were measured too: smaller batches, more Redis CPU, the same
+//!     throughput.
+//!   - *The cap.* A batch holds at most [`MAX_BATCH_REQUESTS`] requests and about
+//!     [`MAX_BATCH_BUCKETS`] buckets, because Redis runs nothing else while the script runs
+//!     (under 2 µs per one-bucket request was measured, about half a millisecond at the cap):
+//!     the cap bounds what one batch adds to every other client's latency.
+//!   - *Failures.* A failed or timed-out batch fails each of its waiters with the same
+//!     [`StoreError`], so the limiter's breaker and `on_store_error` see what they saw before;
+//!     a waiter also gives up at its own deadline. Requests whose waiter gave up while queued
+//!     are not sent. The batcher is restarted by the next acquire if it stopped (its runtime
+//!     shut down, a panic).
 //! - **A hard deadline on every call.** A rate limiter sits on the request path: a slow answer
 //!   is worse than none, because the limiter can fall back (`on_store_error`). Every acquire
 //!   and ping is wrapped in `tokio::time::timeout` (`command_timeout`, 50 ms by default), which
@@ -21,19 +50,26 @@
 //! - **Stale connections are replaced.** If calls have only timed out for
 //!   [`STALE_CONNECTION_AFTER`], the connection is thrown away and a new one made: a peer that
 //!   vanished without a TCP reset (host died, network partition) would otherwise hold the
-//!   client on a dead socket for the kernel's retransmission timeout (~15 minutes).
+//!   client on a dead socket for the kernel's retransmission timeout (~15 minutes). For the
+//!   single-server store a batch is one call: a waiter that timed out only because it queued
+//!   behind slow batches says nothing about the connection.
 //!
 //! # Known limits
 //!
 //! - A call that timed out may still have been executed by Redis (it was sent; the answer came
 //!   late, e.g. after SIGCONT): its tokens stay taken until they refill. No client can avoid
-//!   this without a second round trip.
+//!   this without a second round trip. With batching this holds for every request of the
+//!   batch.
+//! - Only the single-server store batches. [`RedisClusterStore`] still sends one script per
+//!   hash tag per request: a batch there would have to be split by slot and node, with one
+//!   batcher per node, and requests spanning slots already need the refund path.
 //! - The cluster store decides each hash tag atomically, but a request spanning several tags is
 //!   all-or-nothing only eventually: admitted tags are refunded when another tag rejects, and
 //!   for that short moment other requests see those tokens taken.
 //! - Buckets whose `burst`, `interval_us` or `burst * interval_us` exceed 2^52 are refused with
 //!   [`StoreError::Protocol`] (Lua computes in doubles; see `bucket.lua`).
 //!
+//! [`StoreError`]: crate::store::StoreError
 //! [`StoreError::Unavailable`]: crate::store::StoreError::Unavailable
 //! [`StoreError::Protocol`]: crate::store::StoreError::Protocol
 
@@ -50,7 +86,8 @@ mod script;
 mod single;
 
 pub use cluster::RedisClusterStore;
-pub use single::RedisStore;
+pub use script::BatchDecision;
+pub use single::{MAX_BATCH_BUCKETS, MAX_BATCH_REQUESTS, RedisStore};
 
 /// Default hard deadline for one acquire or ping.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_millis(50);

@@ -4,10 +4,12 @@
 //! parsing that turns any unexpected reply into [`StoreError::Protocol`] are unit-tested
 //! without a server.
 
+use std::collections::HashMap;
 use std::sync::LazyLock;
 
 use ::redis::{Script, ScriptInvocation, Value};
 
+use crate::limit::bucket::BucketSpec;
 use crate::store::{BucketOutcome, BucketRequest, StoreError};
 
 /// `store/bucket.lua`, loaded once per process. `redis::Script` sends `EVALSHA` and, on
@@ -23,7 +25,7 @@ pub(crate) static SCRIPT: LazyLock<Script> =
 /// rate-limit window.
 pub(crate) const LUA_EXACT_MAX: u64 = 1 << 52;
 
-/// What the script does with its buckets.
+/// What the script does with its buckets (one request; a batch has [`batch_invocation`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {
     /// Take `cost` from every bucket, all or nothing.
@@ -71,34 +73,129 @@ pub(crate) fn invocation<'r>(
     invocation.arg(mode.as_arg());
     for request in requests {
         let spec = request.spec;
-        // A cost above burst is rejected whatever its size; clamping keeps it exact in Lua.
-        // `check` bounds burst by 2^52, so `burst + 1` cannot overflow.
-        let cost = request.cost.min(spec.burst.saturating_add(1));
         invocation
             .key(request.key.as_str())
             .arg(spec.interval_us)
             .arg(spec.burst)
-            .arg(cost);
+            .arg(lua_cost(request));
     }
     invocation
 }
 
+/// A cost above burst is rejected whatever its size; clamping keeps it exact in Lua. `check`
+/// bounds burst by 2^52, so `burst + 1` cannot overflow.
+fn lua_cost(request: &BucketRequest) -> u64 {
+    request.cost.min(request.spec.burst.saturating_add(1))
+}
+
+/// The `EVALSHA` deciding several requests in this order with one script run (`batch` mode of
+/// `bucket.lua`). Call [`check`] on every request first.
+pub(crate) fn batch_invocation<'r>(
+    batch: impl ExactSizeIterator<Item = &'r [BucketRequest]>,
+) -> ScriptInvocation<'static> {
+    let (keys, args) = batch_layout(batch);
+    let mut invocation = SCRIPT.prepare_invoke();
+    invocation.arg("batch");
+    for key in keys {
+        invocation.key(key);
+    }
+    for arg in args {
+        invocation.arg(arg);
+    }
+    invocation
+}
+
+/// KEYS and ARGV (after the mode) of a batch: every bucket kind (key and spec) once, with its
+/// interval_us and burst; the number of requests; per request its bucket count, then per
+/// bucket its kind's index (from 1) and cost. A hot key shared by the whole batch costs its
+/// bytes and its spec once, and each of its requests three small integers.
+fn batch_layout<'r>(
+    batch: impl ExactSizeIterator<Item = &'r [BucketRequest]>,
+) -> (Vec<&'r str>, Vec<u64>) {
+    let mut keys: Vec<&str> = Vec::new();
+    let mut kinds: Vec<u64> = Vec::new();
+    let mut index: HashMap<(&str, BucketSpec), u64> = HashMap::new();
+    let mut requests = Vec::with_capacity(1 + batch.len() * 3);
+    requests.push(batch.len() as u64);
+    for buckets in batch {
+        requests.push(buckets.len() as u64);
+        for request in buckets {
+            let spec = request.spec;
+            let kind = *index
+                .entry((request.key.as_str(), spec))
+                .or_insert_with(|| {
+                    keys.push(request.key.as_str());
+                    kinds.extend([spec.interval_us, spec.burst]);
+                    keys.len() as u64
+                });
+            requests.extend([kind, lua_cost(request)]);
+        }
+    }
+    kinds.extend(requests);
+    (keys, kinds)
+}
+
 /// Parses the script's reply: 4 integers per bucket. Any other shape is a protocol error.
 pub(crate) fn parse_reply(value: Value, buckets: usize) -> Result<Vec<BucketOutcome>, StoreError> {
+    let items = array(value, buckets * 4)?;
+    parse_outcomes(&items)
+}
+
+/// What one `batch` script run answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchDecision {
+    /// Redis `TIME` in microseconds: the `now` of every decision in the batch.
+    pub now_us: u64,
+    /// Each request's outcomes (one per bucket, in its order), requests in batch order.
+    pub outcomes: Vec<Vec<BucketOutcome>>,
+}
+
+/// Parses a `batch` reply for requests of `sizes` buckets each: Redis TIME, then 4 integers per
+/// bucket. Any other shape is a protocol error.
+pub(crate) fn parse_batch_reply(
+    value: Value,
+    sizes: &[usize],
+) -> Result<BatchDecision, StoreError> {
+    let buckets: usize = sizes.iter().sum();
+    let items = array(value, 1 + buckets * 4)?;
+    let now_us = match items.first() {
+        Some(Value::Int(now)) => u64::try_from(*now).ok(),
+        _ => None,
+    }
+    .ok_or_else(|| {
+        StoreError::Protocol(format!(
+            "bucket script replied {:?} where TIME was expected",
+            items.first()
+        ))
+    })?;
+    let mut all = parse_outcomes(&items[1..])?.into_iter();
+    let outcomes = sizes
+        .iter()
+        .map(|&size| all.by_ref().take(size).collect())
+        .collect();
+    Ok(BatchDecision { now_us, outcomes })
+}
+
+/// The reply as an array of exactly `len` values.
+fn array(value: Value, len: usize) -> Result<Vec<Value>, StoreError> {
     let Value::Array(items) = value else {
         return Err(StoreError::Protocol(format!(
             "bucket script replied {value:?}, expected an array"
         )));
     };
-    if items.len() != buckets * 4 {
+    if items.len() != len {
         return Err(StoreError::Protocol(format!(
-            "bucket script replied {} values for {buckets} buckets, expected {}",
-            items.len(),
-            buckets * 4
+            "bucket script replied {} values, expected {len}",
+            items.len()
         )));
     }
+    Ok(items)
+}
+
+/// 4 integers per bucket as outcomes; `items.len()` is a multiple of 4 (checked by [`array`]).
+fn parse_outcomes(items: &[Value]) -> Result<Vec<BucketOutcome>, StoreError> {
     let mut numbers = Vec::with_capacity(items.len());
-    for item in &items {
+    for item in items {
         match item {
             Value::Int(n) => numbers.push(*n),
             other => {
@@ -146,7 +243,6 @@ pub(crate) fn parse_reply(value: Value, buckets: usize) -> Result<Vec<BucketOutc
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limit::bucket::BucketSpec;
 
     fn request(burst: u64, interval_us: u64, cost: u64) -> BucketRequest {
         BucketRequest {
@@ -165,6 +261,70 @@ mod tests {
         assert!(check(&[request(u64::MAX, u64::MAX, 1)]).is_err());
         assert!(check(&[request(0, u64::MAX, 1)]).is_err());
         assert!(check(&[request(0, 1, u64::MAX)]).is_ok(), "cost is clamped");
+    }
+
+    fn keyed(key: &str, burst: u64, cost: u64) -> BucketRequest {
+        BucketRequest {
+            key: key.to_owned(),
+            spec: BucketSpec {
+                burst,
+                interval_us: 10,
+            },
+            cost,
+        }
+    }
+
+    #[test]
+    fn batch_layout_sends_each_kind_once_and_clamps_costs() {
+        let first = [keyed("hot", 5, 1), keyed("a", 2, 9)];
+        let second = [keyed("hot", 5, 2)];
+        // "a" with another burst (a reloaded policy) is another kind.
+        let third = [keyed("b", 3, 1), keyed("hot", 5, 1), keyed("a", 4, 1)];
+        let batch: [&[BucketRequest]; 3] = [&first, &second, &third];
+        let (keys, args) = batch_layout(batch.into_iter());
+        assert_eq!(keys, ["hot", "a", "b", "a"]);
+        assert_eq!(
+            args,
+            [
+                10, 5, 10, 2, 10, 3, 10, 4, // interval and burst per kind
+                3, // requests
+                2, 1, 1, 2, 3, // a's cost 9 > burst 2: clamped to 3
+                1, 1, 2, // hot again: kind 1
+                3, 3, 1, 1, 1, 4, 1,
+            ]
+        );
+    }
+
+    #[test]
+    fn batch_reply_is_split_per_request() {
+        let outcome = |remaining| {
+            [
+                Value::Int(1),
+                Value::Int(remaining),
+                Value::Int(0),
+                Value::Int(0),
+            ]
+        };
+        let mut items = vec![Value::Int(1_700_000_000_000_000)];
+        for remaining in [4, 3, 2] {
+            items.extend(outcome(remaining));
+        }
+        let decision = parse_batch_reply(Value::Array(items.clone()), &[2, 1]).expect("valid");
+        assert_eq!(decision.now_us, 1_700_000_000_000_000);
+        let remaining: Vec<Vec<u64>> = decision
+            .outcomes
+            .iter()
+            .map(|request| request.iter().map(|o| o.remaining).collect())
+            .collect();
+        assert_eq!(remaining, [vec![4, 3], vec![2]]);
+
+        let wrong_sizes = parse_batch_reply(Value::Array(items.clone()), &[1, 1]);
+        assert!(matches!(wrong_sizes, Err(StoreError::Protocol(_))));
+        items[0] = Value::Int(-1);
+        let negative_time = parse_batch_reply(Value::Array(items), &[2, 1]);
+        assert!(matches!(negative_time, Err(StoreError::Protocol(_))));
+        let no_time = parse_batch_reply(Value::Array(outcome(1).to_vec()), &[1]);
+        assert!(matches!(no_time, Err(StoreError::Protocol(_))));
     }
 
     #[test]
