@@ -85,7 +85,6 @@ impl Gateway {
             config.policies.clone(),
             config.identity.clone(),
             store,
-            config.store_timeout,
             Breaker::new(config.store_breaker_failures, config.store_probe_interval),
         );
         if let Some(global) = &global {

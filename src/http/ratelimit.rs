@@ -19,7 +19,7 @@
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{ConnectInfo, Request};
 use axum::response::{IntoResponse, Response};
@@ -48,8 +48,6 @@ pub struct RateLimiter {
     local: MemoryStore,
     breaker: Mutex<Breaker>,
     origin: Instant,
-    /// Belt and braces over the store's own deadline: a decision never waits longer.
-    deadline: Duration,
     /// The deployment-wide state of global policies, when the gateway gossips.
     global: Option<Arc<GlobalLimits>>,
     /// Buckets the store refused, until their cost fits again: refused without asking.
@@ -70,7 +68,6 @@ impl RateLimiter {
         policies: Vec<Policy>,
         identity: IdentityConfig,
         store: Arc<dyn BucketStore>,
-        store_timeout: Duration,
         breaker: Breaker,
     ) -> Self {
         Self {
@@ -80,7 +77,6 @@ impl RateLimiter {
             local: MemoryStore::new(),
             breaker: Mutex::new(breaker),
             origin: Instant::now(),
-            deadline: store_timeout * 2,
             global: None,
             empty: Mutex::new(EmptyBuckets::default()),
         }
@@ -281,11 +277,9 @@ impl RateLimiter {
         let buckets: Vec<BucketRequest> = applied.iter().map(|a| a.bucket.clone()).collect();
         let use_store = self.breaker().allow(self.origin.elapsed());
         if use_store {
-            let answer =
-                match tokio::time::timeout(self.deadline, self.store.acquire(&buckets)).await {
-                    Ok(answer) => answer,
-                    Err(_) => Err(StoreError::Timeout(self.deadline)),
-                };
+            // No timer of our own: every store answers within its deadline (the trait's
+            // contract), and a second timer per request cost a timer-wheel insert and removal.
+            let answer = self.store.acquire(&buckets).await;
             match answer {
                 Ok(outcomes) if outcomes.len() == applied.len() => {
                     if self.breaker().on_success() == Some(Transition::Closed) {

@@ -68,6 +68,9 @@ pub enum StoreError {
 pub trait BucketStore: Send + Sync + 'static {
     /// Takes `cost` from every bucket in `requests`, all or nothing: if any bucket rejects,
     /// no bucket is consumed. Outcomes are in the order of `requests`.
+    ///
+    /// Resolves within the store's own deadline (a [`StoreError::Timeout`] past it): the
+    /// limiter sits on the request path and sets no timer of its own.
     fn acquire<'a>(
         &'a self,
         requests: &'a [BucketRequest],
