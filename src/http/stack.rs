@@ -62,14 +62,14 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 pub type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
 
 /// The proxy listener's service: the three layers above, outermost first.
-pub type ProxyStack = Correlate<RateLimit<Forward>>;
+pub type ProxyStack = Staged<Correlate, Staged<RateLimit, Forward>>;
 
 /// Builds the stack. Requests must carry [`ConnectInfo<SocketAddr>`] (as [`serve`] adds) so
 /// the client address is known.
 pub fn proxy_stack(gateway: Arc<Gateway>) -> ProxyStack {
     ServiceBuilder::new()
-        .layer(CorrelateLayer(gateway.clone()))
-        .layer(RateLimitLayer(gateway.limiter.clone()))
+        .layer(StageLayer(Correlate(gateway.clone())))
+        .layer(StageLayer(RateLimit(gateway.limiter.clone())))
         .service(Forward(gateway))
 }
 
@@ -119,32 +119,46 @@ pub async fn serve(
     Ok(())
 }
 
-/// Layer 1: the request's correlation ID, server span and metrics.
+/// The rest of the stack, as a layer sees it.
+pub trait Next:
+    Service<Request, Response = Response, Error = Infallible, Future: Send> + Send + 'static
+{
+}
+
+impl<S> Next for S where
+    S: Service<Request, Response = Response, Error = Infallible, Future: Send> + Send + 'static
+{
+}
+
+/// One layer's work around the rest of the stack: the request goes in, `inner` is called (or
+/// not: a refusal answers by itself), and what comes back may be changed on its way out.
+pub trait Stage: Clone + Send + Sync + 'static {
+    fn around<S: Next>(self, request: Request, inner: S) -> impl Future<Output = Response> + Send;
+}
+
+/// A [`Stage`] as a tower layer.
 #[derive(Clone)]
-pub struct CorrelateLayer(Arc<Gateway>);
+pub struct StageLayer<St>(St);
 
-impl<S> Layer<S> for CorrelateLayer {
-    type Service = Correlate<S>;
+impl<St: Clone, S> Layer<S> for StageLayer<St> {
+    type Service = Staged<St, S>;
 
-    fn layer(&self, inner: S) -> Correlate<S> {
-        Correlate {
-            gateway: self.0.clone(),
+    fn layer(&self, inner: S) -> Staged<St, S> {
+        Staged {
+            stage: self.0.clone(),
             inner,
         }
     }
 }
 
+/// A [`Stage`] in front of the rest of the stack.
 #[derive(Clone)]
-pub struct Correlate<S> {
-    gateway: Arc<Gateway>,
+pub struct Staged<St, S> {
+    stage: St,
     inner: S,
 }
 
-impl<S> Service<Request> for Correlate<S>
-where
-    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send,
-{
+impl<St: Stage, S: Next + Clone> Service<Request> for Staged<St, S> {
     type Response = Response;
     type Error = Infallible;
     type Future = ResponseFuture;
@@ -155,54 +169,29 @@ where
     }
 
     fn call(&mut self, request: Request) -> ResponseFuture {
-        let gateway = self.gateway.clone();
+        let stage = self.stage.clone();
         let inner = self.inner.clone();
-        Box::pin(async move {
-            Ok(correlate_gateway(&gateway, request, |request| call_inner(inner, request)).await)
-        })
+        Box::pin(async move { Ok(stage.around(request, inner).await) })
+    }
+}
+
+/// Layer 1: the request's correlation ID, server span and metrics.
+#[derive(Clone)]
+pub struct Correlate(Arc<Gateway>);
+
+impl Stage for Correlate {
+    async fn around<S: Next>(self, request: Request, inner: S) -> Response {
+        correlate_gateway(&self.0, request, |request| call_inner(inner, request)).await
     }
 }
 
 /// Layer 2: identity and rate limits.
 #[derive(Clone)]
-pub struct RateLimitLayer(Arc<RateLimiter>);
+pub struct RateLimit(Arc<RateLimiter>);
 
-impl<S> Layer<S> for RateLimitLayer {
-    type Service = RateLimit<S>;
-
-    fn layer(&self, inner: S) -> RateLimit<S> {
-        RateLimit {
-            limiter: self.0.clone(),
-            inner,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct RateLimit<S> {
-    limiter: Arc<RateLimiter>,
-    inner: S,
-}
-
-impl<S> Service<Request> for RateLimit<S>
-where
-    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send,
-{
-    type Response = Response;
-    type Error = Infallible;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request) -> ResponseFuture {
-        let limiter = self.limiter.clone();
-        let inner = self.inner.clone();
-        Box::pin(async move {
-            Ok(rate_limit(&limiter, request, |request| call_inner(inner, request)).await)
-        })
+impl Stage for RateLimit {
+    async fn around<S: Next>(self, request: Request, inner: S) -> Response {
+        rate_limit(&self.0, request, |request| call_inner(inner, request)).await
     }
 }
 
@@ -242,10 +231,7 @@ async fn forward(gateway: &Gateway, request: Request) -> Response {
 
 /// Calls the next layer. The layers here never fail (errors are responses), so the
 /// `Infallible` error cannot occur.
-async fn call_inner<S>(inner: S, request: Request) -> Response
-where
-    S: Service<Request, Response = Response, Error = Infallible>,
-{
+async fn call_inner<S: Next>(inner: S, request: Request) -> Response {
     match inner.oneshot(request).await {
         Ok(response) => response,
         Err(never) => match never {},
