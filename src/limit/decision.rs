@@ -91,24 +91,21 @@ pub fn verdict(results: &[PolicyResult]) -> Verdict {
 
 /// The `RateLimit-Policy`, `RateLimit` and legacy headers for a response.
 ///
-/// Every limited response carries them, so each value is written into one string, with no
-/// intermediate strings per policy.
+/// Every limited response carries them, so each value is written into one string by hand:
+/// through `format!` the two headers cost about 2,500 instructions per request (callgrind),
+/// more than deciding the bucket.
 pub fn headers(results: &[PolicyResult], admitted: bool) -> Vec<(HeaderName, HeaderValue)> {
-    use std::fmt::Write;
     if results.is_empty() {
         return Vec::new();
     }
-    // Writing to a String cannot fail: the `write!` results below are always Ok.
     let mut policy = String::with_capacity(32 * results.len());
-    for (i, r) in results.iter().enumerate() {
-        let separator = if i == 0 { "" } else { ", " };
-        let _ = write!(
-            policy,
-            "{separator}\"{}\";q={};w={}",
-            r.name,
-            r.limit.rate.amount,
-            r.limit.rate.window_secs()
-        );
+    for r in results {
+        if !policy.is_empty() {
+            policy.push_str(", ");
+        }
+        push_item(&mut policy, &r.name, "q", r.limit.rate.amount);
+        policy.push_str(";w=");
+        push_u64(&mut policy, r.limit.rate.window_secs());
     }
     let mut items = String::with_capacity(32 * results.len());
     let mut legacy: Option<(u64, u64, u64)> = None;
@@ -126,8 +123,12 @@ pub fn headers(results: &[PolicyResult], admitted: bool) -> Vec<(HeaderName, Hea
             0
         };
         let t = ceil_secs(outcome.next_token_us);
-        let separator = if items.is_empty() { "" } else { ", " };
-        let _ = write!(items, "{separator}\"{}\";r={remaining};t={t}", result.name);
+        if !items.is_empty() {
+            items.push_str(", ");
+        }
+        push_item(&mut items, &result.name, "r", remaining);
+        items.push_str(";t=");
+        push_u64(&mut items, t);
         if result.legacy_headers && legacy.is_none_or(|(_, r, _)| remaining < r) {
             legacy = Some((result.limit.rate.amount, remaining, t));
         }
@@ -150,11 +151,48 @@ pub fn headers(results: &[PolicyResult], admitted: bool) -> Vec<(HeaderName, Hea
     out
 }
 
+/// `"name";key=value`, the start of one list member.
+fn push_item(out: &mut String, name: &str, key: &str, value: u64) {
+    out.push('"');
+    out.push_str(name);
+    out.push_str("\";");
+    out.push_str(key);
+    out.push('=');
+    push_u64(out, value);
+}
+
+/// `n` in decimal.
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        // n % 10 < 10, so the cast loses nothing.
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &digit in &digits[start..] {
+        out.push(char::from(digit));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::limit::rate::Rate;
     use std::time::Duration;
+
+    proptest::proptest! {
+        #[test]
+        fn numbers_print_as_display_does(n: u64) {
+            let mut out = String::new();
+            push_u64(&mut out, n);
+            proptest::prop_assert_eq!(out, n.to_string());
+        }
+    }
 
     fn result(
         name: &str,
