@@ -10,7 +10,7 @@
 # reverse proxy (:8091) and as proxy + limit_req (:8092, never rejecting), Redis on :6379,
 # and tollgate on :8090 with each bench/*.toml in turn; runs `wrk -t1 -cN` against each,
 # alternating targets over several rounds; prints req/s, latency percentiles, CPU seconds per
-# 10,000 requests and RSS of the process under test; writes bench/RESULTS.md (keeping its
+# 10,000 requests and RSS of the process under test, and Redis's own CPU per 10,000 requests; writes bench/RESULTS.md (keeping its
 # "Microbenchmarks" section, which `cargo bench` numbers are copied into by hand).
 #
 # The global configs are measured with two peer gateways running (started from the same file
