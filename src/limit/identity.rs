@@ -292,6 +292,22 @@ pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[IpNet]) -> IpAddr
     client
 }
 
+/// Formatter output into a fixed buffer; writing past its end is an error, not a panic.
+struct SliceWriter<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+}
+
+impl std::fmt::Write for SliceWriter<'_> {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        let end = self.len.checked_add(text.len()).ok_or(std::fmt::Error)?;
+        let room = self.buf.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+        room.copy_from_slice(text.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
 /// An address printed on the stack, for hot paths (`X-Forwarded-For`, bucket keys): the
 /// longest, an IPv4-mapped IPv6 address, is 45 bytes.
 pub struct IpText {
@@ -329,11 +345,14 @@ impl IpText {
                 len
             }
             IpAddr::V6(v6) => {
-                use std::io::Write;
-                let mut cursor = std::io::Cursor::new(&mut self.buf[..]);
+                use std::fmt::Write;
+                let mut writer = SliceWriter {
+                    buf: &mut self.buf,
+                    len: 0,
+                };
                 // 48 bytes hold any address, so the write cannot run out of room.
-                let _ = write!(cursor, "{v6}");
-                usize::try_from(cursor.position()).unwrap_or(0)
+                let _ = write!(writer, "{v6}");
+                writer.len
             }
         };
         std::str::from_utf8(&self.buf[..len]).unwrap_or_default()
