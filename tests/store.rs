@@ -85,7 +85,7 @@ fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
 
 async fn one(store: &dyn BucketStore, request: &BucketRequest) -> BucketOutcome {
     let outcomes = store
-        .acquire(std::slice::from_ref(request))
+        .acquire(vec![request.clone()])
         .await
         .expect("store answers");
     assert_eq!(outcomes.len(), 1);
@@ -96,7 +96,7 @@ async fn one(store: &dyn BucketStore, request: &BucketRequest) -> BucketOutcome 
 async fn wait_until_working(store: &dyn BucketStore, request: &BucketRequest) -> Duration {
     let start = Instant::now();
     loop {
-        match store.acquire(std::slice::from_ref(request)).await {
+        match store.acquire(vec![request.clone()]).await {
             Ok(_) => {
                 eprintln!("store working after {:?}", start.elapsed());
                 return start.elapsed();
@@ -117,7 +117,7 @@ async fn fails_within(
     limit: Duration,
 ) -> StoreError {
     let start = Instant::now();
-    let result = store.acquire(std::slice::from_ref(request)).await;
+    let result = store.acquire(vec![request.clone()]).await;
     let took = start.elapsed();
     eprintln!("failed in {took:?}: {result:?}");
     assert!(took < limit, "acquire took {took:?} (limit {limit:?})");
@@ -251,7 +251,7 @@ async fn requests_queued_behind_a_batch_go_in_one_script_run() {
             let queued = queued.clone();
             tokio::spawn(async move {
                 let req = slow("tollgate:rl:{q}:p", 60);
-                let acquire = store.acquire(std::slice::from_ref(&req));
+                let acquire = store.acquire(vec![req.clone()]);
                 tokio::pin!(acquire);
                 // The first poll hands the request to the batcher.
                 assert!(futures_util::poll!(&mut acquire).is_pending());
@@ -513,7 +513,7 @@ async fn rejection_by_one_bucket_consumes_nothing_from_the_other() {
     let narrow = slow("tollgate:rl:{c}:narrow", 1);
     let both = [wide.clone(), narrow.clone()];
 
-    let first = store.acquire(&both).await.expect("ok");
+    let first = store.acquire(both.to_vec()).await.expect("ok");
     assert!(first.iter().all(|o| o.admitted));
     assert_eq!((first[0].remaining, first[1].remaining), (4, 0));
 
@@ -523,7 +523,7 @@ async fn rejection_by_one_bucket_consumes_nothing_from_the_other() {
         .query_async(&mut conn)
         .await
         .expect("GET");
-    let second = store.acquire(&both).await.expect("ok");
+    let second = store.acquire(both.to_vec()).await.expect("ok");
     assert!(!second[1].admitted, "narrow is empty");
     assert!(second[0].admitted, "wide had room");
     assert_eq!(second[0].remaining, 4, "wide reports its untouched level");
@@ -548,7 +548,7 @@ async fn every_written_key_expires_within_one_refill() {
     ];
     assert!(
         store
-            .acquire(&requests)
+            .acquire(requests.to_vec())
             .await
             .expect("ok")
             .iter()
@@ -775,11 +775,11 @@ async fn acquire_latency_against_local_redis() {
         slow("tollgate:rl:{ip:203.0.113.7}:per-client", 1 << 20),
         slow("tollgate:rl:{ip:203.0.113.7}:per-route", 1 << 20),
     ];
-    store.acquire(&reqs).await.expect("warm up");
+    store.acquire(reqs.to_vec()).await.expect("warm up");
     let mut samples: Vec<Duration> = Vec::with_capacity(2000);
     for _ in 0..2000 {
         let start = Instant::now();
-        store.acquire(&reqs).await.expect("acquire");
+        store.acquire(reqs.to_vec()).await.expect("acquire");
         samples.push(start.elapsed());
     }
     samples.sort();
@@ -793,7 +793,7 @@ async fn acquire_latency_against_local_redis() {
         let store = store.clone();
         tokio::spawn(async move {
             let req = slow(&format!("tollgate:rl:{{c{}}}:p", i % 50), 1 << 20);
-            store.acquire(std::slice::from_ref(&req)).await.map(|_| ())
+            store.acquire(vec![req.clone()]).await.map(|_| ())
         })
     });
     for task in join_all(tasks).await {
@@ -841,13 +841,13 @@ async fn cluster_exact_burst_on_one_tagged_key() {
     ];
     assert!(
         store
-            .acquire(&pair)
+            .acquire(pair.to_vec())
             .await
             .expect("ok")
             .iter()
             .all(|o| o.admitted)
     );
-    let second = store.acquire(&pair).await.expect("ok");
+    let second = store.acquire(pair.to_vec()).await.expect("ok");
     assert!(second[0].admitted && !second[1].admitted);
     assert_eq!(second[0].remaining, 1, "untouched");
 
@@ -883,7 +883,7 @@ async fn cluster_refunds_the_admitted_slot_when_another_rejects() {
 
     wait_until_working(&store, &slow("tollgate:rl:{warm}:p", 1)).await;
     let both = [wide.clone(), narrow.clone()];
-    let first = store.acquire(&both).await.expect("ok");
+    let first = store.acquire(both.to_vec()).await.expect("ok");
     assert!(first.iter().all(|o| o.admitted));
     assert_eq!((first[0].remaining, first[1].remaining), (4, 0));
 
@@ -893,7 +893,7 @@ async fn cluster_refunds_the_admitted_slot_when_another_rejects() {
         .query_async(&mut conn)
         .await
         .expect("GET");
-    let second = store.acquire(&both).await.expect("ok");
+    let second = store.acquire(both.to_vec()).await.expect("ok");
     assert!(!second[1].admitted, "narrow rejects");
     assert!(second[0].admitted, "wide had room");
     assert_eq!(second[0].remaining, 4, "wide is reported after its refund");

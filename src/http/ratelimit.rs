@@ -279,7 +279,7 @@ impl RateLimiter {
         if use_store {
             // No timer of our own: every store answers within its deadline (the trait's
             // contract), and a second timer per request cost a timer-wheel insert and removal.
-            let answer = self.store.acquire(&buckets).await;
+            let answer = self.store.acquire(buckets).await;
             match answer {
                 Ok(outcomes) if outcomes.len() == applied.len() => {
                     if self.breaker().on_success() == Some(Transition::Closed) {
@@ -387,7 +387,7 @@ impl RateLimiter {
             Vec::new().into_iter()
         } else {
             self.local
-                .acquire(&local)
+                .acquire(local)
                 .await
                 .unwrap_or_default()
                 .into_iter()

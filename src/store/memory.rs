@@ -247,12 +247,12 @@ fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
 }
 
 impl BucketStore for MemoryStore {
-    fn acquire<'a>(
-        &'a self,
-        requests: &'a [BucketRequest],
-    ) -> BoxFuture<'a, Result<Vec<BucketOutcome>, StoreError>> {
+    fn acquire(
+        &self,
+        requests: Vec<BucketRequest>,
+    ) -> BoxFuture<'_, Result<Vec<BucketOutcome>, StoreError>> {
         // Decide when polled, not when called, so `now` is the time the caller awaits.
-        Box::pin(async move { self.acquire_now(requests) })
+        Box::pin(async move { self.acquire_now(&requests) })
     }
 
     fn kind(&self) -> &'static str {
@@ -292,7 +292,7 @@ mod tests {
 
     fn acquire(store: &MemoryStore, requests: &[BucketRequest]) -> Vec<BucketOutcome> {
         store
-            .acquire(requests)
+            .acquire(requests.to_vec())
             .now_or_never()
             .expect("the memory store answers without waiting")
             .expect("valid requests")
@@ -361,7 +361,7 @@ mod tests {
             interval_us: 0,
         };
         let result = store
-            .acquire(&[request("k", bad, 1)])
+            .acquire(vec![request("k", bad, 1)])
             .now_or_never()
             .expect("ready");
         assert!(matches!(result, Err(StoreError::Protocol(_))));
@@ -422,7 +422,7 @@ mod tests {
                         };
                         let reqs = [request(first, spec, 1), request(second, spec, 1)];
                         let out = store
-                            .acquire(&reqs)
+                            .acquire(reqs.to_vec())
                             .now_or_never()
                             .expect("ready")
                             .expect("ok");
@@ -444,12 +444,12 @@ mod tests {
         let store = MemoryStore::new();
         let spec = BucketSpec::new(1, SEC, 1);
         let req = [request("k", spec, 1)];
-        assert!(store.acquire(&req).await.expect("ok")[0].admitted);
-        let rejected = store.acquire(&req).await.expect("ok")[0];
+        assert!(store.acquire(req.to_vec()).await.expect("ok")[0].admitted);
+        let rejected = store.acquire(req.to_vec()).await.expect("ok")[0];
         assert!(!rejected.admitted);
         assert_eq!(rejected.retry_after_us, SEC);
         tokio::time::advance(std::time::Duration::from_micros(SEC)).await;
-        assert!(store.acquire(&req).await.expect("ok")[0].admitted);
+        assert!(store.acquire(req.to_vec()).await.expect("ok")[0].admitted);
         assert_eq!(store.kind(), "memory");
     }
 

@@ -71,10 +71,13 @@ pub trait BucketStore: Send + Sync + 'static {
     ///
     /// Resolves within the store's own deadline (a [`StoreError::Timeout`] past it): the
     /// limiter sits on the request path and sets no timer of its own.
-    fn acquire<'a>(
-        &'a self,
-        requests: &'a [BucketRequest],
-    ) -> BoxFuture<'a, Result<Vec<BucketOutcome>, StoreError>>;
+    ///
+    /// Takes the requests by value: a store that queues them (the batching Redis store) keeps
+    /// them without copying every key again.
+    fn acquire(
+        &self,
+        requests: Vec<BucketRequest>,
+    ) -> BoxFuture<'_, Result<Vec<BucketOutcome>, StoreError>>;
 
     /// Short name for logs and metrics: `memory`, `redis`, `redis-cluster`.
     fn kind(&self) -> &'static str;

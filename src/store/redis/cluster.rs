@@ -272,20 +272,20 @@ fn group_by_tag(requests: &[BucketRequest]) -> Vec<Vec<usize>> {
 }
 
 impl BucketStore for RedisClusterStore {
-    fn acquire<'a>(
-        &'a self,
-        requests: &'a [BucketRequest],
-    ) -> BoxFuture<'a, Result<Vec<BucketOutcome>, StoreError>> {
+    fn acquire(
+        &self,
+        requests: Vec<BucketRequest>,
+    ) -> BoxFuture<'_, Result<Vec<BucketOutcome>, StoreError>> {
         Box::pin(async move {
             if requests.is_empty() {
                 return Ok(Vec::new());
             }
-            script::check(requests)?;
+            script::check(&requests)?;
             let deadline = Instant::now() + self.command_timeout;
             // Every await inside is bounded by `deadline` on its own. There is deliberately no
             // timeout around the whole: cancelling between "a group admitted" and "its refund
             // was sent" would leak that group's tokens.
-            let result = self.acquire_inner(requests, deadline).await;
+            let result = self.acquire_inner(&requests, deadline).await;
             self.connection.record(&result);
             result
         })

@@ -301,21 +301,21 @@ fn collect(first: Job, jobs: &mut mpsc::UnboundedReceiver<Job>) -> Vec<Job> {
 }
 
 impl BucketStore for RedisStore {
-    fn acquire<'a>(
-        &'a self,
-        requests: &'a [BucketRequest],
-    ) -> BoxFuture<'a, Result<Vec<BucketOutcome>, StoreError>> {
+    fn acquire(
+        &self,
+        requests: Vec<BucketRequest>,
+    ) -> BoxFuture<'_, Result<Vec<BucketOutcome>, StoreError>> {
         Box::pin(async move {
             if requests.is_empty() {
                 return Ok(Vec::new());
             }
             // Checked here, so a bad request fails alone instead of failing its batch.
-            script::check(requests)?;
+            script::check(&requests)?;
             let timeout = self.shared.command_timeout;
             let deadline = Instant::now() + timeout;
             let (reply, answer) = oneshot::channel();
             self.enqueue(Job {
-                requests: requests.to_vec(),
+                requests,
                 deadline,
                 reply,
             })?;
