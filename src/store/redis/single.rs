@@ -269,7 +269,7 @@ async fn drive(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<Job>) {
             Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
             job = jobs.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
                 let Some(first) = job else { break };
-                let batch = collect(first, &mut jobs);
+                let batch = collect(first, &mut jobs, shared.command_timeout);
                 if !batch.is_empty() {
                     let shared = shared.clone();
                     in_flight.push(async move { shared.run(batch).await });
@@ -281,14 +281,23 @@ async fn drive(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<Job>) {
 }
 
 /// `first` and the jobs already queued behind it, up to the caps, in queue order. Jobs whose
-/// waiter has given up are dropped here (and do not count).
-fn collect(first: Job, jobs: &mut mpsc::UnboundedReceiver<Job>) -> Vec<Job> {
+/// waiter has given up are left out (and do not count).
+fn collect(
+    first: Job,
+    jobs: &mut mpsc::UnboundedReceiver<Job>,
+    command_timeout: Duration,
+) -> Vec<Job> {
     let now = Instant::now();
     let mut batch = Vec::new();
     let mut buckets = 0;
     let mut next = Some(first);
     while let Some(job) = next {
-        if !job.reply.is_closed() && job.deadline > now {
+        if job.deadline <= now {
+            // Answered rather than dropped: the waiter's timer fires at millisecond
+            // granularity, so it may still be waiting, and a dropped reply would read as a
+            // stopped batcher instead of the timeout it is.
+            let _ = job.reply.send(Err(StoreError::Timeout(command_timeout)));
+        } else if !job.reply.is_closed() {
             buckets += job.requests.len();
             batch.push(job);
             if batch.len() >= MAX_BATCH_REQUESTS || buckets >= MAX_BATCH_BUCKETS {
