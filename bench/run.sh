@@ -38,7 +38,7 @@ ROUNDS=${ROUNDS:-2}
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
 OHA_DURATION=${OHA_DURATION:-10s}
-CONFIGS=${CONFIGS:-proxy redis-policy reject global-eventual global-strict}
+CONFIGS=${CONFIGS:-proxy redis-policy redis-no-lease reject global-eventual global-strict}
 # A quick run is a smoke test: its numbers must not replace a real run's.
 RESULTS=bench/RESULTS.md
 if [ "$QUICK" = 1 ]; then RESULTS=; fi
@@ -301,6 +301,7 @@ def ratio_line(text, a, b):
         emit(f"- {text}: {med(a, 0) / med(b, 0):.2f}x")
 ratio_line("tollgate proxy / nginx proxy", "tollgate proxy.toml", "nginx proxy")
 ratio_line("tollgate Redis policy / nginx + limit_req", "tollgate redis-policy.toml", "nginx + limit_req")
+ratio_line("tollgate Redis policy without leases / nginx + limit_req", "tollgate redis-no-lease.toml", "nginx + limit_req")
 ratio_line("tollgate global eventual (+ Redis) / nginx + limit_req", "tollgate global-eventual.toml", "nginx + limit_req")
 ratio_line("tollgate global strict (+ Redis) / nginx + limit_req", "tollgate global-strict.toml", "nginx + limit_req")
 ratio_line("tollgate global eventual / tollgate Redis policy", "tollgate global-eventual.toml", "tollgate redis-policy.toml")

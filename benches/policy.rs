@@ -38,6 +38,7 @@ fn policy(name: &str, routes: &[&str], methods: &[Method], key: Vec<KeySource>) 
         sub_windows: 10,
         on_store_error: OnStoreError::Local,
         legacy_headers: false,
+        lease: Default::default(),
     }
 }
 

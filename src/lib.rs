@@ -19,7 +19,7 @@
 //! - [`shutdown`]: the process's SIGINT/SIGTERM future.
 //! - [`certs`]: `tollgate certs`, the deployment CA and region certificates for gossip.
 //! - [`limit`] (pure): GCRA buckets, policies and their keys, caller identity, the store
-//!   breaker, verdicts and RateLimit headers.
+//!   breaker, verdicts and RateLimit headers, known-empty buckets and hot keys' leases.
 //! - [`store`]: where regional buckets live: Redis (one Lua script per hash tag, Cluster
 //!   aware) or memory.
 //! - [`crdt`] (pure): sliding-window usage counters (PN-counter semantics) and the strict

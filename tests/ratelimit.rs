@@ -608,3 +608,90 @@ burst = 6
     assert_eq!(hits.load(Ordering::SeqCst), 6);
     gw.stop().await;
 }
+
+/// The `RateLimit` header's `r` (remaining) of an admitted response.
+fn remaining_of(response: &reqwest::Response) -> u64 {
+    let ratelimit = response.headers()["ratelimit"].to_str().unwrap();
+    let r = ratelimit.split(";r=").nth(1).unwrap();
+    r.split(';').next().unwrap().parse().unwrap()
+}
+
+/// 1,000 tokens that refill one per six minutes: nothing refills during a test.
+fn hot_policy(lease: &str) -> String {
+    format!(
+        r#"
+[policies.hot]
+key = ["ip"]
+rate = "1000/100h"
+burst = 1000
+on_store_error = "closed"
+{lease}
+"#
+    )
+}
+
+#[tokio::test]
+async fn a_hot_key_leases_tokens_so_most_requests_skip_redis_and_the_burst_stays_exact() {
+    let redis = RedisServer::start();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let gw = gateway(&redis_top(&redis, ""), "", &hot_policy(""), hits.clone()).await;
+    let before = scripts_run(&redis);
+    // Alone in front of its bucket, a gateway uses every token it leases: the count and
+    // the headers are what they would be without leases.
+    for expected in (0..1000).rev() {
+        let response = get(&gw, &[]).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(remaining_of(&response), expected);
+    }
+    assert_eq!(get(&gw, &[]).await.status(), 429);
+    assert_eq!(hits.load(Ordering::SeqCst), 1000);
+    // The automatic lease is 1000 / 64 = 15 tokens: about one script per 16 requests while
+    // far from the limit, one per request near it (the last 2 leases' worth).
+    let scripts = scripts_run(&redis) - before;
+    assert!(scripts < 150, "{scripts} scripts for 1,001 requests");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn with_lease_zero_every_request_asks_redis() {
+    let redis = RedisServer::start();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let policy = hot_policy("lease = 0");
+    let gw = gateway(&redis_top(&redis, ""), "", &policy, hits).await;
+    // The first call also loads the script (a NOSCRIPT reply, then EVAL).
+    assert_eq!(admitted_of(&gw, 1, &[]).await, 1);
+    let before = scripts_run(&redis);
+    assert_eq!(admitted_of(&gw, 100, &[]).await, 100);
+    assert_eq!(scripts_run(&redis) - before, 100);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn two_gateways_leasing_from_one_bucket_never_admit_more_than_it_holds() {
+    let redis = RedisServer::start();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let policy = hot_policy("lease = 40");
+    let a = gateway(&redis_top(&redis, ""), "", &policy, hits.clone()).await;
+    let b = gateway(&redis_top(&redis, ""), "", &policy, hits.clone()).await;
+    let mut admitted = 0;
+    for _ in 0..600 {
+        for gw in [&a, &b] {
+            if get(gw, &[]).await.status() == 200 {
+                admitted += 1;
+            }
+        }
+    }
+    // Tokens are taken from Redis before they are handed out: never more than the bucket.
+    // Fewer only by what the other gateway still holds leased (at most one lease, 40).
+    assert!(
+        admitted <= 1000,
+        "{admitted} admitted from a bucket of 1,000"
+    );
+    assert!(
+        admitted >= 1000 - 40,
+        "{admitted} admitted from a bucket of 1,000"
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), admitted);
+    a.stop().await;
+    b.stop().await;
+}

@@ -10,6 +10,7 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 
 use super::fields::{Errors, Section};
 use crate::limit::identity::{ApiKey, IdentityConfig, JwtConfig, JwtKey};
+use crate::limit::lease::LeaseSize;
 use crate::limit::policy::{GlobalMode, KeySource, Limit, OnStoreError, Policy, Scope};
 use crate::limit::rate::Rate;
 
@@ -323,6 +324,10 @@ fn read_policy(name: &str, mut section: Section<'_>, errors: &mut Errors) -> Opt
         }
     };
     let legacy_headers = section.or("legacy_headers", false, errors);
+    // Absent: automatic (a sixty-fourth of the burst, at most 64); 0 turns leasing off.
+    let lease = section
+        .optional::<u64>("lease", errors)
+        .map_or(LeaseSize::Auto, LeaseSize::Tokens);
     let global = matches!(scope, Some(Scope::Global(_)));
     let regional_rate: Option<String> = section.optional("regional_rate", errors);
     let regional_burst: Option<u64> = section.optional("regional_burst", errors);
@@ -390,6 +395,7 @@ fn read_policy(name: &str, mut section: Section<'_>, errors: &mut Errors) -> Opt
         sub_windows,
         on_store_error: on_store_error?,
         legacy_headers,
+        lease,
     })
 }
 

@@ -1,10 +1,15 @@
-//! The rate-limit layer: identify the caller, decide every matching policy in one store round
-//! trip, and answer 429 (or 401/503) before any upstream resource is taken.
+//! The rate-limit layer: identify the caller, decide every matching policy in at most one
+//! store round trip, and answer 429 (or 401/503) before any upstream resource is taken.
 //!
 //! This is the IO shell around the pure [`crate::limit`] code. It owns the store, the local
-//! fallback and the breaker; it is where `on_store_error` is applied:
+//! fallback, the breaker, the known-empty buckets and the leases; it is where
+//! `on_store_error` is applied:
 //!
-//! - the store answers: its decisions stand, all or nothing across the request's policies;
+//! - buckets known to be empty are refused, and buckets with leased tokens
+//!   ([`crate::limit::lease`]) admitted, without the store; the rest ask it, with a lease on
+//!   top for hot keys;
+//! - the store answers: its decisions stand, all or nothing across the request's policies
+//!   (lease-served buckets included: a refused request gives their tokens back);
 //! - the store fails or the breaker is open: `local` policies are decided by an in-process
 //!   bucket of the same shape, `open` policies admit (counted in metrics), `closed` policies
 //!   refuse with 503. With the breaker open the store is not even tried, so a decision costs
@@ -34,6 +39,7 @@ use crate::limit::breaker::{Breaker, Transition};
 use crate::limit::decision::{self, Outcome, PolicyResult, Verdict};
 use crate::limit::empty::EmptyBuckets;
 use crate::limit::identity::{self, IdentityConfig, IdentityError};
+use crate::limit::lease::{Draw, Leases};
 use crate::limit::policy::{self, Applied, OnStoreError, Policy, Scope};
 pub use crate::metrics::Decision;
 use crate::store::{BucketOutcome, BucketRequest, BucketStore, StoreError, memory::MemoryStore};
@@ -52,6 +58,8 @@ pub struct RateLimiter {
     global: Option<Arc<GlobalLimits>>,
     /// Buckets the store refused, until their cost fits again: refused without asking.
     empty: Mutex<EmptyBuckets>,
+    /// Tokens taken from the store ahead of time for hot keys: admitted without asking.
+    leases: Mutex<Leases>,
 }
 
 /// The result of checking one request.
@@ -79,6 +87,7 @@ impl RateLimiter {
             origin: Instant::now(),
             global: None,
             empty: Mutex::new(EmptyBuckets::default()),
+            leases: Mutex::new(Leases::default()),
         }
     }
 
@@ -268,60 +277,212 @@ impl RateLimiter {
         })
     }
 
-    /// Asks the store (unless the breaker is open), falling back per policy on failure.
-    /// Returns the results and whether the local fallback decided any of them.
+    /// Serves what it can from leases, asks the store for the rest (unless the breaker is
+    /// open), and falls back per policy on failure. Returns the results and whether the local
+    /// fallback decided any of them.
     async fn decide(&self, applied: &[Applied<'_>]) -> (Vec<PolicyResult>, bool) {
         if let Some(results) = self.known_empty(applied) {
             return (results, false);
         }
-        let buckets: Vec<BucketRequest> = applied.iter().map(|a| a.bucket.clone()).collect();
-        let use_store = self.breaker().allow(self.origin.elapsed());
-        if use_store {
-            // No timer of our own: every store answers within its deadline (the trait's
-            // contract), and a second timer per request cost a timer-wheel insert and removal.
-            let answer = self.store.acquire(buckets).await;
-            match answer {
-                Ok(outcomes) if outcomes.len() == applied.len() => {
-                    if self.breaker().on_success() == Some(Transition::Closed) {
-                        metrics::gauge!(crate::metrics::STORE_BREAKER_OPEN, "store" => self.store.kind())
-                            .set(0.0);
-                        tracing::info!(
-                            store = self.store.kind(),
-                            "bucket store answering again, back to normal"
-                        );
-                    }
-                    if outcomes.iter().any(|o| !o.admitted) {
-                        let now = self.now_us();
-                        let mut empty = self.empty();
-                        for (a, o) in applied.iter().zip(&outcomes) {
-                            if !o.admitted {
-                                empty.note_refused(&a.bucket.key, o.retry_after_us, now);
-                            }
-                        }
-                    }
-                    let results = applied
-                        .iter()
-                        .zip(outcomes)
-                        .map(|(a, outcome)| result(a, Outcome::Decided(outcome)))
-                        .collect();
-                    return (results, false);
-                }
-                Ok(outcomes) => {
-                    let error = StoreError::Protocol(format!(
-                        "{} outcomes for {} buckets",
-                        outcomes.len(),
-                        applied.len()
-                    ));
-                    self.record_failure(&error);
-                }
-                Err(error) => self.record_failure(&error),
+        let draws = self.draw_leases(applied);
+        let all_served: Option<Vec<PolicyResult>> = applied
+            .iter()
+            .zip(&draws)
+            .map(|(a, draw)| match draw {
+                Draw::Served(outcome) => Some(result(a, Outcome::Decided(*outcome))),
+                Draw::Ask { .. } => None,
+            })
+            .collect();
+        if let Some(results) = all_served {
+            return (results, false);
+        }
+        if !self.breaker().allow(self.origin.elapsed()) {
+            self.return_leases(applied, &draws);
+            return self.fallback(applied).await;
+        }
+        let mut answer = self.ask_store(applied, &draws).await;
+        if let Ok(outcomes) = &answer
+            && outcomes.iter().any(|o| !o.admitted)
+            && draws
+                .iter()
+                .any(|draw| matches!(draw, Draw::Ask { extra } if *extra > 0))
+        {
+            // Refused while asking for a lease: the lease may be what did not fit. Ask again
+            // for the cost alone (rare: leases are asked for only far from the limit).
+            self.lease_refused(applied, &draws, outcomes);
+            let plain: Vec<Draw> = draws
+                .iter()
+                .map(|draw| match draw {
+                    Draw::Ask { .. } => Draw::Ask { extra: 0 },
+                    served => *served,
+                })
+                .collect();
+            answer = self.ask_store(applied, &plain).await;
+            return self.settle(applied, &plain, answer).await;
+        }
+        self.settle(applied, &draws, answer).await
+    }
+
+    /// What the leases say for each bucket of the request.
+    fn draw_leases(&self, applied: &[Applied<'_>]) -> Vec<Draw> {
+        let now = self.now_us();
+        let mut leases = self.leases();
+        applied
+            .iter()
+            .map(|a| {
+                let lease = a.policy.lease.tokens(a.bucket.spec);
+                leases.draw(&a.bucket.key, a.bucket.cost, lease, now)
+            })
+            .collect()
+    }
+
+    /// Gives back the lease tokens a request drew, when it is not admitted after all, and
+    /// frees its lease requests.
+    fn return_leases(&self, applied: &[Applied<'_>], draws: &[Draw]) {
+        let now = self.now_us();
+        let mut leases = self.leases();
+        for (a, draw) in applied.iter().zip(draws) {
+            match draw {
+                Draw::Served(_) => leases.give_back(&a.bucket.key, a.bucket.cost, now),
+                Draw::Ask { extra } if *extra > 0 => leases.unanswered(&a.bucket.key),
+                Draw::Ask { .. } => {}
             }
         }
-        self.fallback(applied).await
+    }
+
+    /// A request that asked for leases was refused: nothing was taken. Records what the
+    /// refused buckets have left (so they stop leasing) and frees the lease requests.
+    fn lease_refused(&self, applied: &[Applied<'_>], draws: &[Draw], outcomes: &[BucketOutcome]) {
+        let now = self.now_us();
+        let mut leases = self.leases();
+        let asked = applied
+            .iter()
+            .zip(draws)
+            .filter_map(|(a, draw)| match draw {
+                Draw::Ask { extra } => Some((a, *extra)),
+                Draw::Served(_) => None,
+            });
+        for ((a, extra), outcome) in asked.zip(outcomes) {
+            if outcome.admitted {
+                leases.unanswered(&a.bucket.key);
+            } else {
+                leases.answered(&a.bucket.key, extra, *outcome, now);
+            }
+        }
+    }
+
+    /// One store call for the buckets `draws` did not serve, each with its lease on top.
+    /// Outcomes are in the order of those buckets.
+    async fn ask_store(
+        &self,
+        applied: &[Applied<'_>],
+        draws: &[Draw],
+    ) -> Result<Vec<BucketOutcome>, StoreError> {
+        let buckets: Vec<BucketRequest> = applied
+            .iter()
+            .zip(draws)
+            .filter_map(|(a, draw)| match draw {
+                Draw::Ask { extra } => Some(BucketRequest {
+                    key: a.bucket.key.clone(),
+                    spec: a.bucket.spec,
+                    cost: a.bucket.cost.saturating_add(*extra),
+                }),
+                Draw::Served(_) => None,
+            })
+            .collect();
+        let asked = buckets.len();
+        // No timer of our own: every store answers within its deadline (the trait's
+        // contract), and a second timer per request cost a timer-wheel insert and removal.
+        match self.store.acquire(buckets).await {
+            Ok(outcomes) if outcomes.len() == asked => Ok(outcomes),
+            Ok(outcomes) => Err(StoreError::Protocol(format!(
+                "{} outcomes for {asked} buckets",
+                outcomes.len()
+            ))),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Turns the store's answer (and the lease draws) into the request's results: grants the
+    /// leases of an admitted request, gives back what a refused one drew, and falls back when
+    /// the store failed.
+    async fn settle(
+        &self,
+        applied: &[Applied<'_>],
+        draws: &[Draw],
+        answer: Result<Vec<BucketOutcome>, StoreError>,
+    ) -> (Vec<PolicyResult>, bool) {
+        let outcomes = match answer {
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                self.return_leases(applied, draws);
+                self.record_failure(&error);
+                return self.fallback(applied).await;
+            }
+        };
+        if self.breaker().on_success() == Some(Transition::Closed) {
+            metrics::gauge!(crate::metrics::STORE_BREAKER_OPEN, "store" => self.store.kind())
+                .set(0.0);
+            tracing::info!(
+                store = self.store.kind(),
+                "bucket store answering again, back to normal"
+            );
+        }
+        let admitted = outcomes.iter().all(|o| o.admitted);
+        let now = self.now_us();
+        let mut outcomes = outcomes.into_iter();
+        let mut results = Vec::with_capacity(applied.len());
+        {
+            let mut leases = self.leases();
+            for (a, draw) in applied.iter().zip(draws) {
+                let outcome = match draw {
+                    Draw::Served(served) if admitted => *served,
+                    Draw::Served(served) => {
+                        // Not admitted after all: the drawn tokens go back to the lease.
+                        leases.give_back(&a.bucket.key, a.bucket.cost, now);
+                        BucketOutcome {
+                            remaining: served.remaining.saturating_add(a.bucket.cost),
+                            ..*served
+                        }
+                    }
+                    Draw::Ask { extra } => {
+                        // ask_store returned one outcome per asked bucket.
+                        let Some(outcome) = outcomes.next() else {
+                            break;
+                        };
+                        if admitted {
+                            leases.answered(&a.bucket.key, *extra, outcome, now)
+                        } else {
+                            if *extra > 0 {
+                                leases.unanswered(&a.bucket.key);
+                            }
+                            outcome
+                        }
+                    }
+                };
+                results.push(result(a, Outcome::Decided(outcome)));
+            }
+        }
+        if !admitted {
+            let mut empty = self.empty();
+            for (a, r) in applied.iter().zip(&results) {
+                if let Outcome::Decided(o) = r.outcome
+                    && !o.admitted
+                {
+                    empty.note_refused(&a.bucket.key, o.retry_after_us, now);
+                }
+            }
+        }
+        (results, false)
     }
 
     fn now_us(&self) -> u64 {
         u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    fn leases(&self) -> std::sync::MutexGuard<'_, Leases> {
+        // Never held across a panic point; recover rather than propagate poisoning.
+        self.leases.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn empty(&self) -> std::sync::MutexGuard<'_, EmptyBuckets> {

@@ -1,12 +1,13 @@
 //! PURE rate-limit logic: token-bucket math, rates, policies, client identity, the store
-//! breaker, decisions and response headers. No IO and no clock: everything that needs time
-//! takes `now`. The IO around it (stores, the HTTP layer) lives in `store` and
-//! `http::ratelimit`.
+//! breaker, decisions and response headers, known-empty buckets and leases. No IO and no
+//! clock: everything that needs time takes `now`. The IO around it (stores, the HTTP layer)
+//! lives in `store` and `http::ratelimit`.
 
 pub mod breaker;
 pub mod bucket;
 pub mod decision;
 pub mod empty;
 pub mod identity;
+pub mod lease;
 pub mod policy;
 pub mod rate;

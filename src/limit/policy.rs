@@ -7,6 +7,7 @@ use sha2::{Digest, Sha256};
 
 use super::bucket::BucketSpec;
 use super::identity::Identity;
+use super::lease::LeaseSize;
 use super::rate::Rate;
 use crate::limit::identity::IpText;
 use crate::store::BucketRequest;
@@ -127,6 +128,9 @@ pub struct Policy {
     pub on_store_error: OnStoreError,
     /// Also send `X-RateLimit-Limit/Remaining/Reset`.
     pub legacy_headers: bool,
+    /// How many tokens a gateway takes from the store at once for a hot key
+    /// ([`super::lease`]).
+    pub lease: LeaseSize,
 }
 
 impl Policy {
@@ -270,6 +274,7 @@ mod tests {
             sub_windows: 10,
             on_store_error: OnStoreError::Local,
             legacy_headers: false,
+            lease: Default::default(),
         }
     }
 

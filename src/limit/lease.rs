@@ -1,0 +1,408 @@
+//! Leased tokens: a hot bucket's tokens taken from the store a few at a time.
+//!
+//! Without leases every admitted request costs a store round trip. For a key that sends many
+//! requests while far from its limit, the gateway instead asks the store for the request's
+//! cost *plus* a lease of `lease` tokens, all or nothing under the store's usual rules, and
+//! serves the next requests on that key from the lease in process. Near the limit it stops
+//! leasing, so refusals stay the store's own.
+//!
+//! # What it costs in accuracy
+//!
+//! Leased tokens are taken from the shared bucket *before* they are handed out, so the total
+//! admitted never exceeds what the bucket allowed: leasing cannot over-admit overall. It moves
+//! admissions in time and between gateways, by at most one lease per gateway and key:
+//!
+//! - in a sliding window, a key may see up to `lease` more admissions per gateway than the
+//!   bucket's `burst + window × rate` (tokens leased before the window, used inside it);
+//! - while a gateway holds unused leased tokens, another gateway sharing the bucket may
+//!   refuse up to that many requests early; unused tokens are dropped after [`LEASE_TTL_US`];
+//! - the `RateLimit` headers of a lease-served request count from the store's last answer.
+//!
+//! Leasing starts only on a key seen again within [`LEASE_TTL_US`] whose bucket had at least
+//! `cost + 2 × lease` tokens left, and only one lease request per key is in flight at once
+//! (so concurrent requests cannot each take a lease). The automatic size is 1/64 of the burst,
+//! at most 64 tokens: buckets under 64 tokens never lease and stay exact.
+//!
+//! Pure: no clock, no IO. Every call takes `now_us` on the caller's monotonic clock.
+
+use std::collections::HashMap;
+
+use super::bucket::BucketSpec;
+use crate::store::BucketOutcome;
+
+/// Most keys remembered; past it, expired entries go, and if that is not enough, all do
+/// (forgetting only costs store round trips and drops unused leased tokens).
+pub const DEFAULT_CAPACITY: usize = 100_000;
+
+/// How long leased tokens stay usable, and how long a key counts as hot after a store
+/// answer.
+pub const LEASE_TTL_US: u64 = 1_000_000;
+
+/// Largest automatic lease.
+pub const AUTO_MAX_TOKENS: u64 = 64;
+
+/// How long one lease request may be outstanding before another may be sent. The rate-limit
+/// layer reports every answer and failure; only a request dropped mid-flight (its client went
+/// away) never reports back, and must not block leasing for long.
+pub const ASK_TIMEOUT_US: u64 = 250_000;
+
+/// A policy's lease setting (`lease` in its config section).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LeaseSize {
+    /// 1/64 of the bucket's burst, at most [`AUTO_MAX_TOKENS`] (0: no leasing).
+    #[default]
+    Auto,
+    /// At most this many tokens (0: never lease).
+    Tokens(u64),
+}
+
+impl LeaseSize {
+    /// Tokens one lease takes from a bucket of shape `spec`.
+    pub fn tokens(self, spec: BucketSpec) -> u64 {
+        match self {
+            Self::Auto => (spec.burst / 64).min(AUTO_MAX_TOKENS),
+            Self::Tokens(tokens) => tokens,
+        }
+    }
+}
+
+/// What to do with one bucket of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Draw {
+    /// Served from the lease: no store call for this bucket.
+    Served(BucketOutcome),
+    /// Ask the store for the cost plus `extra` leased tokens (0: a plain request).
+    Ask { extra: u64 },
+}
+
+/// What is known of one hot bucket.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    /// Leased tokens not yet used.
+    tokens: u64,
+    /// Whole tokens the store reported left in its last admitting answer (leases excluded).
+    store_remaining: u64,
+    /// The store's `next_token_us` in that answer.
+    next_token_us: u64,
+    /// When the tokens lapse and the key stops counting as hot.
+    expires_us: u64,
+    /// Until when a lease request is outstanding (0: none).
+    asking_until_us: u64,
+}
+
+/// Bucket key → its lease.
+#[derive(Debug)]
+pub struct Leases {
+    entries: HashMap<Box<str>, Entry>,
+    capacity: usize,
+}
+
+impl Default for Leases {
+    fn default() -> Self {
+        Self::with_capacity(DEFAULT_CAPACITY)
+    }
+}
+
+impl Leases {
+    /// At most `capacity` keys.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            entries: HashMap::new(),
+            capacity,
+        }
+    }
+
+    /// Takes `cost` from `bucket`'s lease if it holds enough; otherwise says what to ask the
+    /// store for. An `Ask` with `extra > 0` must be followed by [`Leases::answered`] (or the
+    /// lease request lapses after [`ASK_TIMEOUT_US`]).
+    pub fn draw(&mut self, bucket: &str, cost: u64, lease: u64, now_us: u64) -> Draw {
+        let Some(entry) = self.entries.get_mut(bucket) else {
+            return Draw::Ask { extra: 0 };
+        };
+        if entry.expires_us <= now_us {
+            entry.tokens = 0;
+            return Draw::Ask { extra: 0 };
+        }
+        if entry.tokens >= cost {
+            entry.tokens -= cost;
+            return Draw::Served(entry.view());
+        }
+        let hot_enough = lease > 0
+            && entry.store_remaining >= cost.saturating_add(lease.saturating_mul(2))
+            && entry.asking_until_us <= now_us;
+        if hot_enough {
+            entry.asking_until_us = now_us.saturating_add(ASK_TIMEOUT_US);
+            Draw::Ask { extra: lease }
+        } else {
+            Draw::Ask { extra: 0 }
+        }
+    }
+
+    /// Puts back `cost` tokens drawn by a request that was not admitted after all (another of
+    /// its buckets refused). Tokens that lapsed meanwhile stay lapsed.
+    pub fn give_back(&mut self, bucket: &str, cost: u64, now_us: u64) {
+        if let Some(entry) = self.entries.get_mut(bucket)
+            && entry.expires_us > now_us
+        {
+            entry.tokens = entry.tokens.saturating_add(cost);
+        }
+    }
+
+    /// The store answered a request on `bucket` that asked for `extra` leased tokens on top
+    /// of its cost. Returns the outcome to report for the request: an admission also grants
+    /// the lease, and reports what the client has left counting it.
+    pub fn answered(
+        &mut self,
+        bucket: &str,
+        extra: u64,
+        outcome: BucketOutcome,
+        now_us: u64,
+    ) -> BucketOutcome {
+        if !outcome.admitted {
+            // A refusal says the bucket is near empty: no leasing until an admission says
+            // otherwise. Unused tokens stay (they were taken from the bucket already).
+            if let Some(entry) = self.entries.get_mut(bucket) {
+                entry.store_remaining = outcome.remaining;
+                entry.asking_until_us = 0;
+            }
+            return outcome;
+        }
+        let entry = match self.entries.get_mut(bucket) {
+            Some(entry) => entry,
+            None => {
+                self.make_room(now_us);
+                self.entries.entry(bucket.into()).or_insert(Entry {
+                    tokens: 0,
+                    store_remaining: 0,
+                    next_token_us: 0,
+                    expires_us: 0,
+                    asking_until_us: 0,
+                })
+            }
+        };
+        if entry.expires_us <= now_us {
+            entry.tokens = 0;
+        }
+        entry.tokens = entry.tokens.saturating_add(extra);
+        entry.store_remaining = outcome.remaining;
+        entry.next_token_us = outcome.next_token_us;
+        entry.expires_us = now_us.saturating_add(LEASE_TTL_US);
+        if extra > 0 {
+            entry.asking_until_us = 0;
+        }
+        BucketOutcome {
+            remaining: outcome.remaining.saturating_add(entry.tokens),
+            ..outcome
+        }
+    }
+
+    /// A lease request on `bucket` got no answer (the store failed): another may be sent.
+    pub fn unanswered(&mut self, bucket: &str) {
+        if let Some(entry) = self.entries.get_mut(bucket) {
+            entry.asking_until_us = 0;
+        }
+    }
+
+    /// Keys remembered (expired ones included until the next sweep).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Unused leased tokens on `bucket` at `now_us`.
+    pub fn tokens(&self, bucket: &str, now_us: u64) -> u64 {
+        self.entries
+            .get(bucket)
+            .filter(|entry| entry.expires_us > now_us)
+            .map_or(0, |entry| entry.tokens)
+    }
+
+    fn make_room(&mut self, now_us: u64) {
+        if self.entries.len() < self.capacity {
+            return;
+        }
+        self.entries.retain(|_, entry| entry.expires_us > now_us);
+        if self.entries.len() >= self.capacity {
+            self.entries.clear();
+        }
+    }
+}
+
+impl Entry {
+    /// What a lease-served request reports: the store's last count plus the lease left.
+    fn view(&self) -> BucketOutcome {
+        BucketOutcome {
+            admitted: true,
+            remaining: self.store_remaining.saturating_add(self.tokens),
+            next_token_us: self.next_token_us,
+            retry_after_us: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limit::bucket::{self, BucketSpec};
+    use proptest::prelude::*;
+
+    fn admitted(remaining: u64) -> BucketOutcome {
+        BucketOutcome {
+            admitted: true,
+            remaining,
+            next_token_us: 0,
+            retry_after_us: 0,
+        }
+    }
+
+    #[test]
+    fn auto_size_is_a_sixty_fourth_of_the_burst_capped() {
+        let spec = |burst| BucketSpec::new(burst, 1_000_000, burst);
+        assert_eq!(LeaseSize::Auto.tokens(spec(63)), 0);
+        assert_eq!(LeaseSize::Auto.tokens(spec(640)), 10);
+        assert_eq!(LeaseSize::Auto.tokens(spec(1_000_000)), AUTO_MAX_TOKENS);
+        assert_eq!(LeaseSize::Tokens(5).tokens(spec(10)), 5);
+        assert_eq!(LeaseSize::Tokens(0).tokens(spec(1_000_000)), 0);
+    }
+
+    #[test]
+    fn a_cold_key_asks_plainly_then_leases_once_hot() {
+        let mut leases = Leases::default();
+        assert_eq!(leases.draw("k", 1, 8, 0), Draw::Ask { extra: 0 });
+        assert_eq!(leases.answered("k", 0, admitted(99), 0), admitted(99));
+        // Seen again within the TTL, far from the limit: ask for a lease.
+        assert_eq!(leases.draw("k", 1, 8, 10), Draw::Ask { extra: 8 });
+        // Only one lease request in flight.
+        assert_eq!(leases.draw("k", 1, 8, 11), Draw::Ask { extra: 0 });
+        assert_eq!(leases.answered("k", 8, admitted(90), 12), admitted(98));
+        for left in (0..8).rev() {
+            assert_eq!(
+                leases.draw("k", 1, 8, 13),
+                Draw::Served(admitted(90 + left))
+            );
+        }
+        assert_eq!(leases.draw("k", 1, 8, 14), Draw::Ask { extra: 8 });
+    }
+
+    #[test]
+    fn no_lease_near_the_limit_or_after_a_refusal() {
+        let mut leases = Leases::default();
+        leases.answered("k", 0, admitted(16), 0);
+        assert_eq!(leases.draw("k", 1, 8, 1), Draw::Ask { extra: 0 });
+        leases.answered("k", 0, admitted(17), 2);
+        assert_eq!(leases.draw("k", 1, 8, 3), Draw::Ask { extra: 8 });
+        let refused = BucketOutcome {
+            admitted: false,
+            remaining: 3,
+            next_token_us: 10,
+            retry_after_us: 10,
+        };
+        assert_eq!(leases.answered("k", 8, refused, 4), refused);
+        assert_eq!(leases.draw("k", 1, 8, 5), Draw::Ask { extra: 0 });
+    }
+
+    #[test]
+    fn tokens_lapse_and_given_back_tokens_are_served_again() {
+        let mut leases = Leases::default();
+        leases.answered("k", 4, admitted(100), 0);
+        assert!(matches!(leases.draw("k", 3, 4, 1), Draw::Served(_)));
+        leases.give_back("k", 3, 2);
+        assert_eq!(leases.tokens("k", 2), 4);
+        assert_eq!(leases.tokens("k", LEASE_TTL_US), 0);
+        // Past the TTL the key is cold again: a plain ask.
+        assert_eq!(leases.draw("k", 1, 4, LEASE_TTL_US), Draw::Ask { extra: 0 });
+        leases.give_back("k", 3, LEASE_TTL_US);
+        assert_eq!(leases.tokens("k", LEASE_TTL_US), 0);
+    }
+
+    #[test]
+    fn an_unanswered_lease_request_frees_the_slot() {
+        let mut leases = Leases::default();
+        leases.answered("k", 0, admitted(100), 0);
+        assert_eq!(leases.draw("k", 1, 4, 1), Draw::Ask { extra: 4 });
+        assert_eq!(leases.draw("k", 1, 4, 2), Draw::Ask { extra: 0 });
+        leases.unanswered("k");
+        assert_eq!(leases.draw("k", 1, 4, 3), Draw::Ask { extra: 4 });
+        // A waiter that never reported back blocks leasing only until the ask times out.
+        assert_eq!(
+            leases.draw("k", 1, 4, 3 + ASK_TIMEOUT_US),
+            Draw::Ask { extra: 4 }
+        );
+    }
+
+    #[test]
+    fn stays_bounded() {
+        let mut leases = Leases::with_capacity(10);
+        for i in 0..100u64 {
+            leases.answered(&format!("k{i}"), 1, admitted(100), i);
+            assert!(leases.len() <= 10);
+        }
+    }
+
+    /// One gateway in front of a GCRA bucket, with leases on: the store is the bucket of
+    /// `bucket::decide`, and the lease draws as the rate-limit layer does.
+    struct Gateway {
+        leases: Leases,
+        tat: u64,
+    }
+
+    impl Gateway {
+        fn request(&mut self, spec: BucketSpec, cost: u64, lease: u64, now: u64) -> bool {
+            match self.leases.draw("k", cost, lease, now) {
+                Draw::Served(_) => true,
+                Draw::Ask { extra } => {
+                    let d = bucket::decide(spec, self.tat, now, cost + extra);
+                    let (d, extra) = if !d.admitted && extra > 0 {
+                        (bucket::decide(spec, self.tat, now, cost), 0)
+                    } else {
+                        (d, extra)
+                    };
+                    self.tat = d.tat_us;
+                    let outcome = BucketOutcome {
+                        admitted: d.admitted,
+                        remaining: d.remaining,
+                        next_token_us: d.next_token_us,
+                        retry_after_us: d.retry_after_us,
+                    };
+                    self.leases.answered("k", extra, outcome, now).admitted
+                }
+            }
+        }
+    }
+
+    proptest! {
+        /// Admissions in any window stay within the bucket's guarantee plus one lease.
+        #[test]
+        fn leasing_overshoots_a_window_by_at_most_one_lease(
+            burst in 1u64..400,
+            interval_us in 1u64..20_000,
+            lease_setting in 0u64..40,
+            gaps in proptest::collection::vec(0u64..30_000, 1..400),
+        ) {
+            let spec = BucketSpec { burst, interval_us };
+            let lease = LeaseSize::Tokens(lease_setting).tokens(spec);
+            let mut gateway = Gateway { leases: Leases::default(), tat: 0 };
+            let mut now = 0;
+            let mut admitted_at = Vec::new();
+            for gap in gaps {
+                now += gap;
+                if gateway.request(spec, 1, lease, now) {
+                    admitted_at.push(now);
+                }
+            }
+            for (i, &start) in admitted_at.iter().enumerate() {
+                for (count, &end) in (1u64..).zip(&admitted_at[i..]) {
+                    let allowed = burst + (end - start) / interval_us + lease;
+                    prop_assert!(
+                        count <= allowed,
+                        "{count} admitted in [{start}, {end}], allowed {allowed}"
+                    );
+                }
+            }
+        }
+    }
+}
