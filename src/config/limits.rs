@@ -324,7 +324,7 @@ fn read_policy(name: &str, mut section: Section<'_>, errors: &mut Errors) -> Opt
         }
     };
     let legacy_headers = section.or("legacy_headers", false, errors);
-    // Absent: automatic (a sixty-fourth of the burst, at most 64); 0 turns leasing off.
+    // Absent: automatic (a sixty-fourth of the burst); 0 turns leasing off.
     let lease = section
         .optional::<u64>("lease", errors)
         .map_or(LeaseSize::Auto, LeaseSize::Tokens);

@@ -21,7 +21,8 @@
 //! Leasing starts only on a key seen again within [`LEASE_TTL_US`] whose bucket had at least
 //! `cost + 2 × lease` tokens left, and only one lease request per key is in flight at once
 //! (so concurrent requests cannot each take a lease). The automatic size is 1/64 of the burst,
-//! at most 64 tokens: buckets under 64 tokens never lease and stay exact.
+//! so the slack is stated relative to the bucket (within 1/64 of the burst per gateway), and
+//! buckets under 64 tokens never lease and stay exact.
 //!
 //! Pure: no clock, no IO. Every call takes `now_us` on the caller's monotonic clock.
 
@@ -38,8 +39,8 @@ pub const DEFAULT_CAPACITY: usize = 100_000;
 /// answer.
 pub const LEASE_TTL_US: u64 = 1_000_000;
 
-/// Largest automatic lease.
-pub const AUTO_MAX_TOKENS: u64 = 64;
+/// The automatic lease is the burst divided by this.
+pub const AUTO_BURST_DIVISOR: u64 = 64;
 
 /// How long one lease request may be outstanding before another may be sent. The rate-limit
 /// layer reports every answer and failure; only a request dropped mid-flight (its client went
@@ -49,7 +50,7 @@ pub const ASK_TIMEOUT_US: u64 = 250_000;
 /// A policy's lease setting (`lease` in its config section).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LeaseSize {
-    /// 1/64 of the bucket's burst, at most [`AUTO_MAX_TOKENS`] (0: no leasing).
+    /// The bucket's burst / [`AUTO_BURST_DIVISOR`] (0, no leasing, under 64 tokens).
     #[default]
     Auto,
     /// At most this many tokens (0: never lease).
@@ -60,7 +61,7 @@ impl LeaseSize {
     /// Tokens one lease takes from a bucket of shape `spec`.
     pub fn tokens(self, spec: BucketSpec) -> u64 {
         match self {
-            Self::Auto => (spec.burst / 64).min(AUTO_MAX_TOKENS),
+            Self::Auto => spec.burst / AUTO_BURST_DIVISOR,
             Self::Tokens(tokens) => tokens,
         }
     }
@@ -260,11 +261,11 @@ mod tests {
     }
 
     #[test]
-    fn auto_size_is_a_sixty_fourth_of_the_burst_capped() {
+    fn auto_size_is_a_sixty_fourth_of_the_burst() {
         let spec = |burst| BucketSpec::new(burst, 1_000_000, burst);
         assert_eq!(LeaseSize::Auto.tokens(spec(63)), 0);
         assert_eq!(LeaseSize::Auto.tokens(spec(640)), 10);
-        assert_eq!(LeaseSize::Auto.tokens(spec(1_000_000)), AUTO_MAX_TOKENS);
+        assert_eq!(LeaseSize::Auto.tokens(spec(1_000_000)), 15_625);
         assert_eq!(LeaseSize::Tokens(5).tokens(spec(10)), 5);
         assert_eq!(LeaseSize::Tokens(0).tokens(spec(1_000_000)), 0);
     }
