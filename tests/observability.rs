@@ -619,6 +619,61 @@ async fn request_ids_are_checked_at_the_edge_and_kept_to_the_last_hop() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(line["span"]["correlation_id"], "log-line-1", "{line}");
+    assert_eq!(line["correlation_id"], "log-line-1", "{line}");
+}
+
+/// Without trace export the request span is only log context and is not made at `info`; the
+/// line about a request not proxied still names the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_export_a_request_log_line_still_names_its_correlation_id() {
+    let dir = TempDir::new("log-without-export");
+    let (proxy_port, admin_port) = (free_port(), free_port());
+    let config = dir.0.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+region = "{REGION}"
+listen = "{proxy}"
+admin_listen = "{admin}"
+
+[services.users]
+routes = ["/api/v1/users"]
+instances = ["http://127.0.0.1:1"]
+"#,
+            proxy = addr(proxy_port),
+            admin = addr(admin_port),
+        ),
+    )
+    .unwrap();
+    let mut gateway = Role::spawn(
+        "gateway",
+        &dir.0,
+        &["gateway", "--config", config.to_str().unwrap()],
+        &[("TOLLGATE_LOG_FORMAT", "json")],
+    );
+    wait_ready(&mut gateway, &format!("http://{}/ready", addr(admin_port))).await;
+    let no_route = client()
+        .get(format!("http://{}/nowhere", addr(proxy_port)))
+        .header("x-request-id", "quiet-line-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_route.status(), StatusCode::NOT_FOUND);
+    let deadline = Instant::now() + DEADLINE;
+    let line: Value = loop {
+        let log = gateway.log();
+        if let Some(line) = log
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .find(|line| line["message"] == "request not proxied")
+        {
+            break line;
+        }
+        assert!(Instant::now() < deadline, "no log line for the 404:\n{log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(line["correlation_id"], "quiet-line-1", "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

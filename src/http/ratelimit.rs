@@ -155,15 +155,20 @@ impl RateLimiter {
             };
         }
 
-        let span = tracing::info_span!(
-            "rate_limit",
-            policy = tracing::field::Empty,
-            key_hash = tracing::field::Empty,
-            decision = tracing::field::Empty,
-            remaining = tracing::field::Empty,
-            store = self.store.kind(),
-            store_latency_ms = tracing::field::Empty,
-        );
+        // Only traces use this span: its fields appear on no log line.
+        let span = if !crate::telemetry::exporting() {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(
+                "rate_limit",
+                policy = tracing::field::Empty,
+                key_hash = tracing::field::Empty,
+                decision = tracing::field::Empty,
+                remaining = tracing::field::Empty,
+                store = self.store.kind(),
+                store_latency_ms = tracing::field::Empty,
+            )
+        };
         // Joining names and hashing keys costs allocations and a SHA-256 per request: only
         // pay for them when the span is recorded somewhere.
         if !span.is_disabled() {

@@ -47,7 +47,7 @@ use tokio::net::TcpListener;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 use crate::gateway::Gateway;
-use crate::http::correlation::correlate_gateway;
+use crate::http::correlation::{RequestId, correlate_gateway};
 use crate::http::ratelimit::{RateLimiter, rate_limit};
 
 /// How long a client may take to send a request's head: a slow client holds a connection, not
@@ -220,10 +220,12 @@ async fn forward(gateway: &Gateway, request: Request) -> Response {
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| addr.ip())
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let id = request.extensions().get::<RequestId>().cloned();
     match gateway.proxy.forward(request, client).await {
         Ok(response) => response,
         Err(error) => {
-            tracing::info!(%error, "request not proxied");
+            let correlation_id = id.as_ref().map(RequestId::as_str);
+            tracing::info!(correlation_id, %error, "request not proxied");
             error.into_response()
         }
     }

@@ -215,18 +215,23 @@ impl Proxy {
                 .insert(header::HOST, endpoint.connections.host_header().clone());
 
             let authority = &endpoint.instance.authority;
-            let span = tracing::info_span!(
-                "upstream",
-                otel.name = outgoing.method().as_str(),
-                otel.kind = "client",
-                otel.status_code = Empty,
-                http.request.method = outgoing.method().as_str(),
-                server.address = authority.host(),
-                server.port = authority.port_u16().unwrap_or(DEFAULT_HTTP_PORT),
-                service = name.as_str(),
-                http.response.status_code = Empty,
-                error.type = Empty,
-            );
+            // Only traces use the attempt's span (log lines name the instance themselves).
+            let span = if !telemetry::exporting() {
+                tracing::Span::none()
+            } else {
+                tracing::info_span!(
+                    "upstream",
+                    otel.name = outgoing.method().as_str(),
+                    otel.kind = "client",
+                    otel.status_code = Empty,
+                    http.request.method = outgoing.method().as_str(),
+                    server.address = authority.host(),
+                    server.port = authority.port_u16().unwrap_or(DEFAULT_HTTP_PORT),
+                    service = name.as_str(),
+                    http.response.status_code = Empty,
+                    error.type = Empty,
+                )
+            };
             // Replaces the client's traceparent with this attempt's; without trace export the
             // client's one travels on unchanged.
             telemetry::inject(&span, outgoing.headers_mut());
