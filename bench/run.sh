@@ -179,7 +179,8 @@ PY
 
 export TOLLGATE_GOSSIP_CERTS="$WORK/certs"
 start_tollgate() { # config
-  RUST_LOG=warn "$BIN" gateway --config "$1" >"$WORK/tollgate.log" 2>&1 &
+  # Default logging (RUST_LOG unset: info), as a user runs it.
+  env -u RUST_LOG "$BIN" gateway --config "$1" >"$WORK/tollgate.log" 2>&1 &
   TOLLGATE_PID=$!
   PIDS+=($TOLLGATE_PID)
   wait_port 8090
@@ -193,7 +194,7 @@ start_peers() { # config
   for i in 1 2; do
     TOLLGATE_INSTANCE=$i TOLLGATE_LISTEN=127.0.0.1:$((8092 + i)) \
       TOLLGATE_ADMIN_LISTEN=127.0.0.1:$((9092 + i)) TOLLGATE_GOSSIP_LISTEN=127.0.0.1:$((7411 + i)) \
-      RUST_LOG=warn "$BIN" gateway --config "$1" >"$WORK/peer-$i.log" 2>&1 &
+      env -u RUST_LOG "$BIN" gateway --config "$1" >"$WORK/peer-$i.log" 2>&1 &
     PEER_PIDS+=($!)
     PIDS+=($!)
   done
@@ -263,13 +264,22 @@ if need oha && grep -q '^tollgate proxy.toml' "$results"; then
   rate=$(awk -F'\t' '$1 == "tollgate proxy.toml" {print $2}' "$results" | sort -n |
     awk '{v[NR] = $1} END {m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf "%d", m / 2}')
   echo "fixed rate: $rate req/s (half of tollgate proxy.toml's saturation)" >&2
-  run_fixed "upstream direct" http://127.0.0.1:9001/api/v1/users/42 "$rate"
-  # The reference proxy at the same rate: on 2 cores part of any proxy's tail is the
-  # scheduler sharing the cores between the load generator, the proxy and the upstream.
-  run_fixed "nginx proxy" http://127.0.0.1:8091/api/v1/users/42 "$rate"
-  start_tollgate bench/proxy.toml
-  run_fixed "tollgate proxy.toml" http://127.0.0.1:8090/api/v1/users/42 "$rate"
-  stop_tollgate
+  # Rounds alternate the targets like the saturation runs above (tails on 2 shared cores vary
+  # by a factor of two between runs); each gateway is warmed up for a second first, as the
+  # long-running nginx is.
+  for round in $(seq 1 "$ROUNDS"); do
+    echo "fixed-rate round $round/$ROUNDS" >&2
+    run_fixed "upstream direct" http://127.0.0.1:9001/api/v1/users/42 "$rate"
+    # The reference proxy at the same rate: on 2 cores part of any proxy's tail is the
+    # scheduler sharing the cores between the load generator, the proxy and the upstream.
+    run_fixed "nginx proxy" http://127.0.0.1:8091/api/v1/users/42 "$rate"
+    for config in proxy redis-policy; do
+      start_tollgate "bench/$config.toml"
+      wrk -t1 -c"$CONNECTIONS" -d1s http://127.0.0.1:8090/api/v1/users/42 >/dev/null
+      run_fixed "tollgate $config.toml" http://127.0.0.1:8090/api/v1/users/42 "$rate"
+      stop_tollgate
+    done
+  done
 elif ! need oha; then
   echo "oha not on PATH: no fixed-rate phase (INSTALL_OHA=1 installs it)" >&2
 fi
@@ -313,14 +323,16 @@ for name in rows:
 if "tollgate redis-policy.toml" in rows and "tollgate proxy.toml" in rows:
     a, b = "tollgate redis-policy.toml", "tollgate proxy.toml"
     emit(f"- added p50 / p99 of the Redis policy over the plain proxy: {med(a,1)-med(b,1):.2f} / {med(a,2)-med(b,2):.2f} ms")
-fixed = {}
+fixed_runs = {}
 for line in open(fixed_path):
     name, *vals = line.rstrip("\n").split("\t")
-    fixed[name] = [float(v) for v in vals]
+    fixed_runs.setdefault(name, []).append([float(v) for v in vals])
+fixed = {name: [statistics.median(run[i] for run in runs) for i in range(len(runs[0]))]
+         for name, runs in fixed_runs.items()}
 if fixed:
     emit(f"\n## Fixed rate\n")
     emit(f"`oha -q RATE -c{conns} -z{oha_duration} --latency-correction --worker-threads 1`: half of tollgate proxy.toml's")
-    emit(f"saturation above, the same rate for both targets.\n")
+    emit(f"saturation above, the same rate for every target; {rounds} rounds alternating targets, medians shown.\n")
     emit("| target | rate req/s | achieved req/s | p50 ms | p99 ms | p99.9 ms | non-2xx |")
     emit("|---|---:|---:|---:|---:|---:|---:|")
     for name, (rate, rps, p50, p99, p999, bad) in fixed.items():
@@ -328,9 +340,14 @@ if fixed:
     if "upstream direct" in fixed and "tollgate proxy.toml" in fixed:
         added = fixed["tollgate proxy.toml"][3] - fixed["upstream direct"][3]
         emit(f"\n- p99 added by tollgate at half of saturation: {added:.2f} ms (target: at most 0.5 ms)")
+        if "tollgate redis-policy.toml" in fixed:
+            added = fixed["tollgate redis-policy.toml"][3] - fixed["upstream direct"][3]
+            emit(f"- p99 added by tollgate with a Redis policy: {added:.2f} ms")
         if "nginx proxy" in fixed:
             nginx_added = fixed["nginx proxy"][3] - fixed["upstream direct"][3]
             emit(f"- p99 added by nginx at the same rate: {nginx_added:.2f} ms")
+        for name, runs in fixed_runs.items():
+            emit(f"- {name}: p99 per round " + ", ".join(f"{run[3]:.2f}" for run in runs) + " ms")
 # Microbenchmark numbers are written by hand from `cargo bench`: keep them across runs.
 kept = ""
 if out_path and os.path.exists(out_path):
