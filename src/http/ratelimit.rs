@@ -334,9 +334,10 @@ impl RateLimiter {
         let mut leases = self.leases();
         applied
             .iter()
-            .map(|a| {
-                let lease = a.policy.lease.tokens(a.bucket.spec);
-                leases.draw(&a.bucket.key, a.bucket.cost, lease, now)
+            .map(|a| match a.policy.lease.tokens(a.bucket.spec) {
+                // Never leasing: nothing to look up, and nothing to remember below.
+                0 => Draw::Ask { extra: 0 },
+                lease => leases.draw(&a.bucket.key, a.bucket.cost, lease, now),
             })
             .collect()
     }
@@ -455,8 +456,10 @@ impl RateLimiter {
                         let Some(outcome) = outcomes.next() else {
                             break;
                         };
-                        if admitted {
+                        if admitted && a.policy.lease.tokens(a.bucket.spec) > 0 {
                             leases.answered(&a.bucket.key, *extra, outcome, now)
+                        } else if admitted {
+                            outcome
                         } else {
                             if *extra > 0 {
                                 leases.unanswered(&a.bucket.key);
