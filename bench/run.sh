@@ -18,8 +18,9 @@
 # :7412/:7413), so the gateway under test gossips with a real three-gateway mesh.
 #
 # Fixed rate: wrk cannot hold one, so when `oha` is on PATH (INSTALL_OHA=1 installs it with
-# cargo) a last phase loads the upstream directly and tollgate proxy.toml at half of
-# tollgate's measured saturation with `oha -q` and prints the p99 that tollgate adds.
+# cargo) a last phase loads the upstream directly, nginx, and tollgate proxy.toml and
+# redis-policy.toml at half of tollgate's measured saturation with `oha -q`, in rounds, and
+# prints the p99 each adds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 QUICK=0
