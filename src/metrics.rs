@@ -17,7 +17,8 @@
 //! | [`UPSTREAM_IN_FLIGHT`] `tollgate_upstream_in_flight` | gauge | `service` | requests sent upstream whose response has not finished |
 //! | [`UPSTREAM_HEALTHY_INSTANCES`] `tollgate_upstream_healthy_instances` | gauge | `service` | instances that may take traffic |
 //! | [`RATELIMIT_DECISIONS_TOTAL`] `tollgate_ratelimit_decisions_total` | counter | `policy`, `decision` | rate-limit decisions (limiter) |
-//! | [`STORE_LATENCY_SECONDS`] `tollgate_store_latency_seconds` | histogram | `store` | one limiter store round trip (limiter) |
+//! | [`RATELIMIT_LEASE_SERVED_TOTAL`] `tollgate_ratelimit_lease_served_total` | counter | `policy` | buckets decided from tokens leased earlier, without the store (limiter) |
+//! | [`STORE_LATENCY_SECONDS`] `tollgate_store_latency_seconds` | histogram | `store` | one limiter store round trip, failures included (limiter) |
 //! | [`STORE_ERRORS_TOTAL`] `tollgate_store_errors_total` | counter | `store`, `kind` | failed store operations (limiter) |
 //! | [`STORE_BREAKER_OPEN`] `tollgate_store_breaker_open` | gauge | `store` | 1 while the store's circuit breaker is open, else 0 (limiter) |
 //! | [`GLOBAL_DECISIONS_TOTAL`] `tollgate_global_decisions_total` | counter | `policy`, `mode`, `admitted` | global (cross-region) checks decided locally |
@@ -52,6 +53,7 @@ pub const REQUEST_DURATION_SECONDS: &str = "tollgate_request_duration_seconds";
 pub const UPSTREAM_IN_FLIGHT: &str = "tollgate_upstream_in_flight";
 pub const UPSTREAM_HEALTHY_INSTANCES: &str = "tollgate_upstream_healthy_instances";
 pub const RATELIMIT_DECISIONS_TOTAL: &str = "tollgate_ratelimit_decisions_total";
+pub const RATELIMIT_LEASE_SERVED_TOTAL: &str = "tollgate_ratelimit_lease_served_total";
 pub const STORE_LATENCY_SECONDS: &str = "tollgate_store_latency_seconds";
 pub const STORE_ERRORS_TOTAL: &str = "tollgate_store_errors_total";
 pub const STORE_BREAKER_OPEN: &str = "tollgate_store_breaker_open";
@@ -230,6 +232,28 @@ pub fn count_decision(policy: &str, decision: &'static str) {
             )
         },
         |counter| counter.increment(1),
+    );
+}
+
+/// Counts one bucket of `policy` decided from its lease.
+pub fn count_lease_served(policy: &str) {
+    static SERVED: LazyLock<Cached<(), Counter>> = LazyLock::new(Cached::new);
+    SERVED.with(
+        policy,
+        (),
+        || ::metrics::counter!(RATELIMIT_LEASE_SERVED_TOTAL, "policy" => policy.to_owned()),
+        |counter| counter.increment(1),
+    );
+}
+
+/// Records one store round trip of the limiter.
+pub fn record_store_latency(store: &str, elapsed: Duration) {
+    static LATENCY: LazyLock<Cached<(), Histogram>> = LazyLock::new(Cached::new);
+    LATENCY.with(
+        store,
+        (),
+        || ::metrics::histogram!(STORE_LATENCY_SECONDS, "store" => store.to_owned()),
+        |histogram| histogram.record(elapsed.as_secs_f64()),
     );
 }
 

@@ -649,6 +649,32 @@ async fn a_hot_key_leases_tokens_so_most_requests_skip_redis_and_the_burst_stays
     // far from the limit, one per request near it (the last 2 leases' worth).
     let scripts = scripts_run(&redis) - before;
     assert!(scripts < 150, "{scripts} scripts for 1,001 requests");
+    // Operators see it: lease-served decisions and store round trips are counted (the
+    // recorder is per process, shared with the other tests: at least these).
+    let text = client()
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let samples = support::parse_prometheus(&text);
+    let served = support::prom_value(
+        &samples,
+        "tollgate_ratelimit_lease_served_total",
+        &[("policy", "hot")],
+    );
+    assert!(served >= 1000.0 - 150.0, "{served} lease-served decisions");
+    let round_trips = support::prom_value(
+        &samples,
+        "tollgate_store_latency_seconds_count",
+        &[("store", "redis")],
+    );
+    assert!(
+        round_trips >= 1.0,
+        "{round_trips} store round trips recorded"
+    );
     gw.stop().await;
 }
 

@@ -299,6 +299,9 @@ impl RateLimiter {
             })
             .collect();
         if let Some(results) = all_served {
+            for a in applied {
+                crate::metrics::count_lease_served(&a.policy.name);
+            }
             return (results, false);
         }
         if !self.breaker().allow(self.origin.elapsed()) {
@@ -399,7 +402,10 @@ impl RateLimiter {
         let asked = buckets.len();
         // No timer of our own: every store answers within its deadline (the trait's
         // contract), and a second timer per request cost a timer-wheel insert and removal.
-        match self.store.acquire(buckets).await {
+        let started = Instant::now();
+        let answer = self.store.acquire(buckets).await;
+        crate::metrics::record_store_latency(self.store.kind(), started.elapsed());
+        match answer {
             Ok(outcomes) if outcomes.len() == asked => Ok(outcomes),
             Ok(outcomes) => Err(StoreError::Protocol(format!(
                 "{} outcomes for {asked} buckets",
@@ -442,7 +448,10 @@ impl RateLimiter {
             let mut leases = self.leases();
             for (a, draw) in applied.iter().zip(draws) {
                 let outcome = match draw {
-                    Draw::Served(served) if admitted => *served,
+                    Draw::Served(served) if admitted => {
+                        crate::metrics::count_lease_served(&a.policy.name);
+                        *served
+                    }
                     Draw::Served(served) => {
                         // Not admitted after all: the drawn tokens go back to the lease.
                         leases.give_back(&a.bucket.key, a.bucket.cost, now);
