@@ -1,5 +1,6 @@
 //! GCRA bucket math (`tollgate::limit::bucket`): the arithmetic every regional decision runs,
-//! in the in-memory store and the `local` fallback (Redis runs the same formula in Lua).
+//! in the in-memory store and the `local` fallback (Redis runs the same formula in Lua); and
+//! a hot key's lease (`tollgate::limit::lease`), which decides instead of Redis.
 //!
 //! `cargo bench --bench bucket -- --warm-up-time 1 --measurement-time 3`
 
@@ -7,6 +8,8 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use tollgate::limit::bucket::{BucketSpec, decide, refund};
+use tollgate::limit::lease::{Draw, Leases};
+use tollgate::store::BucketOutcome;
 
 const SEC: u64 = 1_000_000;
 /// A realistic wall-clock instant (2025), so the numbers are as large as in production.
@@ -60,6 +63,28 @@ fn bench(c: &mut Criterion) {
                 black_box(NOW),
                 black_box(1),
             )
+        })
+    });
+    group.bench_function("lease draw, served (one of 10,000 hot keys)", |b| {
+        // The table the gateway keeps: many hot keys, each with a lease far from empty.
+        let mut leases = Leases::default();
+        let keys: Vec<String> = (0..10_000)
+            .map(|i| format!("tollgate:rl:{{ip:10.0.{}.{}}}:per-client", i / 256, i % 256))
+            .collect();
+        let granted = BucketOutcome {
+            admitted: true,
+            remaining: 1_000_000,
+            next_token_us: 0,
+            retry_after_us: 0,
+        };
+        for key in &keys {
+            leases.answered(key, u64::MAX / 2, granted, 0);
+        }
+        let key = &keys[4_321];
+        b.iter(|| {
+            let draw = leases.draw(black_box(key), 1, 64, black_box(1));
+            debug_assert!(matches!(draw, Draw::Served(_)));
+            draw
         })
     });
     group.finish();
