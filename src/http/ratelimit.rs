@@ -373,7 +373,9 @@ impl RateLimiter {
             });
         for ((a, extra), outcome) in asked.zip(outcomes) {
             if outcome.admitted {
-                leases.unanswered(&a.bucket.key);
+                if extra > 0 {
+                    leases.unanswered(&a.bucket.key);
+                }
             } else {
                 leases.answered(&a.bucket.key, extra, *outcome, now);
             }

@@ -164,7 +164,11 @@ impl Leases {
             // otherwise. Unused tokens stay (they were taken from the bucket already).
             if let Some(entry) = self.entries.get_mut(bucket) {
                 entry.store_remaining = outcome.remaining;
-                entry.asking_until_us = 0;
+                // Only the request that asked for the lease frees the slot: another's
+                // answer says nothing of that request, still in flight.
+                if extra > 0 {
+                    entry.asking_until_us = 0;
+                }
             }
             return outcome;
         }
@@ -304,6 +308,25 @@ mod tests {
         };
         assert_eq!(leases.answered("k", 8, refused, 4), refused);
         assert_eq!(leases.draw("k", 1, 8, 5), Draw::Ask { extra: 0 });
+    }
+
+    #[test]
+    fn only_the_lease_request_frees_its_slot() {
+        let mut leases = Leases::default();
+        leases.answered("k", 0, admitted(100), 0);
+        assert_eq!(leases.draw("k", 1, 4, 1), Draw::Ask { extra: 4 });
+        // Concurrent plain requests are answered first, admitted or refused.
+        leases.answered("k", 0, admitted(99), 2);
+        let refused = BucketOutcome {
+            admitted: false,
+            remaining: 50,
+            next_token_us: 10,
+            retry_after_us: 10,
+        };
+        leases.answered("k", 0, refused, 3);
+        assert_eq!(leases.draw("k", 1, 4, 4), Draw::Ask { extra: 0 });
+        leases.answered("k", 4, admitted(90), 5);
+        assert!(matches!(leases.draw("k", 1, 4, 6), Draw::Served(_)));
     }
 
     #[test]
