@@ -78,6 +78,11 @@ impl RateLimiter {
         store: Arc<dyn BucketStore>,
         breaker: Breaker,
     ) -> Self {
+        // A lease request may take two store calls (the retry without the lease), each up to
+        // the store's deadline; until then no second one is sent for the same key.
+        let ask_timeout_us = store.deadline().map_or(0, |deadline| {
+            u64::try_from(deadline.as_micros().saturating_mul(2)).unwrap_or(u64::MAX)
+        });
         Self {
             policies,
             identity,
@@ -87,7 +92,7 @@ impl RateLimiter {
             origin: Instant::now(),
             global: None,
             empty: Mutex::new(EmptyBuckets::default()),
-            leases: Mutex::new(Leases::default()),
+            leases: Mutex::new(Leases::default().with_ask_timeout(ask_timeout_us)),
         }
     }
 
@@ -467,12 +472,17 @@ impl RateLimiter {
                         let Some(outcome) = outcomes.next() else {
                             break;
                         };
-                        if admitted && a.policy.lease.tokens(a.bucket.spec) > 0 {
+                        let leasing = a.policy.lease.tokens(a.bucket.spec) > 0;
+                        if admitted && leasing {
                             leases.answered(&a.bucket.key, *extra, outcome, now)
                         } else if admitted {
                             outcome
                         } else {
-                            if *extra > 0 {
+                            if !outcome.admitted && leasing {
+                                // Near empty: no lease asked for until an admission says
+                                // otherwise.
+                                leases.answered(&a.bucket.key, *extra, outcome, now);
+                            } else if *extra > 0 {
                                 leases.unanswered(&a.bucket.key);
                             }
                             outcome

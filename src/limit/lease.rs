@@ -15,12 +15,14 @@
 //! - in a sliding window, a key may see up to `lease` more admissions per gateway than the
 //!   bucket's `burst + window × rate` (tokens leased before the window, used inside it);
 //! - while a gateway holds unused leased tokens, another gateway sharing the bucket may
-//!   refuse up to that many requests early; unused tokens are dropped after [`LEASE_TTL_US`];
+//!   refuse up to that many requests early; tokens unused for [`LEASE_TTL_US`] (the key went
+//!   quiet) are dropped;
 //! - the `RateLimit` headers of a lease-served request count from the store's last answer.
 //!
 //! Leasing starts only on a key seen again within [`LEASE_TTL_US`] whose bucket had at least
-//! `cost + 2 × lease` tokens left, and only one lease request per key is in flight at once
-//! (so concurrent requests cannot each take a lease). The automatic size is 1/64 of the burst,
+//! `cost + 2 × lease` tokens left; only one lease request per key is in flight at once (so
+//! concurrent requests cannot each take a lease), and a gateway never holds more than one
+//! lease of a key. The automatic size is 1/64 of the burst,
 //! so the slack is stated relative to the bucket (within 1/64 of the burst per gateway), and
 //! buckets under 64 tokens never lease and stay exact.
 //!
@@ -85,8 +87,13 @@ struct Entry {
     store_remaining: u64,
     /// The store's `next_token_us` in that answer.
     next_token_us: u64,
-    /// When the tokens lapse and the key stops counting as hot.
+    /// When the tokens lapse and the key stops counting as hot: [`LEASE_TTL_US`] after the
+    /// key's last store answer or lease-served request, so a key that keeps sending, however
+    /// slowly, uses every token it leased.
     expires_us: u64,
+    /// The size of the last lease granted: tokens held never exceed it (a give-back racing a
+    /// new grant must not stack two leases).
+    cap: u64,
     /// Until when a lease request is outstanding (0: none).
     asking_until_us: u64,
 }
@@ -96,6 +103,7 @@ struct Entry {
 pub struct Leases {
     entries: HashMap<Box<str>, Entry>,
     capacity: usize,
+    ask_timeout_us: u64,
 }
 
 impl Default for Leases {
@@ -110,12 +118,21 @@ impl Leases {
         Self {
             entries: HashMap::new(),
             capacity,
+            ask_timeout_us: ASK_TIMEOUT_US,
         }
     }
 
+    /// How long a lease request may stay unanswered before another may be sent (at least
+    /// [`ASK_TIMEOUT_US`]): the caller's longest wait for the store, so that a slow store
+    /// cannot have two lease requests of one key in flight.
+    pub fn with_ask_timeout(mut self, ask_timeout_us: u64) -> Self {
+        self.ask_timeout_us = ask_timeout_us.max(ASK_TIMEOUT_US);
+        self
+    }
+
     /// Takes `cost` from `bucket`'s lease if it holds enough; otherwise says what to ask the
-    /// store for. An `Ask` with `extra > 0` must be followed by [`Leases::answered`] (or the
-    /// lease request lapses after [`ASK_TIMEOUT_US`]).
+    /// store for. An `Ask` with `extra > 0` must be followed by [`Leases::answered`] or
+    /// [`Leases::unanswered`] (or the lease request lapses after the ask timeout).
     pub fn draw(&mut self, bucket: &str, cost: u64, lease: u64, now_us: u64) -> Draw {
         let Some(entry) = self.entries.get_mut(bucket) else {
             return Draw::Ask { extra: 0 };
@@ -126,13 +143,14 @@ impl Leases {
         }
         if entry.tokens >= cost {
             entry.tokens -= cost;
+            entry.expires_us = now_us.saturating_add(LEASE_TTL_US);
             return Draw::Served(entry.view());
         }
         let hot_enough = lease > 0
             && entry.store_remaining >= cost.saturating_add(lease.saturating_mul(2))
             && entry.asking_until_us <= now_us;
         if hot_enough {
-            entry.asking_until_us = now_us.saturating_add(ASK_TIMEOUT_US);
+            entry.asking_until_us = now_us.saturating_add(self.ask_timeout_us);
             Draw::Ask { extra: lease }
         } else {
             Draw::Ask { extra: 0 }
@@ -140,12 +158,14 @@ impl Leases {
     }
 
     /// Puts back `cost` tokens drawn by a request that was not admitted after all (another of
-    /// its buckets refused). Tokens that lapsed meanwhile stay lapsed.
+    /// its buckets refused). Tokens that lapsed meanwhile stay lapsed, and no more than one
+    /// lease is held: if a new lease came meanwhile, the excess is dropped (never admitting
+    /// more is the safe side).
     pub fn give_back(&mut self, bucket: &str, cost: u64, now_us: u64) {
         if let Some(entry) = self.entries.get_mut(bucket)
             && entry.expires_us > now_us
         {
-            entry.tokens = entry.tokens.saturating_add(cost);
+            entry.tokens = entry.tokens.saturating_add(cost).min(entry.cap);
         }
     }
 
@@ -181,6 +201,7 @@ impl Leases {
                     store_remaining: 0,
                     next_token_us: 0,
                     expires_us: 0,
+                    cap: 0,
                     asking_until_us: 0,
                 })
             }
@@ -188,7 +209,12 @@ impl Leases {
         if entry.expires_us <= now_us {
             entry.tokens = 0;
         }
-        entry.tokens = entry.tokens.saturating_add(extra);
+        if extra > 0 {
+            // A lease is asked for only when fewer than `cost` tokens were left; those few
+            // are dropped so that one lease is all a gateway ever holds.
+            entry.tokens = extra;
+            entry.cap = extra;
+        }
         entry.store_remaining = outcome.remaining;
         entry.next_token_us = outcome.next_token_us;
         entry.expires_us = now_us.saturating_add(LEASE_TTL_US);
@@ -336,11 +362,46 @@ mod tests {
         assert!(matches!(leases.draw("k", 3, 4, 1), Draw::Served(_)));
         leases.give_back("k", 3, 2);
         assert_eq!(leases.tokens("k", 2), 4);
-        assert_eq!(leases.tokens("k", LEASE_TTL_US), 0);
+        // The TTL counts from the last use (the draw at 1).
+        assert_eq!(leases.tokens("k", LEASE_TTL_US), 4);
+        assert_eq!(leases.tokens("k", 1 + LEASE_TTL_US), 0);
         // Past the TTL the key is cold again: a plain ask.
-        assert_eq!(leases.draw("k", 1, 4, LEASE_TTL_US), Draw::Ask { extra: 0 });
-        leases.give_back("k", 3, LEASE_TTL_US);
-        assert_eq!(leases.tokens("k", LEASE_TTL_US), 0);
+        assert_eq!(
+            leases.draw("k", 1, 4, 1 + LEASE_TTL_US),
+            Draw::Ask { extra: 0 }
+        );
+        leases.give_back("k", 3, 1 + LEASE_TTL_US);
+        assert_eq!(leases.tokens("k", 1 + LEASE_TTL_US), 0);
+    }
+
+    #[test]
+    fn a_give_back_after_a_new_lease_holds_one_lease_at_most() {
+        let mut leases = Leases::default();
+        leases.answered("k", 0, admitted(1_000), 0);
+        assert_eq!(leases.draw("k", 10, 10, 1), Draw::Ask { extra: 10 });
+        leases.answered("k", 10, admitted(900), 2);
+        // Request A draws the whole lease; B, meanwhile, gets the next one.
+        assert!(matches!(leases.draw("k", 10, 10, 3), Draw::Served(_)));
+        assert_eq!(leases.draw("k", 10, 10, 4), Draw::Ask { extra: 10 });
+        leases.answered("k", 10, admitted(880), 5);
+        // A is refused by another policy and gives its 10 back: still one lease held.
+        leases.give_back("k", 10, 6);
+        assert_eq!(leases.tokens("k", 6), 10);
+    }
+
+    #[test]
+    fn a_slow_hot_key_uses_every_token_it_leases() {
+        // 1,000 tokens, no refill to speak of, a request every half second: the lease of 15
+        // outlives the TTL counted from its grant, but every use extends it.
+        let spec = BucketSpec {
+            burst: 1_000,
+            interval_us: 1_000_000_000,
+        };
+        let lease = LeaseSize::Auto.tokens(spec);
+        assert_eq!(lease, 15);
+        let requests = vec![(500_000, 0); 1_001];
+        let admitted_at = run(spec, lease, &mut [Leases::default()], &requests);
+        assert_eq!(admitted_at.len(), 1_000);
     }
 
     #[test]

@@ -81,6 +81,12 @@ pub trait BucketStore: Send + Sync + 'static {
 
     /// Short name for logs and metrics: `memory`, `redis`, `redis-cluster`.
     fn kind(&self) -> &'static str;
+
+    /// The deadline within which [`BucketStore::acquire`] resolves, if it can take that long
+    /// (`None`: it answers at once, as memory does).
+    fn deadline(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 #[cfg(test)]

@@ -294,6 +294,10 @@ impl BucketStore for RedisClusterStore {
     fn kind(&self) -> &'static str {
         "redis-cluster"
     }
+
+    fn deadline(&self) -> Option<Duration> {
+        Some(self.command_timeout)
+    }
 }
 
 #[cfg(test)]

@@ -343,4 +343,8 @@ impl BucketStore for RedisStore {
     fn kind(&self) -> &'static str {
         "redis"
     }
+
+    fn deadline(&self) -> Option<Duration> {
+        Some(self.shared.command_timeout)
+    }
 }
