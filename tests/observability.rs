@@ -289,6 +289,23 @@ fn otel_env<'a>(receiver: &'a str, protocol: &'a str) -> Vec<(&'a str, &'a str)>
 }
 
 /// Polls `url` until it answers 2xx, the role exits, or the deadline.
+/// The first JSON log line of `role` whose message is `message`, waiting for it (deadline).
+async fn log_line(role: &Role, message: &str) -> Value {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let log = role.log();
+        if let Some(line) = log
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .find(|line| line["message"] == message)
+        {
+            return line;
+        }
+        assert!(Instant::now() < deadline, "no log line {message:?}:\n{log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn wait_ready(role: &mut Role, url: &str) {
     let http = client();
     let deadline = Instant::now() + DEADLINE;
@@ -605,19 +622,7 @@ async fn request_ids_are_checked_at_the_edge_and_kept_to_the_last_hop() {
         .await
         .unwrap();
     assert_eq!(no_route.status(), StatusCode::NOT_FOUND);
-    let deadline = Instant::now() + DEADLINE;
-    let line: Value = loop {
-        let log = stack.gateway_role.log();
-        if let Some(line) = log
-            .lines()
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .find(|line| line["message"] == "request not proxied")
-        {
-            break line;
-        }
-        assert!(Instant::now() < deadline, "no log line for the 404:\n{log}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let line = log_line(&stack.gateway_role, "request not proxied").await;
     assert_eq!(line["span"]["correlation_id"], "log-line-1", "{line}");
     assert_eq!(line["correlation_id"], "log-line-1", "{line}");
 }
@@ -660,19 +665,7 @@ instances = ["http://127.0.0.1:1"]
         .await
         .unwrap();
     assert_eq!(no_route.status(), StatusCode::NOT_FOUND);
-    let deadline = Instant::now() + DEADLINE;
-    let line: Value = loop {
-        let log = gateway.log();
-        if let Some(line) = log
-            .lines()
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .find(|line| line["message"] == "request not proxied")
-        {
-            break line;
-        }
-        assert!(Instant::now() < deadline, "no log line for the 404:\n{log}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let line = log_line(&gateway, "request not proxied").await;
     assert_eq!(line["correlation_id"], "quiet-line-1", "{line}");
 }
 

@@ -651,15 +651,7 @@ async fn a_hot_key_leases_tokens_so_most_requests_skip_redis_and_the_burst_stays
     assert!(scripts < 150, "{scripts} scripts for 1,001 requests");
     // Operators see it: lease-served decisions and store round trips are counted (the
     // recorder is per process, shared with the other tests: at least these).
-    let text = client()
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let samples = support::parse_prometheus(&text);
+    let samples = gw.metrics().await;
     let served = support::prom_value(
         &samples,
         "tollgate_ratelimit_lease_served_total",

@@ -342,7 +342,7 @@ impl RateLimiter {
         let mut leases = self.leases();
         applied
             .iter()
-            .map(|a| match a.policy.lease.tokens(a.bucket.spec) {
+            .map(|a| match a.lease_tokens() {
                 // Never leasing: nothing to look up, and nothing to remember below.
                 0 => Draw::Ask { extra: 0 },
                 lease => leases.draw(&a.bucket.key, a.bucket.cost, lease, now),
@@ -472,7 +472,7 @@ impl RateLimiter {
                         let Some(outcome) = outcomes.next() else {
                             break;
                         };
-                        let leasing = a.policy.lease.tokens(a.bucket.spec) > 0;
+                        let leasing = a.lease_tokens() > 0;
                         if admitted && leasing {
                             leases.answered(&a.bucket.key, *extra, outcome, now)
                         } else if admitted {

@@ -290,6 +290,15 @@ mod tests {
         }
     }
 
+    fn refused(remaining: u64) -> BucketOutcome {
+        BucketOutcome {
+            admitted: false,
+            remaining,
+            next_token_us: 10,
+            retry_after_us: 10,
+        }
+    }
+
     #[test]
     fn auto_size_is_a_sixty_fourth_of_the_burst() {
         let spec = |burst| BucketSpec::new(burst, 1_000_000, burst);
@@ -326,13 +335,7 @@ mod tests {
         assert_eq!(leases.draw("k", 1, 8, 1), Draw::Ask { extra: 0 });
         leases.answered("k", 0, admitted(17), 2);
         assert_eq!(leases.draw("k", 1, 8, 3), Draw::Ask { extra: 8 });
-        let refused = BucketOutcome {
-            admitted: false,
-            remaining: 3,
-            next_token_us: 10,
-            retry_after_us: 10,
-        };
-        assert_eq!(leases.answered("k", 8, refused, 4), refused);
+        assert_eq!(leases.answered("k", 8, refused(3), 4), refused(3));
         assert_eq!(leases.draw("k", 1, 8, 5), Draw::Ask { extra: 0 });
     }
 
@@ -343,13 +346,7 @@ mod tests {
         assert_eq!(leases.draw("k", 1, 4, 1), Draw::Ask { extra: 4 });
         // Concurrent plain requests are answered first, admitted or refused.
         leases.answered("k", 0, admitted(99), 2);
-        let refused = BucketOutcome {
-            admitted: false,
-            remaining: 50,
-            next_token_us: 10,
-            retry_after_us: 10,
-        };
-        leases.answered("k", 0, refused, 3);
+        leases.answered("k", 0, refused(50), 3);
         assert_eq!(leases.draw("k", 1, 4, 4), Draw::Ask { extra: 0 });
         leases.answered("k", 4, admitted(90), 5);
         assert!(matches!(leases.draw("k", 1, 4, 6), Draw::Served(_)));

@@ -199,6 +199,13 @@ pub struct Applied<'p> {
     pub bucket: BucketRequest,
 }
 
+impl Applied<'_> {
+    /// Tokens one lease of this bucket takes (0: it never leases).
+    pub fn lease_tokens(&self) -> u64 {
+        self.policy.lease.tokens(self.bucket.spec)
+    }
+}
+
 /// Storage key of a bucket. The key value is the hash tag, so every policy keyed on the same
 /// identity lands in one Redis Cluster slot and is decided by one script.
 pub fn bucket_key(policy: &str, key: &str) -> String {

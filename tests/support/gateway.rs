@@ -74,6 +74,19 @@ impl TestGateway {
             .unwrap()
     }
 
+    /// The admin listener's `/metrics`, parsed.
+    pub async fn metrics(&self) -> Vec<super::PromSample> {
+        let text = client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        super::parse_prometheus(&text)
+    }
+
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
