@@ -122,12 +122,39 @@ fn ping(port: u16) -> bool {
     stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
 }
 
-/// A port that was free a moment ago (bound to port 0, then released).
+/// Where [`free_port`] looks: below the kernel's ephemeral range (Linux 32768-60999, BSD and
+/// Windows 49152-65535), which outgoing connections draw from.
+const LISTENER_PORTS: std::ops::Range<u16> = 10_000..30_000;
+
+/// A port on 127.0.0.1 free for both TCP and UDP a moment ago, for a child process to listen on.
+///
+/// Not one from binding port 0: that is an ephemeral port, and between its release and the
+/// child's bind any outgoing connection of a concurrent test may take it (CI saw a gateway
+/// fail with "Address already in use"). Below the ephemeral range only listeners bind, and each
+/// test binary walks it from a random start so no two hand out the same port.
 pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("cannot bind 127.0.0.1:0 to find a free port")
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU16, Ordering};
+
+    static NEXT: OnceLock<AtomicU16> = OnceLock::new();
+    let span = LISTENER_PORTS.end - LISTENER_PORTS.start;
+    let next = NEXT.get_or_init(|| {
+        // RandomState is seeded randomly per process: a random start without a dependency.
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        AtomicU16::new((random % u64::from(span)) as u16)
+    });
+    for _ in 0..span {
+        let port = LISTENER_PORTS.start + next.fetch_add(1, Ordering::Relaxed) % span;
+        let tcp = TcpListener::bind((Ipv4Addr::LOCALHOST, port));
+        let udp = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 in {LISTENER_PORTS:?}")
 }
 
 /// An address where nothing listens, for "upstream is down" tests.
