@@ -395,8 +395,8 @@ pub fn redis_cli(port: u16, args: &[&str]) -> Result<String, String> {
     }
 }
 
-/// `count` distinct ports that were free a moment ago, each below 55535 with its cluster bus
-/// port (port + 10000) free too.
+/// `count` distinct ports that were free a moment ago, each below 20000 with its cluster bus
+/// port (port + 10000) free too: both stay below the ephemeral range, as [`free_port`] explains.
 fn cluster_ports(count: usize) -> Vec<u16> {
     let mut ports: Vec<u16> = Vec::new();
     let mut tries = 0;
@@ -404,7 +404,7 @@ fn cluster_ports(count: usize) -> Vec<u16> {
         tries += 1;
         assert!(tries < 10_000, "no free port pairs for a Redis Cluster");
         let port = free_port();
-        if port >= 55535 || ports.contains(&port) {
+        if port >= 20_000 || ports.contains(&port) {
             continue;
         }
         if TcpListener::bind((Ipv4Addr::LOCALHOST, port + 10000)).is_ok() {
