@@ -175,7 +175,8 @@ async fn burst_is_admitted_exactly_then_429_with_headers_and_no_upstream_call() 
     let ratelimit = response.headers()["ratelimit"].to_str().unwrap().to_owned();
     let t: u64 = ratelimit.rsplit_once("t=").unwrap().1.parse().unwrap();
     assert!(ratelimit.starts_with("\"per-client\";r=0;"), "{ratelimit}");
-    assert!((19..=20).contains(&retry_after), "{retry_after}");
+    // 20 s less the time the five requests took (a stalled machine may take seconds).
+    assert!((15..=20).contains(&retry_after), "{retry_after}");
     assert!(retry_after >= t, "Retry-After {retry_after} before t={t}");
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["type"], "urn:tollgate:problem:quota-exceeded");

@@ -58,11 +58,6 @@ impl Problem {
         self.retry_after_secs = Some(secs);
         self
     }
-
-    /// The full `type` URI.
-    pub fn type_uri(&self) -> String {
-        format!("{PROBLEM_TYPE_PREFIX}{}", self.slug)
-    }
 }
 
 /// The document's members in RFC 9457's order, then the extensions, written straight to the
