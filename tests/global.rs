@@ -407,7 +407,12 @@ async fn a_killed_region_loses_at_most_one_interval_and_strict_never_exceeds_the
     .await;
     // Two seconds to spare for the last requests in flight when the hop stops.
     let remaining = WINDOW.saturating_sub(started.elapsed() + Duration::from_secs(2));
-    let (after_restart, _) = hop(&d, &[0, 1, 2], "/strict", remaining).await;
+    let (after_restart, refused_after) = hop(&d, &[0, 1, 2], "/strict", remaining).await;
+    assert!(
+        after_restart + refused_after > 0,
+        "no request fitted in the window after the restart ({:?} in): nothing was checked",
+        started.elapsed()
+    );
     assert!(
         started.elapsed() < WINDOW,
         "the test must fit in one window"

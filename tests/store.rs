@@ -772,7 +772,6 @@ fn construction_outside_a_runtime_does_not_panic_and_bad_urls_fail() {
     assert!(RedisStore::new("http://127.0.0.1/", TIMEOUT).is_err());
 }
 
-/// Rough latency of one acquire against a local Redis (printed; asserted only loosely).
 /// Many acquires on one connection, one after another and then 4,000 at once: every one is
 /// answered and counted exactly. (How fast is `cargo bench`'s business; the times printed
 /// here are only for the log.)

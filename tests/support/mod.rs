@@ -123,8 +123,9 @@ fn ping(port: u16) -> bool {
 }
 
 /// Where [`free_port`] looks: below the kernel's ephemeral range (Linux 32768-60999, BSD and
-/// Windows 49152-65535), which outgoing connections draw from.
-const LISTENER_PORTS: std::ops::Range<u16> = 10_000..30_000;
+/// Windows 49152-65535), which outgoing connections draw from. The 10000 ports above it, up to
+/// 30000, are left to Redis Cluster bus ports (node port + 10000).
+const LISTENER_PORTS: std::ops::Range<u16> = 10_000..20_000;
 
 /// A port on 127.0.0.1 free for both TCP and UDP a moment ago, for a child process to listen on.
 ///
@@ -135,19 +136,21 @@ const LISTENER_PORTS: std::ops::Range<u16> = 10_000..30_000;
 pub fn free_port() -> u16 {
     use std::hash::{BuildHasher, Hasher};
     use std::sync::OnceLock;
-    use std::sync::atomic::{AtomicU16, Ordering};
+    use std::sync::atomic::{AtomicU32, Ordering};
 
-    static NEXT: OnceLock<AtomicU16> = OnceLock::new();
-    let span = LISTENER_PORTS.end - LISTENER_PORTS.start;
+    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
+    let span = u32::from(LISTENER_PORTS.end - LISTENER_PORTS.start);
     let next = NEXT.get_or_init(|| {
         // RandomState is seeded randomly per process: a random start without a dependency.
         let random = std::collections::hash_map::RandomState::new()
             .build_hasher()
             .finish();
-        AtomicU16::new((random % u64::from(span)) as u16)
+        AtomicU32::new((random % u64::from(span)) as u32)
     });
     for _ in 0..span {
-        let port = LISTENER_PORTS.start + next.fetch_add(1, Ordering::Relaxed) % span;
+        // Below `span` after the modulo, so it fits the u16 range it is added to.
+        let offset = (next.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        let port = LISTENER_PORTS.start + offset;
         let tcp = TcpListener::bind((Ipv4Addr::LOCALHOST, port));
         let udp = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, port));
         if tcp.is_ok() && udp.is_ok() {
@@ -395,8 +398,8 @@ pub fn redis_cli(port: u16, args: &[&str]) -> Result<String, String> {
     }
 }
 
-/// `count` distinct ports that were free a moment ago, each below 20000 with its cluster bus
-/// port (port + 10000) free too: both stay below the ephemeral range, as [`free_port`] explains.
+/// `count` distinct ports that were free a moment ago, each with its cluster bus port
+/// (port + 10000) free too: both stay below the ephemeral range, as [`free_port`] explains.
 fn cluster_ports(count: usize) -> Vec<u16> {
     let mut ports: Vec<u16> = Vec::new();
     let mut tries = 0;
@@ -404,7 +407,7 @@ fn cluster_ports(count: usize) -> Vec<u16> {
         tries += 1;
         assert!(tries < 10_000, "no free port pairs for a Redis Cluster");
         let port = free_port();
-        if port >= 20_000 || ports.contains(&port) {
+        if ports.contains(&port) {
             continue;
         }
         if TcpListener::bind((Ipv4Addr::LOCALHOST, port + 10000)).is_ok() {
