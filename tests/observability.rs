@@ -329,6 +329,33 @@ fn addr(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
+/// A gateway process of region [`REGION`] on the given ports, with `services` (and any other
+/// config) appended to its `gateway.toml` in `dir`.
+fn spawn_gateway(
+    dir: &TempDir,
+    proxy_port: u16,
+    admin_port: u16,
+    services: &str,
+    env: &[(&str, &str)],
+) -> Role {
+    let config = dir.0.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "region = \"{REGION}\"\nlisten = \"{}\"\nadmin_listen = \"{}\"\n{services}",
+            addr(proxy_port),
+            addr(admin_port),
+        ),
+    )
+    .unwrap();
+    Role::spawn(
+        "gateway",
+        &dir.0,
+        &["gateway", "--config", config.to_str().unwrap()],
+        env,
+    )
+}
+
 /// users, bookings and a gateway in front of both, all exporting to the receiver.
 struct Stack {
     gateway: String,
@@ -371,15 +398,14 @@ impl Stack {
             ],
             &otel_env(receiver, "http/protobuf"),
         );
-        let config = dir.0.join("gateway.toml");
-        std::fs::write(
-            &config,
-            format!(
+        let mut gateway_env = otel_env(receiver, "grpc");
+        gateway_env.push(("TOLLGATE_LOG_FORMAT", "json"));
+        let mut gateway = spawn_gateway(
+            &dir,
+            proxy_port,
+            admin_port,
+            &format!(
                 r#"
-region = "{REGION}"
-listen = "{proxy}"
-admin_listen = "{admin}"
-
 [services.users]
 routes = ["/api/v1/users"]
 instances = ["{users_url}"]
@@ -389,18 +415,8 @@ routes = ["/api/v1/bookings"]
 instances = ["http://{bookings_listen}"]
 
 {extra}
-"#,
-                proxy = addr(proxy_port),
-                admin = addr(admin_port),
+"#
             ),
-        )
-        .unwrap();
-        let mut gateway_env = otel_env(receiver, "grpc");
-        gateway_env.push(("TOLLGATE_LOG_FORMAT", "json"));
-        let mut gateway = Role::spawn(
-            "gateway",
-            &dir.0,
-            &["gateway", "--config", config.to_str().unwrap()],
             &gateway_env,
         );
 
@@ -633,28 +649,15 @@ async fn request_ids_are_checked_at_the_edge_and_kept_to_the_last_hop() {
 async fn without_export_a_request_log_line_still_names_its_correlation_id() {
     let dir = TempDir::new("log-without-export");
     let (proxy_port, admin_port) = (free_port(), free_port());
-    let config = dir.0.join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-region = "{REGION}"
-listen = "{proxy}"
-admin_listen = "{admin}"
-
+    let mut gateway = spawn_gateway(
+        &dir,
+        proxy_port,
+        admin_port,
+        r#"
 [services.users]
 routes = ["/api/v1/users"]
 instances = ["http://127.0.0.1:1"]
 "#,
-            proxy = addr(proxy_port),
-            admin = addr(admin_port),
-        ),
-    )
-    .unwrap();
-    let mut gateway = Role::spawn(
-        "gateway",
-        &dir.0,
-        &["gateway", "--config", config.to_str().unwrap()],
         &[("TOLLGATE_LOG_FORMAT", "json")],
     );
     wait_ready(&mut gateway, &format!("http://{}/ready", addr(admin_port))).await;
@@ -919,17 +922,7 @@ burst = 2
 "#;
     let stack = Stack::start_with("rate-limit", &receiver, policy).await;
     let http = client();
-    let scrape = || async {
-        let text = http
-            .get(format!("{}/metrics", stack.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        parse_prometheus(&text)
-    };
+    let scrape = || support::scrape_metrics(&stack.admin);
     let before = scrape().await;
     let mut statuses = Vec::new();
     for i in 0..3 {

@@ -76,15 +76,7 @@ impl TestGateway {
 
     /// The admin listener's `/metrics`, parsed.
     pub async fn metrics(&self) -> Vec<super::PromSample> {
-        let text = client()
-            .get(self.admin_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        super::parse_prometheus(&text)
+        super::scrape_metrics(&self.admin_url("")).await
     }
 
     pub async fn stop(mut self) {

@@ -425,6 +425,19 @@ pub struct PromSample {
     pub value: f64,
 }
 
+/// `GET {admin}/metrics`, parsed (`admin`: the admin listener's base URL, `http://host:port`).
+pub async fn scrape_metrics(admin: &str) -> Vec<PromSample> {
+    let text = client()
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    parse_prometheus(&text)
+}
+
 /// Parses the Prometheus text format (comments skipped, label values unescaped), enough for
 /// what `metrics-exporter-prometheus` renders. Panics on a line it cannot read, so a format
 /// change fails the test loudly.
