@@ -17,7 +17,7 @@
 //! - [`telemetry`](crate::telemetry): logs, OTLP trace export, W3C trace context.
 //! - [`metrics`](crate::metrics): the Prometheus recorder and the metric catalogue.
 //! - [`shutdown`]: the process's SIGINT/SIGTERM future.
-//! - [`certs`]: `tollgate certs`, the deployment CA and region certificates for gossip.
+//! - [`certs`]: `tollgate certs`, the deployment CA and one certificate per gateway for gossip.
 //! - [`limit`] (pure): GCRA buckets, policies and their keys, caller identity, the store
 //!   breaker, verdicts and RateLimit headers, known-empty buckets and hot keys' leases.
 //! - [`store`]: where regional buckets live: Redis (one Lua script per hash tag, Cluster

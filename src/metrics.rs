@@ -27,7 +27,10 @@
 //! | [`GOSSIP_PEER_LAG_SECONDS`] `tollgate_gossip_peer_lag_seconds` | gauge | `peer` | age of the last delta merged from each peer (absent until one arrives) |
 //! | [`GOSSIP_MESSAGES_SENT_TOTAL`] `tollgate_gossip_messages_sent_total` | counter | | gossip messages queued |
 //! | [`GOSSIP_DROPPED_TOTAL`] `tollgate_gossip_dropped_total` | counter | `reason` | peer input dropped or refused (`unknown_peer`, `before_hello`, `refused_hello`, `merge_refused`, `transfer_refused`, ...) and frames dropped on a full queue (`queue_full`) |
-//! | `tollgate_gossip_refused_peers_total` | counter | `reason` | QUIC peers refused (certificate, region, unexpected instance) |
+//! | [`GLOBAL_KEYS`] `tollgate_global_keys` | gauge | `mode` | `(policy, key)` pairs held in the eventual and strict tables |
+//! | `tollgate_gossip_refused_peers_total` | counter | `reason` | QUIC peers refused (certificate, per-region certificate, unconfigured gateway, handshakes in flight, no Hello) |
+//! | `tollgate_gossip_hellos_refused_total` | counter | `reason` | accepted connections whose Hello was refused (`future-incarnation`, `stale-incarnation`, `already-connected`, `wrong-gateway`, `too-frequent`, ...) |
+//! | `tollgate_gossip_identity_conflict` | gauge | | 1 while this process serves no global policy because a newer process with its identity runs |
 //! | `tollgate_gossip_frames_skipped_total` | counter | | malformed frames skipped |
 //!
 //! `service` is the routed service's config name, or [`UNROUTED`] when no route matched.
@@ -63,6 +66,7 @@ pub const GOSSIP_PEERS_CONNECTED: &str = "tollgate_gossip_peers_connected";
 pub const GOSSIP_PEER_LAG_SECONDS: &str = "tollgate_gossip_peer_lag_seconds";
 pub const GOSSIP_MESSAGES_SENT_TOTAL: &str = "tollgate_gossip_messages_sent_total";
 pub const GOSSIP_DROPPED_TOTAL: &str = "tollgate_gossip_dropped_total";
+pub const GLOBAL_KEYS: &str = "tollgate_global_keys";
 
 /// The `service` label of a request no route matched.
 pub const UNROUTED: &str = "unrouted";

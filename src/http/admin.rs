@@ -70,7 +70,13 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
     let services = gateway.proxy.status();
     let redis = gateway.redis_status().await;
     let services_ready = services.iter().all(|s| s.healthy_instances > 0);
-    let ready = services_ready && redis.is_ready();
+    // A process that stood down for a newer one with its identity serves no global policy:
+    // a load balancer should send its traffic to the other.
+    let identity_ok = gateway
+        .global
+        .as_ref()
+        .is_none_or(|g| g.handle.identity_conflict().is_none());
+    let ready = services_ready && redis.is_ready() && identity_ok;
     let status = if ready {
         StatusCode::OK
     } else {
@@ -124,11 +130,16 @@ fn gossip_status(global: &GlobalLimits) -> serde_json::Value {
         })
         .collect();
     let connected = peers.iter().filter(|p| p["connected"] == true).count();
+    let (eventual_keys, strict_keys) = global.handle.key_counts();
     json!({
         "me": global.peer_name(global.me),
         "peers_connected": connected,
         "peers_total": peers.len(),
         "peers": peers,
+        "keys": { "eventual": eventual_keys, "strict": strict_keys },
+        // The newer incarnation of this gateway, found running elsewhere, that made this
+        // process stop serving global policies.
+        "identity_conflict": global.handle.identity_conflict(),
     })
 }
 
@@ -148,6 +159,11 @@ fn record_gossip(global: &GlobalLimits) {
         }
     }
     metrics::gauge!(crate::metrics::GOSSIP_PEERS_CONNECTED).set(f64::from(connected));
+    let (eventual_keys, strict_keys) = global.handle.key_counts();
+    metrics::gauge!(crate::metrics::GLOBAL_KEYS, "mode" => "eventual").set(eventual_keys as f64);
+    metrics::gauge!(crate::metrics::GLOBAL_KEYS, "mode" => "strict").set(strict_keys as f64);
+    let conflict = global.handle.identity_conflict().is_some();
+    metrics::gauge!(crate::gossip::driver::IDENTITY_CONFLICT).set(f64::from(u8::from(conflict)));
     let stats = global.handle.stats();
     metrics::counter!(crate::metrics::GOSSIP_MESSAGES_SENT_TOTAL).absolute(stats.sent);
     for (reason, value) in [
@@ -155,6 +171,7 @@ fn record_gossip(global: &GlobalLimits) {
         ("no_connection", stats.no_connection),
         ("before_hello", stats.before_hello),
         ("refused_hello", stats.refused_hello),
+        ("duplicate_identity", stats.duplicate_identity),
         ("misattributed", stats.misattributed),
         ("merge_refused", stats.merge_refusals),
         ("transfer_refused", stats.transfers_refused),
