@@ -22,7 +22,7 @@ use tollgate::gossip::proto::Message;
 
 use crate::net::{MS, N_REGIONS, REGIONS};
 use crate::scenario::{EVENTUAL, LIMIT, STRICT, SUB_WINDOWS, WINDOW_US};
-use crate::world::GlobalMode;
+use crate::world::{CONFIG_DIGEST, GlobalMode};
 
 /// Shortest time between two batches of forged messages to one peer.
 pub const INJECT_EVERY_US: u64 = 100 * MS;
@@ -109,11 +109,14 @@ pub enum Strategy {
     AskHoard,
     /// Announces an incarnation of itself [`FUTURE_INCARNATIONS`] ahead of the truth.
     AnnounceFutureIncarnation,
+    /// Sends a `Hello` of a new, higher incarnation of itself every [`INJECT_EVERY_US`] (a
+    /// restart storm from one authenticated slot).
+    HelloRisingIncarnation,
 }
 
 impl Strategy {
     /// Every strategy, in table order.
-    pub const ALL: [Strategy; 18] = [
+    pub const ALL: [Strategy; 19] = [
         Strategy::Honest,
         Strategy::Greedy,
         Strategy::InflateOwnMax,
@@ -132,6 +135,7 @@ impl Strategy {
         Strategy::HandoverFutureIncarnation,
         Strategy::AskHoard,
         Strategy::AnnounceFutureIncarnation,
+        Strategy::HelloRisingIncarnation,
     ];
 
     /// The name in the table (`byz-*`).
@@ -155,6 +159,7 @@ impl Strategy {
             Strategy::HandoverFutureIncarnation => "byz-handover-future-inc",
             Strategy::AskHoard => "byz-ask-hoard",
             Strategy::AnnounceFutureIncarnation => "byz-announce-future-inc",
+            Strategy::HelloRisingIncarnation => "byz-hello-rising-inc",
         }
     }
 
@@ -185,13 +190,18 @@ impl Strategy {
             Strategy::HandoverFutureIncarnation => "handovers with to_incarnation = receiver's + 1",
             Strategy::AskHoard => "asks every peer for the whole quota every 100 ms, spends it",
             Strategy::AnnounceFutureIncarnation => "announces its own incarnation + 1000",
+            Strategy::HelloRisingIncarnation => {
+                "a Hello of a new incarnation of itself every 100 ms"
+            }
         }
     }
 
     /// The global modes the strategy means something in.
     pub fn modes(self) -> &'static [GlobalMode] {
         match self {
-            Strategy::Honest | Strategy::Greedy => &[GlobalMode::Eventual, GlobalMode::Strict],
+            Strategy::Honest | Strategy::Greedy | Strategy::HelloRisingIncarnation => {
+                &[GlobalMode::Eventual, GlobalMode::Strict]
+            }
             Strategy::InflateOwnMax
             | Strategy::InflateOwnQuota
             | Strategy::InflateOthersMax
@@ -229,6 +239,8 @@ pub struct Byzantine {
     /// The latest column it really sent each receiving region
     /// ([`Strategy::TransferShareToEach`]).
     real_given: BTreeMap<usize, Col>,
+    /// Forged `Hello`s sent per receiving region ([`Strategy::HelloRisingIncarnation`]).
+    hellos: BTreeMap<usize, u64>,
 }
 
 impl Byzantine {
@@ -240,6 +252,7 @@ impl Byzantine {
             last_injection: BTreeMap::new(),
             forged: 0,
             real_given: BTreeMap::new(),
+            hellos: BTreeMap::new(),
         }
     }
 
@@ -322,7 +335,7 @@ impl Byzantine {
         }
     }
 
-    /// The forged strict-mode messages of one batch to `out.to`.
+    /// The forged messages of one batch to `out.to` (strict mode's, and `Hello`s).
     fn forge_strict(&self, out: &Outgoing<'_>) -> Vec<Message> {
         let (from, to) = (slot(out.from), slot(out.to));
         let my_inc = out.actors[out.from].incarnation;
@@ -405,6 +418,14 @@ impl Byzantine {
                 _ => {}
             }
         }
+        if self.strategy == Strategy::HelloRisingIncarnation {
+            // New every batch: the forged count of batches sent so far to this peer.
+            let k = self.hellos.get(&out.to).copied().unwrap_or(0);
+            msgs.push(Message::Hello {
+                actor: Actor::new(REGIONS[out.from], "i0", my_inc.saturating_add(k)),
+                config_digest: CONFIG_DIGEST,
+            });
+        }
         if self.strategy == Strategy::AnnounceFutureIncarnation {
             msgs.push(Message::Announce(Announce {
                 slot: from,
@@ -434,7 +455,7 @@ impl Adversary for Byzantine {
             t.given.total = t.given.total.saturating_add(share_of(out.from));
         }
         let mut msgs = vec![msg];
-        let forges_strict = matches!(
+        let forges = matches!(
             self.strategy,
             Strategy::TransferTotalMax
                 | Strategy::TransferShareToEach
@@ -444,8 +465,10 @@ impl Adversary for Byzantine {
                 | Strategy::HandoverFutureIncarnation
                 | Strategy::AskHoard
                 | Strategy::AnnounceFutureIncarnation
+                | Strategy::HelloRisingIncarnation
         );
-        if forges_strict && self.injection_due(out) {
+        if forges && self.injection_due(out) {
+            *self.hellos.entry(out.to).or_default() += 1;
             msgs.extend(self.forge_strict(out));
         }
         msgs
