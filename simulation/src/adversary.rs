@@ -317,7 +317,7 @@ impl Byzantine {
                         let k = self.forged;
                         // Every fourth a future incarnation of a configured gateway, the rest
                         // made-up regions.
-                        let fake = if k % 4 == 0 {
+                        let fake = if k.is_multiple_of(4) {
                             let r = (k / 4) as usize % N_REGIONS;
                             Actor::new(
                                 REGIONS[r],

@@ -25,7 +25,8 @@ struct Args {
     /// Write the table as CSV here.
     #[arg(long)]
     csv: Option<PathBuf>,
-    /// Write an SVG of admitted vs limit over time per region (first scenario, first seed).
+    /// Write an SVG of admitted vs limit over time per region (first scenario, first seed;
+    /// not with --byzantine).
     #[arg(long)]
     plot: Option<PathBuf>,
     /// List the scenarios and exit.
@@ -90,6 +91,10 @@ fn main() -> ExitCode {
 }
 
 fn run_byzantine(args: &Args) -> ExitCode {
+    if args.plot.is_some() {
+        eprintln!("--plot draws the main scenarios only, not --byzantine");
+        return ExitCode::from(2);
+    }
     if args.list {
         for c in byzantine::cases() {
             println!(

@@ -18,6 +18,12 @@
 //! Every connection has an id; messages carry it and die with it. A crashed process answers
 //! nothing (its peers time it out); its restarted successor answers messages on the old
 //! connection with a stateless reset, which closes it at the sender.
+//!
+//! # A byzantine region
+//!
+//! [`run_with`] may name one region whose outgoing messages pass through an
+//! [`Adversary`] after its machine produced them and before they are encoded: what the
+//! adversary returns is what its peers receive, on its authenticated connections.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
