@@ -367,3 +367,20 @@ property!(
     HelloRisingIncarnation,
     "needs #13 core validation"
 );
+
+#[test]
+#[ignore = "needs #13 core validation"]
+fn forged_actors_are_not_interned_by_the_honest_gateways() {
+    // 128 new actors per delta fill an honest usage table to its 65,535 cap within the run
+    // today. Cells only for configured gateways (and their plausible incarnations) keep it
+    // at a handful: 64 leaves room for restarts.
+    for (case, r) in seeds(Strategy::ForgeActors) {
+        assert!(
+            r.honest_actors <= 64,
+            "{} seed {}: {} actors interned by an honest gateway",
+            case.name(),
+            r.seed,
+            r.honest_actors
+        );
+    }
+}
