@@ -21,10 +21,14 @@
 //!   reference false rejections are measured against, each a single-slot production machine.
 //! - [`metrics`]: over-admission on sliding intervals, false rejections, and the bounds.
 //! - [`runner`]: scenarios × modes × seeds, aggregation into rows, bound checks.
+//! - [`adversary`]: the byzantine gateway's hook on its outgoing messages and its strategies.
+//! - [`byzantine`]: the byzantine scenario family, its measures, bounds and table.
 //! - [`report`]: the stdout table, the CSV and the SVG plot.
 //! - `main.rs`: the command line.
 
+pub mod adversary;
 pub mod baseline;
+pub mod byzantine;
 pub mod metrics;
 pub mod net;
 pub mod report;

@@ -1,12 +1,13 @@
 //! The simulator's command line: runs the scenarios, prints the table, writes the CSV and the
-//! plot, and exits non-zero (naming scenario and seed) when a bound is violated.
+//! plot, and exits non-zero (naming scenario and seed) when a bound is violated. With
+//! `--byzantine` it runs the byzantine gateway family instead (its own table and CSV).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use tollgate_simulation::{report, runner, scenario};
+use tollgate_simulation::{byzantine, report, runner, scenario};
 
 /// Deterministic multi-region simulation of tollgate's global rate limits.
 #[derive(Debug, Parser)]
@@ -24,16 +25,23 @@ struct Args {
     /// Write the table as CSV here.
     #[arg(long)]
     csv: Option<PathBuf>,
-    /// Write an SVG of admitted vs limit over time per region (first scenario, first seed).
+    /// Write an SVG of admitted vs limit over time per region (first scenario, first seed;
+    /// not with --byzantine).
     #[arg(long)]
     plot: Option<PathBuf>,
     /// List the scenarios and exit.
     #[arg(long)]
     list: bool,
+    /// Run the byzantine gateway family (one gateway forges what it sends) instead.
+    #[arg(long)]
+    byzantine: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.byzantine {
+        return run_byzantine(&args);
+    }
     if args.list {
         for s in scenario::all() {
             println!("{:<24} {}", s.name, s.about);
@@ -67,6 +75,58 @@ fn main() -> ExitCode {
     if let Some(path) = &args.plot
         && let Some(plot) = &report.plot
         && let Err(e) = std::fs::write(path, report::svg(plot.scenario, plot.seed, &plot.modes))
+    {
+        eprintln!("cannot write {}: {e}", path.display());
+        return ExitCode::from(2);
+    }
+    if report.violations.is_empty() {
+        println!("all bounds hold");
+        ExitCode::SUCCESS
+    } else {
+        for v in &report.violations {
+            eprintln!("{v}");
+        }
+        ExitCode::FAILURE
+    }
+}
+
+fn run_byzantine(args: &Args) -> ExitCode {
+    if args.plot.is_some() {
+        eprintln!("--plot draws the main scenarios only, not --byzantine");
+        return ExitCode::from(2);
+    }
+    if args.list {
+        for c in byzantine::cases() {
+            println!(
+                "{:<24} {:<8} {}",
+                c.name(),
+                c.mode_name(),
+                c.strategy.about()
+            );
+        }
+        return ExitCode::SUCCESS;
+    }
+    let cases = match &args.scenario {
+        Some(name) => {
+            let cases = byzantine::by_name(name);
+            if cases.is_empty() {
+                eprintln!("unknown byzantine scenario {name:?} (see --byzantine --list)");
+                return ExitCode::from(2);
+            }
+            cases
+        }
+        None => byzantine::cases(),
+    };
+    let report = match byzantine::run(&cases, args.seed_start, args.seeds) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("simulation failed: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    print!("{}", byzantine::table(&report.rows));
+    if let Some(path) = &args.csv
+        && let Err(e) = std::fs::write(path, byzantine::csv(&report.rows))
     {
         eprintln!("cannot write {}: {e}", path.display());
         return ExitCode::from(2);

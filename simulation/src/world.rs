@@ -18,6 +18,12 @@
 //! Every connection has an id; messages carry it and die with it. A crashed process answers
 //! nothing (its peers time it out); its restarted successor answers messages on the old
 //! connection with a stateless reset, which closes it at the sender.
+//!
+//! # A byzantine region
+//!
+//! [`run_with`] may name one region whose outgoing messages pass through an
+//! [`Adversary`] after its machine produced them and before they are encoded: what the
+//! adversary returns is what its peers receive, on its authenticated connections.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -28,6 +34,7 @@ use tollgate::gossip::proto::{
     Gossip, GossipConfig, GossipError, LinkState, Message, PeerId, PeerStatus,
 };
 
+use crate::adversary::{Adversary, Outgoing};
 use crate::net::{MS, N_REGIONS, Network, REGIONS};
 use crate::scenario::{
     Action, END_US, EVENTUAL, LIMIT, Request, STRICT, Scenario, TRAFFIC_START_US, key_name,
@@ -78,6 +85,8 @@ pub struct Admission {
 pub struct RunOutput {
     /// Every admission, in decision order.
     pub admissions: Vec<Admission>,
+    /// Every refused request of a live region, in decision order.
+    pub refusals: Vec<Admission>,
     /// Encoded gossip bytes sent during the traffic phase.
     pub gossip_bytes: u64,
     /// Per recovery (heal or restart): microseconds until every region had merged a delta
@@ -91,6 +100,11 @@ pub struct RunOutput {
     pub all_connected_at_end: bool,
     /// At the end: every region's strict slot holds its share.
     pub all_reclaimed_at_end: bool,
+    /// At the end: the directed pairs `(r, p)` where region `r` has an accepted, live link
+    /// to `p`.
+    pub links_up_at_end: BTreeSet<(usize, usize)>,
+    /// At the end: actors interned in each region's usage table (0 for a dead region).
+    pub actors_at_end: [usize; N_REGIONS],
 }
 
 /// Why a run could not complete.
@@ -221,10 +235,18 @@ struct World {
     seed: u64,
     recoveries: Vec<Recovery>,
     out: RunOutput,
+    /// The byzantine region and what it does to its outgoing messages.
+    byzantine: Option<(usize, Box<dyn Adversary>)>,
+    /// The workload's client keys.
+    keys: Vec<String>,
 }
 
 impl World {
-    fn new(scenario: &Scenario, seed: u64) -> Result<Self, SimError> {
+    fn new(
+        scenario: &Scenario,
+        seed: u64,
+        byzantine: Option<(usize, Box<dyn Adversary>)>,
+    ) -> Result<Self, SimError> {
         let mut w = Self {
             now: 0,
             regions: Vec::new(),
@@ -236,6 +258,8 @@ impl World {
             seed,
             recoveries: Vec::new(),
             out: RunOutput::default(),
+            byzantine,
+            keys: (0..scenario.keys()).map(key_name).collect(),
         };
         for (r, offset) in scenario.skew_us.iter().enumerate() {
             w.regions.push(Region {
@@ -296,6 +320,25 @@ impl World {
         let mut msgs = Vec::new();
         while let Some((p, msg)) = g.poll_transmit(now_local) {
             msgs.push((usize::from(p.0), msg));
+        }
+        if let Some((b, adversary)) = self.byzantine.as_mut()
+            && *b == r
+        {
+            let actors: [Actor; N_REGIONS] =
+                std::array::from_fn(|i| Actor::new(REGIONS[i], "i0", self.regions[i].inc));
+            let mut lies = Vec::with_capacity(msgs.len());
+            for (to, msg) in msgs {
+                let out = Outgoing {
+                    now_us: self.now,
+                    local_us: now_local,
+                    from: r,
+                    to,
+                    actors: &actors,
+                    keys: &self.keys,
+                };
+                lies.extend(adversary.rewrite(&out, msg).into_iter().map(|m| (to, m)));
+            }
+            msgs = lies;
         }
         for to in dials {
             let at = self.now + self.net.delay(r, to);
@@ -605,8 +648,20 @@ pub fn run(
     seed: u64,
     requests: &[Request],
 ) -> Result<RunOutput, SimError> {
-    let mut w = World::new(scenario, seed)?;
-    let keys: Vec<String> = (0..scenario.keys()).map(key_name).collect();
+    run_with(scenario, mode, seed, requests, None)
+}
+
+/// [`run`] with one byzantine region: `byzantine` names it and rewrites what it sends (see
+/// [`crate::adversary`]).
+pub fn run_with(
+    scenario: &Scenario,
+    mode: GlobalMode,
+    seed: u64,
+    requests: &[Request],
+    byzantine: Option<(usize, Box<dyn Adversary>)>,
+) -> Result<RunOutput, SimError> {
+    let mut w = World::new(scenario, seed, byzantine)?;
+    let keys = w.keys.clone();
     let mut next_req = 0usize;
     let mut next_action = 0usize;
     let mut checked_reclaim = false;
@@ -689,12 +744,19 @@ pub fn run(
                 GlobalMode::Eventual => g.try_admit_eventual(EVENTUAL, key, 1, LIMIT, now_r),
                 GlobalMode::Strict => g.try_admit_strict(STRICT, key, 1, now_r),
             };
+            let ok = ok
+                || w.byzantine
+                    .as_ref()
+                    .is_some_and(|(b, a)| *b == req.region && a.admits_regardless());
+            let decision = Admission {
+                at_us: t,
+                region: req.region,
+                key: req.key,
+            };
             if ok {
-                w.out.admissions.push(Admission {
-                    at_us: t,
-                    region: req.region,
-                    key: req.key,
-                });
+                w.out.admissions.push(decision);
+            } else {
+                w.out.refusals.push(decision);
             }
             w.pump(req.region);
         }
@@ -711,6 +773,17 @@ pub fn run(
             .as_ref()
             .is_some_and(|g| g.strict().is_reclaimed())
     });
+    for (r, reg) in w.regions.iter().enumerate() {
+        let Some(g) = reg.gossip.as_ref() else {
+            continue;
+        };
+        w.out.actors_at_end[r] = g.eventual().table().actors().len();
+        for p in g.peer_status() {
+            if p.status == PeerStatus::Ok && matches!(p.link, LinkState::Up { .. }) {
+                w.out.links_up_at_end.insert((r, usize::from(p.peer.0)));
+            }
+        }
+    }
     w.out.recoveries = w.recoveries.iter().map(|r| (r.action, r.done_us)).collect();
     Ok(w.out)
 }

@@ -1,0 +1,386 @@
+//! The byzantine gateway family: one gateway (eu-west) with a valid identity lies on the wire.
+//!
+//! The property of issue #13, per strategy, as two tests:
+//!
+//! - `*_within_its_share`: the honest gateways admit at most the byzantine gateway's share
+//!   beyond the quota in any window (`over_shares <= 1`);
+//! - `*_keeps_honest_serving`: no run crashes (a panic fails the test) or livelocks (an
+//!   error), the honest gateways' link is up at the end, and no honest gateway, offered at
+//!   least its share in a window, admits less than half of it.
+//!
+//! Tests marked `needs #13 core validation` fail on the code before #13's validation (the
+//! figures are in the simulator's byzantine table, `--byzantine`); un-ignore them once it is
+//! merged: `cargo test --release -p tollgate-simulation --test byzantine -- --include-ignored`.
+
+use std::process::Command;
+
+use tollgate_simulation::adversary::Strategy;
+use tollgate_simulation::byzantine::{self, CSV_HEADER, CaseSeed, fair_share};
+use tollgate_simulation::scenario::LIMIT;
+
+/// Seeds every case runs with here.
+const SEEDS: u64 = 3;
+
+fn seeds(strategy: Strategy) -> Vec<(byzantine::Case, CaseSeed)> {
+    let cases = byzantine::by_name(strategy.name());
+    assert!(!cases.is_empty(), "{strategy:?} has no case");
+    cases
+        .into_iter()
+        .flat_map(|c| (1..=SEEDS).map(move |s| (c, byzantine::run_seed(c, s).expect("runs"))))
+        .collect()
+}
+
+fn within_its_share(strategy: Strategy) -> Vec<CaseSeed> {
+    let runs = seeds(strategy);
+    for (case, r) in &runs {
+        assert!(
+            r.over_shares <= 1.0,
+            "{} {} seed {}: the honest gateways admitted {} in one window, {:.2} shares of {} \
+             beyond the quota {LIMIT}",
+            case.name(),
+            case.mode_name(),
+            r.seed,
+            r.max_honest,
+            r.over_shares,
+            fair_share()
+        );
+    }
+    runs.into_iter().map(|(_, r)| r).collect()
+}
+
+fn keeps_honest_serving(strategy: Strategy) -> Vec<CaseSeed> {
+    let runs = seeds(strategy);
+    for (case, r) in &runs {
+        let at = format!("{} {} seed {}", case.name(), case.mode_name(), r.seed);
+        assert!(
+            r.honest_links_up,
+            "{at}: the honest link is down at the end"
+        );
+        assert!(
+            r.starved.is_empty(),
+            "{at}: honest regions {:?} admitted less than half their share in a window while \
+             offered at least that (honest false rejections {:.2}%)",
+            r.starved,
+            r.false_reject_pct
+        );
+    }
+    runs.into_iter().map(|(_, r)| r).collect()
+}
+
+#[test]
+fn the_honest_control_admits_within_the_quota_and_keeps_serving() {
+    for r in keeps_honest_serving(Strategy::Honest) {
+        assert!(r.max_all <= LIMIT, "{r:?}");
+        assert!(r.false_reject_pct < 5.0, "{r:?}");
+    }
+}
+
+#[test]
+fn a_greedy_gateway_over_admits_only_its_own_traffic() {
+    let control = seeds(Strategy::Honest);
+    let greedy = keeps_honest_serving(Strategy::Greedy);
+    for ((_, c), g) in control.iter().zip(&greedy) {
+        // It serves all it is offered (a third of 3x the limit's rate: the quota per window
+        // by itself), so the total goes well past the quota ...
+        assert!(g.max_all >= LIMIT + fair_share(), "{g:?}");
+        // ... while the honest gateways, whose messages it leaves alone, decide exactly as
+        // they do next to an honest peer (its books, and so its gossip, are honest).
+        assert_eq!(g.honest_admitted, c.honest_admitted, "{g:?}");
+        assert!(g.max_honest <= LIMIT);
+    }
+}
+
+#[test]
+fn a_double_spent_share_reaches_the_honest_gateways_and_stays_within_it() {
+    let runs = within_its_share(Strategy::TransferShareToEach);
+    // The forged gifts are believed (they are what an honest gift looks like): the honest
+    // gateways go past the quota, which is what "its own share beyond the quota" allows.
+    assert!(runs.iter().any(|r| r.max_honest > LIMIT), "{runs:?}");
+}
+
+#[test]
+fn the_same_seed_gives_the_same_byzantine_table() {
+    let cases: Vec<_> = ["byz-honest", "byz-forge-actors", "byz-transfer-total-max"]
+        .iter()
+        .flat_map(|n| byzantine::by_name(n))
+        .collect();
+    let render = |seed| {
+        let r = byzantine::run(&cases, seed, 1).expect("runs");
+        format!("{}{}", byzantine::table(&r.rows), byzantine::csv(&r.rows))
+    };
+    let a = render(5);
+    assert_eq!(a, render(5));
+    assert_ne!(a, render(6), "the seed must matter");
+}
+
+#[test]
+fn a_byzantine_violation_names_the_strategy_mode_and_seed() {
+    let case = byzantine::by_name("byz-ask-hoard")[0];
+    let r = CaseSeed {
+        seed: 42,
+        offered: 100,
+        admitted: 100,
+        honest_admitted: 100,
+        max_all: 400,
+        max_honest: LIMIT + 2 * fair_share(),
+        over_shares: 2.0,
+        false_reject_pct: 0.0,
+        starved: vec![0],
+        honest_links_up: false,
+        honest_actors: 3,
+    };
+    let v: Vec<String> = byzantine::check(case, &r)
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    assert_eq!(v.len(), 3, "{v:?}");
+    assert!(
+        v.iter()
+            .all(|m| m.contains("byz-ask-hoard") && m.contains("strict") && m.contains("seed 42")),
+        "{v:?}"
+    );
+    assert!(v[0].contains("2.00 byzantine shares") && v[1].contains("us-east"));
+}
+
+#[test]
+fn the_command_line_runs_the_byzantine_family_and_writes_its_csv() {
+    let bin = env!("CARGO_BIN_EXE_tollgate-simulation");
+    let dir = std::env::temp_dir().join(format!("tollgate-byz-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let csv = dir.join("byz.csv");
+    let ok = Command::new(bin)
+        .args([
+            "--byzantine",
+            "--seeds",
+            "1",
+            "--scenario",
+            "byz-honest",
+            "--csv",
+        ])
+        .arg(&csv)
+        .output()
+        .expect("runs");
+    assert!(ok.status.success(), "{ok:?}");
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        stdout.contains("over_sh") && stdout.contains("all bounds hold"),
+        "{stdout}"
+    );
+    let text = std::fs::read_to_string(&csv).expect("csv written");
+    assert_eq!(text.lines().next(), Some(CSV_HEADER));
+    // One row per mode the control runs in.
+    assert_eq!(text.lines().count(), 3);
+    let unknown = Command::new(bin)
+        .args(["--byzantine", "--scenario", "byz-nothing"])
+        .output()
+        .expect("runs");
+    assert_eq!(unknown.status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One test per property and strategy; `$ignore` marks those failing before #13's fix.
+macro_rules! property {
+    ($test:ident, $check:ident, $strategy:ident $(, $ignore:literal)?) => {
+        #[test]
+        $(#[ignore = $ignore])?
+        fn $test() {
+            $check(Strategy::$strategy);
+        }
+    };
+}
+
+property!(greedy_within_its_share, within_its_share, Greedy);
+property!(
+    inflate_own_max_within_its_share,
+    within_its_share,
+    InflateOwnMax
+);
+property!(
+    inflate_own_max_keeps_honest_serving,
+    keeps_honest_serving,
+    InflateOwnMax,
+    "needs #13 core validation"
+);
+property!(
+    inflate_own_quota_within_its_share,
+    within_its_share,
+    InflateOwnQuota
+);
+// A quota-sized cell passes "P per sub-window <= quota"; it takes a bound on an actor's live
+// total (or counting a peer for at most what it could have admitted) to keep serving here.
+property!(
+    inflate_own_quota_keeps_honest_serving,
+    keeps_honest_serving,
+    InflateOwnQuota,
+    "needs #13 core validation"
+);
+property!(
+    inflate_others_max_within_its_share,
+    within_its_share,
+    InflateOthersMax
+);
+property!(
+    inflate_others_max_keeps_honest_serving,
+    keeps_honest_serving,
+    InflateOthersMax,
+    "needs #13 core validation"
+);
+property!(
+    inflate_third_quota_within_its_share,
+    within_its_share,
+    InflateThirdQuota
+);
+property!(
+    inflate_third_quota_keeps_honest_serving,
+    keeps_honest_serving,
+    InflateThirdQuota,
+    "needs #13 core validation"
+);
+property!(
+    unblock_own_n_max_within_its_share,
+    within_its_share,
+    UnblockOwnN,
+    "needs #13 core validation"
+);
+property!(
+    unblock_own_n_max_keeps_honest_serving,
+    keeps_honest_serving,
+    UnblockOwnN
+);
+property!(
+    unblock_others_max_within_its_share,
+    within_its_share,
+    UnblockOthers,
+    "needs #13 core validation"
+);
+property!(
+    unblock_others_max_keeps_honest_serving,
+    keeps_honest_serving,
+    UnblockOthers
+);
+// Every forged cell passes `N <= P <= quota`: relayed cells of a third gateway need more
+// than per-cell checks (e.g. never letting a relay lower a gateway's net count).
+property!(
+    unblock_third_quota_within_its_share,
+    within_its_share,
+    UnblockThirdQuota,
+    "needs #13 core validation"
+);
+property!(
+    unblock_third_quota_keeps_honest_serving,
+    keeps_honest_serving,
+    UnblockThirdQuota
+);
+property!(forge_actors_within_its_share, within_its_share, ForgeActors);
+property!(
+    forge_actors_keeps_honest_serving,
+    keeps_honest_serving,
+    ForgeActors,
+    "needs #13 core validation"
+);
+property!(
+    transfer_total_max_within_its_share,
+    within_its_share,
+    TransferTotalMax,
+    "needs #13 core validation"
+);
+property!(
+    transfer_total_max_keeps_honest_serving,
+    keeps_honest_serving,
+    TransferTotalMax
+);
+property!(
+    transfer_share_each_keeps_honest_serving,
+    keeps_honest_serving,
+    TransferShareToEach
+);
+property!(
+    transfer_future_incarnation_within_its_share,
+    within_its_share,
+    TransferFutureIncarnation
+);
+property!(
+    transfer_future_incarnation_keeps_honest_serving,
+    keeps_honest_serving,
+    TransferFutureIncarnation,
+    "needs #13 core validation"
+);
+property!(
+    handover_gave_huge_within_its_share,
+    within_its_share,
+    HandoverGaveHuge,
+    "needs #13 core validation"
+);
+property!(
+    handover_gave_huge_keeps_honest_serving,
+    keeps_honest_serving,
+    HandoverGaveHuge
+);
+property!(
+    handover_took_huge_within_its_share,
+    within_its_share,
+    HandoverTookHuge
+);
+property!(
+    handover_took_huge_keeps_honest_serving,
+    keeps_honest_serving,
+    HandoverTookHuge,
+    "needs #13 core validation"
+);
+property!(
+    handover_future_incarnation_within_its_share,
+    within_its_share,
+    HandoverFutureIncarnation
+);
+property!(
+    handover_future_incarnation_keeps_honest_serving,
+    keeps_honest_serving,
+    HandoverFutureIncarnation,
+    "needs #13 core validation"
+);
+property!(ask_hoard_within_its_share, within_its_share, AskHoard);
+property!(
+    ask_hoard_keeps_honest_serving,
+    keeps_honest_serving,
+    AskHoard
+);
+property!(
+    announce_future_incarnation_within_its_share,
+    within_its_share,
+    AnnounceFutureIncarnation
+);
+property!(
+    announce_future_incarnation_keeps_honest_serving,
+    keeps_honest_serving,
+    AnnounceFutureIncarnation
+);
+property!(
+    hello_rising_incarnation_within_its_share,
+    within_its_share,
+    HelloRisingIncarnation
+);
+// Fails in eventual mode only (every replaced incarnation is kept as a peer until its
+// admissions expire, so N grows past a hundred); strict mode keeps serving.
+property!(
+    hello_rising_incarnation_keeps_honest_serving,
+    keeps_honest_serving,
+    HelloRisingIncarnation,
+    "needs #13 core validation"
+);
+
+#[test]
+#[ignore = "needs #13 core validation"]
+fn forged_actors_are_not_interned_by_the_honest_gateways() {
+    // 128 new actors per delta fill an honest usage table to its 65,535 cap within the run
+    // today. Cells only for configured gateways (and their plausible incarnations) keep it
+    // at a handful: 64 leaves room for restarts.
+    for (case, r) in seeds(Strategy::ForgeActors) {
+        assert!(
+            r.honest_actors <= 64,
+            "{} seed {}: {} actors interned by an honest gateway",
+            case.name(),
+            r.seed,
+            r.honest_actors
+        );
+    }
+}
