@@ -359,13 +359,12 @@ property!(
     within_its_share,
     HelloRisingIncarnation
 );
-// Fails in eventual mode only (every replaced incarnation is kept as a peer until its
-// admissions expire, so N grows past a hundred); strict mode keeps serving.
+// Failed in eventual mode before Hellos were vetted (every replaced incarnation was kept as
+// a peer until its admissions expired, so N grew past a hundred).
 property!(
     hello_rising_incarnation_keeps_honest_serving,
     keeps_honest_serving,
-    HelloRisingIncarnation,
-    "needs #13 core validation"
+    HelloRisingIncarnation
 );
 
 #[test]
