@@ -16,10 +16,22 @@ pub(super) struct KeyRights {
 /// The columns of one key, one per slot.
 #[derive(Debug, Clone)]
 pub(super) struct Columns {
+    // Both columns of a pair always share its epoch (set together when the pair is
+    // emptied or moved to a new epoch).
     /// `given[j]`: our column for slot `j` (we write it).
     pub(super) given: Box<[Col]>,
     /// `recv[j]`: slot `j`'s column for us, as accepted.
     pub(super) recv: Box<[Col]>,
+}
+
+impl Columns {
+    /// Empties the pair with slot `j` and moves it to `epoch`.
+    pub(super) fn reset(&mut self, j: usize, epoch: u64) {
+        if let (Some(g), Some(r)) = (self.given.get_mut(j), self.recv.get_mut(j)) {
+            *g = Col::empty(epoch);
+            *r = Col::empty(epoch);
+        }
+    }
 }
 
 impl KeyRights {
@@ -41,15 +53,30 @@ impl KeyRights {
         self.cols.as_deref().map_or(&[], |c| &c.recv)
     }
 
-    /// The columns for `n` slots, allocated if need be. Callers index them with a slot
-    /// index they checked against the slot list (`n` is its length).
-    pub(super) fn cols_mut(&mut self, n: usize) -> &mut Columns {
+    /// The columns, one per slot of `floors` (the table's epoch floors, whose length is the
+    /// slot count), allocated if need be with every pair empty at its floor. Callers index
+    /// them with a slot index they checked against the slot list.
+    pub(super) fn cols_mut(&mut self, floors: &[u64]) -> &mut Columns {
         self.cols.get_or_insert_with(|| {
+            let empty: Box<[Col]> = floors.iter().map(|&f| Col::empty(f)).collect();
             Box::new(Columns {
-                given: vec![Col::default(); n].into_boxed_slice(),
-                recv: vec![Col::default(); n].into_boxed_slice(),
+                given: empty.clone(),
+                recv: empty,
             })
         })
+    }
+
+    /// The pair's epoch with slot `j`: its columns' if allocated, else the table's floor.
+    pub(super) fn epoch(&self, j: usize, floor: u64) -> u64 {
+        self.cols
+            .as_deref()
+            .and_then(|c| c.given.get(j))
+            .map_or(floor, |c| c.epoch)
+    }
+
+    /// Whether anything moved with slot `j` in the pair's current epoch.
+    pub(super) fn is_open(&self, j: usize) -> bool {
+        !self.given(j).is_zero() || !self.recv(j).is_zero()
     }
 
     pub(super) fn live(&self, oldest: u64) -> u64 {

@@ -10,6 +10,10 @@ use crate::crdt::usage::PolicyId;
 /// receiver incarnation the giver addressed last, and `base` the `total` at the moment it
 /// started addressing it, so that a receiver incarnation that has not reclaimed yet can count
 /// exactly what was given to *it*: `total − base`.
+///
+/// `epoch` numbers the column's life between two settlements of the pair (see "Returning to
+/// baseline" in the module docs): every count restarts at zero in a new epoch, and a column
+/// of an older epoch than the receiver's is refused.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Col {
     /// Cumulative rights given.
@@ -18,12 +22,14 @@ pub struct Col {
     pub to_inc: u64,
     /// `total` when the giver began addressing `to_inc`.
     pub base: u64,
+    /// The pair's settlement epoch this column belongs to.
+    pub epoch: u64,
 }
 
 impl Col {
-    /// Joins `other` into `self` (maximum of `total`, lexicographic maximum of
-    /// `(to_inc, base)`): a semilattice, so merges commute and repeat harmlessly. Returns
-    /// whether anything rose.
+    /// Joins `other` (of the same epoch: callers align epochs first) into `self` (maximum of
+    /// `total`, lexicographic maximum of `(to_inc, base)`): a semilattice, so merges commute
+    /// and repeat harmlessly. Returns whether anything rose.
     pub fn join(&mut self, other: &Col) -> bool {
         let before = *self;
         self.total = self.total.max(other.total);
@@ -43,8 +49,17 @@ impl Col {
         }
     }
 
+    /// Nothing given in this epoch (the epoch itself aside).
     pub(crate) fn is_zero(&self) -> bool {
-        *self == Col::default()
+        self.total == 0 && self.to_inc == 0 && self.base == 0
+    }
+
+    /// An empty column of `epoch`.
+    pub(crate) fn empty(epoch: u64) -> Col {
+        Col {
+            epoch,
+            ..Col::default()
+        }
     }
 }
 
@@ -111,8 +126,13 @@ pub struct Handover {
     pub chunk: u32,
     /// Number of chunks (at least 1).
     pub chunks: u32,
-    /// Keys with a non-zero exchange between the two slots.
+    /// Keys with a non-zero exchange between the two slots, or whose pair epoch is past
+    /// `floor`.
     pub entries: Vec<HandoverEntry>,
+    /// The sender's epoch floor for the receiver's slot: every key it does not list is, at
+    /// the sender, empty at that epoch (or unheld), so the receiver may refuse older epochs
+    /// for keys it does not hold.
+    pub floor: u64,
 }
 
 /// One key in a [`Handover`].
@@ -128,3 +148,46 @@ pub struct HandoverEntry {
     pub i_gave_you: Col,
 }
 
+
+/// "For `(policy, key)`, my pair with you is at `epoch`: I hold nothing of older epochs and
+/// will refuse them." Sent when a pair is settled, when a key is evicted, and in answer to a
+/// column of an older epoch. The receiver's older state for the pair is then void: the
+/// sender settled it (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settled {
+    /// The policy.
+    pub policy: PolicyId,
+    /// The client key.
+    pub key: String,
+    /// The sending slot.
+    pub from: u16,
+    /// The sending incarnation.
+    pub from_incarnation: u64,
+    /// The receiving slot.
+    pub to: u16,
+    /// The sender's epoch for the pair.
+    pub epoch: u64,
+}
+
+/// A message the table wants sent (drained by the gossip layer with
+/// [`super::BoundedTable::take_outgoing`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outgoing {
+    /// Our announcement, to slot `0` (sent when we reclaim, so peers learn it).
+    Announce(u16, Announce),
+    /// Rights given back or a column resent while settling.
+    Transfer(Transfer),
+    /// A settlement certificate.
+    Settled(Settled),
+}
+
+impl Outgoing {
+    /// The slot to send it to.
+    pub fn to(&self) -> u16 {
+        match self {
+            Outgoing::Announce(to, _) => *to,
+            Outgoing::Transfer(t) => t.to,
+            Outgoing::Settled(s) => s.to,
+        }
+    }
+}

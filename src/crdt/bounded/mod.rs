@@ -72,8 +72,11 @@
 
 mod book;
 mod messages;
+mod settle;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_hostile;
 
 use std::collections::BTreeMap;
 
@@ -83,7 +86,7 @@ use super::actor::{Actor, Slot};
 use super::usage::PolicyId;
 use super::window::WindowSpec;
 use book::KeyRights;
-pub use messages::{Announce, Ask, Col, Handover, HandoverEntry, Transfer};
+pub use messages::{Announce, Ask, Col, Handover, HandoverEntry, Outgoing, Settled, Transfer};
 
 /// Longest key accepted (as in [`super::usage::UsageLimits`]).
 pub const MAX_KEY_LEN: usize = 512;
@@ -134,6 +137,17 @@ pub struct StrictStats {
     pub malformed: u64,
     /// Entries refused for an unknown policy, a long key or a full table.
     pub refused: u64,
+    /// Peer messages naming a future incarnation of our own slot (as author or receiver):
+    /// only the gossip layer, from our own gateway's authenticated identity, may say that.
+    pub future: u64,
+    /// Columns beyond what their author could honestly have given (see "Peer input").
+    pub unbounded: u64,
+    /// Columns of a pair epoch older than ours (answered with a [`Settled`]).
+    pub stale_epoch: u64,
+    /// Exchanges refused because the peer has its whole budget of open pairs.
+    pub over_budget: u64,
+    /// Keys evicted at the key cap.
+    pub evicted: u64,
 }
 
 /// What became of a [`Transfer`].
@@ -145,9 +159,10 @@ pub enum TransferOutcome {
     Stale,
     /// Addressed to an older incarnation of our slot, and we have not reclaimed.
     NotAddressed,
-    /// Addressed to a newer incarnation of our slot: we are a zombie from now on.
-    Superseded,
-    /// Malformed, misaddressed, or refused for size.
+    /// Of an older epoch of the pair than ours (settled since): refused and answered.
+    StaleEpoch,
+    /// Malformed, misaddressed, naming a future incarnation of ours, beyond what the giver
+    /// could hold, over the peer's budget, or refused for size.
     Refused,
 }
 
@@ -167,6 +182,10 @@ enum Learn {
     Current,
 }
 
+/// Most messages waiting in the outbox; past it, answers are dropped (they are repeated:
+/// a settle pass sends again whatever is still due).
+const MAX_OUTGOING: usize = 4_096;
+
 /// One incarnation's strict-mode state for every `(policy, key)` (see the module docs).
 #[derive(Debug, Clone)]
 pub struct BoundedTable {
@@ -179,6 +198,9 @@ pub struct BoundedTable {
     wait_us: u64,
     /// Newest known incarnation per slot (0: unknown).
     incs: Vec<u64>,
+    /// Incarnation per slot known to have reclaimed (0: none): we settle a pair only with a
+    /// reclaimed incarnation (see "Returning to baseline").
+    peer_reclaimed: Vec<u64>,
     progress: Vec<Option<HandoverProgress>>,
     /// Incarnation per slot whose complete, settled handover we hold (0: none).
     done: Vec<u64>,
@@ -190,6 +212,15 @@ pub struct BoundedTable {
     keys: BTreeMap<PolicyId, BTreeMap<Box<str>, KeyRights>>,
     key_count: usize,
     max_keys: usize,
+    /// Per slot: the epoch below which we hold nothing, for any key we do not hold.
+    floor: Vec<u64>,
+    /// Per slot: keys whose pair with it is open (something moved in the current epoch).
+    open: Vec<usize>,
+    /// Most open pairs per peer (half the table over the peers).
+    max_open: usize,
+    /// Where the next settle pass and eviction scan resume.
+    cursor: Option<(PolicyId, Box<str>)>,
+    outbox: Vec<Outgoing>,
     stats: StrictStats,
 }
 
@@ -199,6 +230,10 @@ pub fn initial_share(quota: u64, n: usize, i: usize) -> u64 {
     let n = n.max(1) as u64;
     let i = i as u64;
     quota / n + u64::from(i < quota % n)
+}
+
+fn max_open_for(max_keys: usize, n: usize) -> usize {
+    (max_keys / 2 / n.saturating_sub(1).max(1)).max(1)
 }
 
 impl BoundedTable {
@@ -244,6 +279,7 @@ impl BoundedTable {
             clock_us: now_us,
             wait_us,
             incs,
+            peer_reclaimed: vec![0; n],
             progress: vec![None; n],
             done: vec![0; n],
             reclaimed: false,
@@ -253,13 +289,20 @@ impl BoundedTable {
             keys: BTreeMap::new(),
             key_count: 0,
             max_keys: DEFAULT_MAX_KEYS,
+            floor: vec![0; n],
+            open: vec![0; n],
+            max_open: max_open_for(DEFAULT_MAX_KEYS, n),
+            cursor: None,
+            outbox: Vec::new(),
             stats: StrictStats::default(),
         })
     }
 
-    /// Changes the bound on held keys (default [`DEFAULT_MAX_KEYS`]).
+    /// Changes the bound on held keys (default [`DEFAULT_MAX_KEYS`]); each peer may open
+    /// pairs on at most half of them over the number of peers.
     pub fn set_max_keys(&mut self, max_keys: usize) {
         self.max_keys = max_keys;
+        self.max_open = max_open_for(max_keys, self.slots.len());
     }
 
     /// The configured slots, in order.
@@ -287,6 +330,16 @@ impl BoundedTable {
         self.superseded
     }
 
+    /// The gossip layer saw an authenticated `Hello` or `Announce` of our own gateway with
+    /// incarnation `inc`: if newer than ours we are a zombie from now on. Peers' messages
+    /// never make us one (a peer naming our next incarnation is refused and counted in
+    /// [`StrictStats::future`]): a peer could otherwise stop every strict key of ours.
+    pub fn on_own_newer_incarnation(&mut self, inc: u64) {
+        if inc > self.inc {
+            self.superseded = true;
+        }
+    }
+
     /// The newest incarnation known for each slot (0: unknown).
     pub fn known_incarnations(&self) -> &[u64] {
         &self.incs
@@ -300,6 +353,18 @@ impl BoundedTable {
     /// Number of keys held.
     pub fn key_count(&self) -> usize {
         self.key_count
+    }
+
+    /// Messages to send (see [`Outgoing`]); drain after every call that handles peer input,
+    /// admits, or settles.
+    pub fn take_outgoing(&mut self) -> Vec<Outgoing> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    fn push_out(&mut self, out: Outgoing) {
+        if self.outbox.len() < MAX_OUTGOING {
+            self.outbox.push(out);
+        }
     }
 
     /// Advances our clock (never backwards) and reclaims our share if the conditions hold.
@@ -316,6 +381,15 @@ impl BoundedTable {
             .all(|s| s == me || (self.incs[s] != 0 && self.done[s] == self.incs[s]));
         if all_handed_over {
             self.reclaimed = true;
+            // Peers settle pairs with us only once they know we reclaimed.
+            let a = self.announce();
+            for to in 0..self.slots.len() {
+                if to != me
+                    && let Ok(to) = u16::try_from(to)
+                {
+                    self.push_out(Outgoing::Announce(to, a));
+                }
+            }
         }
     }
 
@@ -331,23 +405,46 @@ impl BoundedTable {
         self.keys.get(&policy)?.get(key)
     }
 
-    fn rights_mut(&mut self, policy: PolicyId, key: &str) -> Result<&mut KeyRights, BoundedError> {
+    fn holds(&self, policy: PolicyId, key: &str) -> bool {
+        self.rights(policy, key).is_some()
+    }
+
+    /// The key's entry, created if need be. At the key cap a new key first tries to evict
+    /// one whose state can go safely (see [`BoundedTable::evict_one`]) when `evict` (our own
+    /// admissions); peers' exchanges never evict.
+    fn rights_mut(
+        &mut self,
+        policy: PolicyId,
+        key: &str,
+        evict: bool,
+    ) -> Result<&mut KeyRights, BoundedError> {
         if !self.policies.contains_key(&policy) {
             return Err(BoundedError::UnknownPolicy(policy));
         }
         if key.len() > MAX_KEY_LEN {
             return Err(BoundedError::KeyTooLong);
         }
-        let keys = self.keys.entry(policy).or_default();
-        if !keys.contains_key(key) {
-            if self.key_count >= self.max_keys {
+        if !self.holds(policy, key) {
+            if self.key_count >= self.max_keys && !(evict && self.evict_one()) {
                 return Err(BoundedError::TableFull);
             }
             self.key_count += 1;
-            keys.insert(key.into(), KeyRights::default());
+            self.keys
+                .entry(policy)
+                .or_default()
+                .insert(key.into(), KeyRights::default());
         }
         // Present: found above or inserted just now.
-        keys.get_mut(key).ok_or(BoundedError::TableFull)
+        self.keys
+            .get_mut(&policy)
+            .and_then(|k| k.get_mut(key))
+            .ok_or(BoundedError::TableFull)
+    }
+
+    fn share_of(&self, policy: PolicyId, slot: usize) -> u64 {
+        self.policies
+            .get(&policy)
+            .map_or(0, |p| initial_share(p.quota, self.slots.len(), slot))
     }
 
     /// Our live consumption of `(policy, key)` at `now_us` (our clock).
@@ -376,7 +473,12 @@ impl BoundedTable {
             return share;
         };
         let live = kr.live(p.spec.oldest_live(self.now(now_us)));
-        let held: i128 = if self.reclaimed {
+        u64::try_from((self.held(kr, share, p.quota) - i128::from(live)).max(0)).unwrap_or(u64::MAX)
+    }
+
+    /// Rights held before consumption: see the module docs' formula.
+    fn held(&self, kr: &KeyRights, share: u64, quota: u64) -> i128 {
+        if self.reclaimed {
             i128::from(share)
                 + kr.recv_all()
                     .iter()
@@ -387,12 +489,17 @@ impl BoundedTable {
                     .map(|c| i128::from(c.total))
                     .sum::<i128>()
         } else {
+            // Before we know our books, what a slot gave us is bounded by its share alone
+            // (we gave nothing yet): a byzantine slot cannot claim to have given us more.
             kr.recv_all()
                 .iter()
-                .map(|c| i128::from(c.addressed_to(self.inc)))
+                .enumerate()
+                .map(|(j, c)| {
+                    let share = initial_share(quota, self.slots.len(), j);
+                    i128::from(c.addressed_to(self.inc).min(share))
+                })
                 .sum()
-        };
-        u64::try_from((held - i128::from(live)).max(0)).unwrap_or(u64::MAX)
+        }
     }
 
     /// Admits `cost` on `(policy, key)` if we hold the rights, recording the consumption.
@@ -416,7 +523,7 @@ impl BoundedTable {
             return Ok(false);
         }
         let now = self.clock_us;
-        let kr = self.rights_mut(policy, key)?;
+        let kr = self.rights_mut(policy, key, true)?;
         let oldest = spec.oldest_live(now);
         kr.consumed.retain(|(s, _)| *s >= oldest);
         let sub = spec.sub_window(now);
@@ -448,13 +555,12 @@ impl BoundedTable {
     }
 
     /// Compares a message's author with the newest incarnation we know of its slot, learning
-    /// a newer one. A newer incarnation of our own slot makes us a zombie.
+    /// a newer one. A peer's message in our own slot's name is refused and counted: only
+    /// [`BoundedTable::on_own_newer_incarnation`] may make us a zombie.
     fn learn(&mut self, slot: u16, inc: u64) -> Learn {
         let s = usize::from(slot);
         if slot == self.me {
-            if inc > self.inc {
-                self.superseded = true;
-            }
+            self.stats.future += 1;
             return Learn::Stale;
         }
         if inc < self.incs[s] || inc == 0 {
@@ -496,8 +602,21 @@ impl BoundedTable {
         self.give(ask.policy, &ask.key, ask.slot, ask.incarnation, give)
     }
 
-    /// Records a gift of `amount` rights to incarnation `to_inc` of slot `to` in our column
-    /// (before anything is sent, as the module docs require) and returns the transfer.
+    /// Whether opening the pair with `j` on a key (something moving in its current epoch)
+    /// is within the peer's budget; counts a refusal.
+    fn may_open(&mut self, policy: PolicyId, key: &str, j: usize) -> bool {
+        let open = self.rights(policy, key).is_some_and(|kr| kr.is_open(j));
+        if open || self.open[j] < self.max_open {
+            return true;
+        }
+        self.stats.over_budget += 1;
+        false
+    }
+
+    /// Records a gift of up to `amount` rights to incarnation `to_inc` of slot `to` in our
+    /// column (before anything is sent, as the module docs require) and returns the
+    /// transfer. The gift is cut so that our net gift to the slot in this epoch stays within
+    /// our share: what receivers believe of us (see "Peer input").
     fn give(
         &mut self,
         policy: PolicyId,
@@ -506,13 +625,23 @@ impl BoundedTable {
         to_inc: u64,
         amount: u64,
     ) -> Option<Transfer> {
-        let (me, inc, n) = (self.me, self.inc, self.slots.len());
-        let Ok(kr) = self.rights_mut(policy, key) else {
+        let (me, inc, j) = (self.me, self.inc, usize::from(to));
+        let share = self.share_of(policy, usize::from(me));
+        if !self.may_open(policy, key, j) {
+            return None;
+        }
+        let floors = self.floor.clone();
+        let Ok(kr) = self.rights_mut(policy, key, false) else {
             self.stats.refused += 1;
             return None;
         };
-        let col = &mut kr.cols_mut(n).given[usize::from(to)];
-        if col.to_inc > to_inc {
+        let was_open = kr.is_open(j);
+        let cols = kr.cols_mut(&floors);
+        let recv = cols.recv[j].total;
+        let col = &mut cols.given[j];
+        let room = recv.saturating_add(share).saturating_sub(col.total);
+        let amount = amount.min(room);
+        if col.to_inc > to_inc || amount == 0 {
             return None;
         }
         if col.to_inc < to_inc {
@@ -521,6 +650,9 @@ impl BoundedTable {
         }
         col.total = col.total.saturating_add(amount);
         let given = *col;
+        if !was_open {
+            self.open[j] += 1;
+        }
         Some(Transfer {
             policy,
             key: key.to_owned(),
@@ -601,7 +733,7 @@ impl BoundedTable {
     }
 
     /// Our current column for slot `to` on `(policy, key)` as a [`Transfer`], to resend
-    /// (repairs lost transfers; idempotent). `None` if we never gave it anything.
+    /// (repairs lost transfers; idempotent). `None` if we gave it nothing in this epoch.
     pub fn transfer_to(&self, policy: PolicyId, key: &str, to: u16) -> Option<Transfer> {
         if self.superseded || !self.valid_peer(to) {
             return None;
@@ -617,6 +749,74 @@ impl BoundedTable {
         })
     }
 
+    /// Brings our pair with slot `j` on `(policy, key)` to epoch `e` of an incoming column:
+    /// an older `e` is refused (answered with our epoch, so the sender settles its side);
+    /// a newer one means the sender settled every older epoch, so ours is void and emptied.
+    fn align_epoch(&mut self, policy: PolicyId, key: &str, j: usize, e: u64) -> bool {
+        let floor = self.floor[j];
+        let ours = self.rights(policy, key).map_or(floor, |kr| kr.epoch(j, floor));
+        if e < ours {
+            self.stats.stale_epoch += 1;
+            self.certify(policy, key, j, ours);
+            return false;
+        }
+        if e > ours {
+            self.reset_pair(policy, key, j, e);
+        }
+        true
+    }
+
+    /// Empties our pair with slot `j` on a held key and moves it to `epoch` (no-op for a key
+    /// we do not hold: its pairs are empty at the floor).
+    fn reset_pair(&mut self, policy: PolicyId, key: &str, j: usize, epoch: u64) {
+        let floors = self.floor.clone();
+        let Some(kr) = self.keys.get_mut(&policy).and_then(|k| k.get_mut(key)) else {
+            return;
+        };
+        if kr.is_open(j) {
+            self.open[j] = self.open[j].saturating_sub(1);
+        }
+        kr.cols_mut(&floors).reset(j, epoch);
+    }
+
+    fn certify(&mut self, policy: PolicyId, key: &str, j: usize, epoch: u64) {
+        let Ok(to) = u16::try_from(j) else { return };
+        self.push_out(Outgoing::Settled(Settled {
+            policy,
+            key: key.to_owned(),
+            from: self.me,
+            from_incarnation: self.inc,
+            to,
+            epoch,
+        }));
+    }
+
+    /// Merges slot `j`'s column for us (already aligned to our epoch), if it is within what
+    /// `j` could honestly have given: its share plus what we gave it in this epoch (see
+    /// "Peer input"). Returns whether it was accepted.
+    fn accept_recv(&mut self, policy: PolicyId, key: &str, j: usize, col: &Col) -> bool {
+        let share = self.share_of(policy, j);
+        let given = self.rights(policy, key).map_or(0, |kr| kr.given(j).total);
+        if col.base > col.total || col.total > given.saturating_add(share) {
+            self.stats.unbounded += 1;
+            return false;
+        }
+        if !self.may_open(policy, key, j) {
+            return false;
+        }
+        let floors = self.floor.clone();
+        let Ok(kr) = self.rights_mut(policy, key, false) else {
+            self.stats.refused += 1;
+            return false;
+        };
+        let was_open = kr.is_open(j);
+        kr.cols_mut(&floors).recv[j].join(col);
+        if !was_open && kr.is_open(j) {
+            self.open[j] += 1;
+        }
+        true
+    }
+
     /// Merges a [`Transfer`] addressed to our slot.
     pub fn on_transfer(&mut self, t: &Transfer, now_us: u64) -> TransferOutcome {
         self.tick(now_us);
@@ -625,26 +825,52 @@ impl BoundedTable {
             return TransferOutcome::Refused;
         }
         if t.given.to_inc > self.inc {
-            self.superseded = true;
-            return TransferOutcome::Superseded;
+            self.stats.future += 1;
+            return TransferOutcome::Refused;
         }
         if self.learn(t.from, t.from_incarnation) == Learn::Stale {
             return TransferOutcome::Stale;
+        }
+        let from = usize::from(t.from);
+        if t.from_incarnation == self.incs[from] {
+            // An honest slot gives only once reclaimed.
+            self.peer_reclaimed[from] = t.from_incarnation;
         }
         if !self.reclaimed && t.given.to_inc != self.inc {
             self.stats.not_addressed += 1;
             return TransferOutcome::NotAddressed;
         }
-        let (from, n) = (usize::from(t.from), self.slots.len());
-        match self.rights_mut(t.policy, &t.key) {
-            Ok(kr) => {
-                kr.cols_mut(n).recv[from].join(&t.given);
-                TransferOutcome::Accepted
-            }
-            Err(_) => {
-                self.stats.refused += 1;
-                TransferOutcome::Refused
-            }
+        if !self.policies.contains_key(&t.policy) || t.key.len() > MAX_KEY_LEN {
+            self.stats.refused += 1;
+            return TransferOutcome::Refused;
+        }
+        if !self.align_epoch(t.policy, &t.key, from, t.given.epoch) {
+            return TransferOutcome::StaleEpoch;
+        }
+        if self.accept_recv(t.policy, &t.key, from, &t.given) {
+            TransferOutcome::Accepted
+        } else {
+            TransferOutcome::Refused
+        }
+    }
+
+    /// Handles a [`Settled`]: the sender holds nothing of our pair's older epochs and will
+    /// refuse them, so our side of those epochs is void (see "Returning to baseline").
+    pub fn on_settled(&mut self, s: &Settled, now_us: u64) {
+        self.tick(now_us);
+        if s.to != self.me || !self.valid_peer(s.from) {
+            self.stats.malformed += 1;
+            return;
+        }
+        if self.learn(s.from, s.from_incarnation) == Learn::Stale {
+            return;
+        }
+        let j = usize::from(s.from);
+        let floor = self.floor[j];
+        if let Some(ours) = self.rights(s.policy, &s.key).map(|kr| kr.epoch(j, floor))
+            && ours < s.epoch
+        {
+            self.reset_pair(s.policy, &s.key, j, s.epoch);
         }
     }
 
@@ -656,16 +882,28 @@ impl BoundedTable {
             self.stats.malformed += 1;
             return Vec::new();
         }
-        if self.learn(a.slot, a.incarnation) == Learn::Stale || !a.want_handover || self.superseded
-        {
+        if self.learn(a.slot, a.incarnation) == Learn::Stale {
             return Vec::new();
         }
         let to = usize::from(a.slot);
+        if !a.want_handover {
+            if a.incarnation == self.incs[to] {
+                self.peer_reclaimed[to] = a.incarnation;
+            }
+            return Vec::new();
+        }
+        if self.superseded {
+            return Vec::new();
+        }
+        let floor = self.floor[to];
         let mut entries = Vec::new();
         for (&policy, keys) in &self.keys {
             for (key, kr) in keys {
-                let (you_gave_me, i_gave_you) = (kr.recv(to), kr.given(to));
-                if !you_gave_me.is_zero() || !i_gave_you.is_zero() {
+                if kr.is_open(to) || kr.epoch(to, floor) > floor {
+                    let epoch = kr.epoch(to, floor);
+                    let (mut you_gave_me, mut i_gave_you) = (kr.recv(to), kr.given(to));
+                    you_gave_me.epoch = epoch;
+                    i_gave_you.epoch = epoch;
                     entries.push(HandoverEntry {
                         policy,
                         key: key.to_string(),
@@ -698,6 +936,7 @@ impl BoundedTable {
                 chunk: u32::try_from(i).unwrap_or(u32::MAX),
                 chunks: n,
                 entries,
+                floor,
             })
             .collect()
     }
@@ -711,7 +950,7 @@ impl BoundedTable {
         }
         if h.to_incarnation != self.inc {
             if h.to_incarnation > self.inc {
-                self.superseded = true;
+                self.stats.future += 1;
             } else {
                 self.stats.stale += 1;
             }
@@ -720,23 +959,11 @@ impl BoundedTable {
         if self.learn(h.from, h.from_incarnation) == Learn::Stale {
             return;
         }
-        let (from, n) = (usize::from(h.from), self.slots.len());
+        let from = usize::from(h.from);
+        // Raising a floor only refuses more: always safe.
+        self.floor[from] = self.floor[from].max(h.floor);
         for e in &h.entries {
-            if e.you_gave_me.base > e.you_gave_me.total || e.i_gave_you.base > e.i_gave_you.total {
-                self.stats.malformed += 1;
-                continue;
-            }
-            let accept_recv = self.reclaimed || e.i_gave_you.to_inc == self.inc;
-            match self.rights_mut(e.policy, &e.key) {
-                Ok(kr) => {
-                    let cols = kr.cols_mut(n);
-                    cols.given[from].join(&e.you_gave_me);
-                    if accept_recv {
-                        cols.recv[from].join(&e.i_gave_you);
-                    }
-                }
-                Err(_) => self.stats.refused += 1,
-            }
+            self.merge_entry(from, e);
         }
         let this = HandoverProgress {
             inc: h.from_incarnation,
@@ -769,27 +996,54 @@ impl BoundedTable {
         self.tick(now_us);
     }
 
-    /// Drops expired consumption and keys left in their initial state.
-    pub fn gc(&mut self, now_us: u64) {
-        self.tick(now_us);
-        let now = self.clock_us;
-        let mut dropped = 0;
-        for (policy, keys) in &mut self.keys {
-            let Some(p) = self.policies.get(policy) else {
-                continue;
-            };
-            let oldest = p.spec.oldest_live(now);
-            keys.retain(|_, kr| {
-                kr.consumed.retain(|(s, _)| *s >= oldest);
-                let keep = !kr.is_trivial();
-                if !keep {
-                    dropped += 1;
-                }
-                keep
-            });
+    /// Merges one handover entry from slot `j`: what it says we gave it (our column, as it
+    /// accepted it) and what it gave us. Each side is bounded by what its giver could
+    /// honestly have given: the other side plus the giver's share.
+    fn merge_entry(&mut self, j: usize, e: &HandoverEntry) {
+        let (ygm, igy) = (&e.you_gave_me, &e.i_gave_you);
+        let me = usize::from(self.me);
+        if ygm.base > ygm.total || igy.base > igy.total || ygm.epoch != igy.epoch {
+            self.stats.malformed += 1;
+            return;
         }
-        self.keys.retain(|_, k| !k.is_empty());
-        self.key_count -= dropped;
+        if !self.policies.contains_key(&e.policy) || e.key.len() > MAX_KEY_LEN {
+            self.stats.refused += 1;
+            return;
+        }
+        let (their_share, my_share) = (self.share_of(e.policy, j), self.share_of(e.policy, me));
+        if igy.total > ygm.total.saturating_add(their_share)
+            || ygm.total > igy.total.saturating_add(my_share)
+        {
+            self.stats.unbounded += 1;
+            return;
+        }
+        if !self.align_epoch(e.policy, &e.key, j, igy.epoch) {
+            return;
+        }
+        let accept_recv = self.reclaimed || igy.to_inc == self.inc;
+        let given = self.rights(e.policy, &e.key).map_or(0, |kr| kr.given(j).total);
+        // Checked on the column as it will stand once our side is joined.
+        let given_after = given.max(ygm.total);
+        if accept_recv && igy.total > given_after.saturating_add(their_share) {
+            self.stats.unbounded += 1;
+            return;
+        }
+        if !self.may_open(e.policy, &e.key, j) {
+            return;
+        }
+        let floors = self.floor.clone();
+        let Ok(kr) = self.rights_mut(e.policy, &e.key, false) else {
+            self.stats.refused += 1;
+            return;
+        };
+        let was_open = kr.is_open(j);
+        let cols = kr.cols_mut(&floors);
+        cols.given[j].join(ygm);
+        if accept_recv {
+            cols.recv[j].join(igy);
+        }
+        if !was_open && kr.is_open(j) {
+            self.open[j] += 1;
+        }
     }
 }
-

@@ -836,6 +836,7 @@ fn every_message_variant_round_trips_through_the_codec() {
         total: 10,
         to_inc: 2,
         base: 4,
+        epoch: 3,
     };
     let messages = vec![
         Message::Hello {
@@ -882,6 +883,7 @@ fn every_message_variant_round_trips_through_the_codec() {
                 you_gave_me: col,
                 i_gave_you: Col::default(),
             }],
+            floor: 1,
         }),
         Message::Digest {
             digest: u64::MAX,
