@@ -45,7 +45,10 @@
 //! that slot, so once a peer has handed over to us, our predecessor's late or replayed
 //! transfers can no longer raise its counts: what we subtracted stays an upper bound of what
 //! it holds from us. A node that learns of a newer incarnation of its *own* slot is a zombie
-//! and stops admitting and giving.
+//! and stops admitting and giving; it learns that only from the gossip layer
+//! ([`BoundedTable::on_own_newer_incarnation`], on an authenticated `Hello` or `Announce` of
+//! its own gateway), never from a peer's word (a transfer or handover addressed to our "next
+//! incarnation", an announce in our slot's name): those are refused and counted.
 //!
 //! Why a new incarnation must refuse, before it reclaims, columns addressed to an older
 //! incarnation of itself: such a column can come from a dead giver whose successor already
@@ -63,6 +66,61 @@
 //! The giver decides: asked for `want`, it gives `min(want, available / 2)`, keeping at least
 //! half of its idle rights for its own traffic. A node gives only once reclaimed (before that
 //! it does not know its own books).
+//! Its net gift to one slot in one epoch (`given − recv` of the pair) never exceeds its own
+//! share, which is what receivers check (next section).
+//!
+//! # Peer input: what a slot could honestly have given
+//!
+//! Authenticated is not honest. A column from slot `j` is accepted only while the pair stays
+//! within `recv[j].total ≤ given[j].total + share_j` (our net gain from `j` in this epoch is
+//! at most `j`'s initial share; `total = u64::MAX` or `base > total` never pass), a handover
+//! entry only if each side is within the other plus its giver's share, and before reclaiming
+//! a slot's gifts count up to its share. The bound is sound for an honest giver (it cuts its
+//! own gifts the same way, from its view of what we gave, which lags ours) and simple: no
+//! rate, no clock. With the honest slots' pairs conserving rights as above, a byzantine slot
+//! `b` can raise each honest slot's rights by at most `share_b` over its own, so the honest
+//! slots together hold, and admit in any window, at most `quota − share_b + (n − 1) · share_b
+//! = quota + (n − 2) · share_b`: the quota plus its share for three slots (property-tested).
+//! A slot's incarnation is believed only for its own slot. What a byzantine peer *can* do is
+//! lower: claim in a handover that we gave it more than we did (a new incarnation cannot
+//! check that), which costs us rights on the keys it names, never the others any quota.
+//!
+//! Exchanges create state, so each peer may have something moved on at most half the key cap
+//! over the number of peers ("open pairs"); past it its asks and transfers for new keys are
+//! refused and counted: an Ask flood cannot fill the table.
+//!
+//! # Returning to baseline
+//!
+//! Columns only grow, so without more a key that ever moved rights would be held forever.
+//! Each pair of a key has an *epoch* (carried in every [`Col`]); all counts of the pair
+//! restart from zero in a new epoch, and a column of an older epoch than the receiver's is
+//! refused and answered with a [`Settled`]. A settle pass ([`BoundedTable::settle`], run by
+//! the gossip layer's GC) looks at keys without live consumption:
+//!
+//! 1. a net receiver of a pair (`recv > given`) gives the difference back, as far as it
+//!    holds it (a normal [`Transfer`]): in a chain, the last receiver returns first;
+//! 2. a pair whose columns are equal in our view is *settled*: we empty our side, move to
+//!    the next epoch and tell the peer (a [`Settled`]). Equal columns make this no change of
+//!    our rights; the other side's true standing in the old epoch is then `≤ 0` (what it
+//!    gave is at least what we accepted, which equals what we gave), so it may empty its
+//!    side too on hearing of it: it regains only rights we will never accept (we refuse the
+//!    old epoch from now on) or that we counted as given back;
+//! 3. a net giver resends its column (repairs a lost or refused transfer).
+//!
+//! Any column of a newer epoch than ours also tells us the sender settled everything older.
+//! Every intermediate state lowers availability or keeps it. We settle only with a peer
+//! incarnation known to have reclaimed (its announce, or a transfer from it): before that,
+//! a settlement could void rights that its predecessor gave us and that it will count from
+//! our handover. A key with no live consumption and every pair empty is then forgotten
+//! ([`BoundedTable::gc`]); its pair epochs go into a per-peer *floor*: for any key we do not
+//! hold, epochs below the floor are refused, so a late column of a settled epoch cannot come
+//! back. A handover carries the sender's floor and lists every key it holds above it.
+//!
+//! At the key cap a new key of our own traffic evicts one whose state can go without raising
+//! anyone: no live consumption, and in every pair we received at least what we gave. We drop
+//! what we received (we hold it), raise our floors past the key's epochs and send
+//! [`Settled`]s, on which the givers take back what they gave. Keys where we gave more, or
+//! with live consumption, stay; if none can go, the new key is refused.
 //!
 //! Pure and deterministic: no clock (every function takes the caller's own `now_us`, which is
 //! assumed to run at the same rate everywhere, with any fixed offset), `BTreeMap`s only.

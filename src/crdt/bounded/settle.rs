@@ -1,6 +1,8 @@
 //! Returning to baseline: settling idle pairs, forgetting empty keys, evicting at the cap
 //! (see "Returning to baseline" in the module docs).
 
+use std::ops::Bound::{Excluded, Included, Unbounded};
+
 use super::{BoundedTable, Outgoing, PolicyId};
 
 /// Keys an eviction looks at before giving up (the scan resumes where it stopped).
@@ -36,6 +38,11 @@ impl BoundedTable {
         let batch = self.keys_from_cursor(max_keys);
         let seen = batch.len();
         for (policy, key) in batch {
+            if self.outbox.len() >= super::MAX_OUTGOING {
+                // Resume here next time rather than drop what is due.
+                self.cursor = Some((policy, key));
+                break;
+            }
             let Some(p) = self.policies.get(&policy).copied() else {
                 continue;
             };
@@ -93,35 +100,46 @@ impl BoundedTable {
         seen
     }
 
-    /// Up to `max` keys from the cursor on (wrapping), advancing it.
+    /// Up to `max` keys after the cursor (wrapping round to the first), advancing it.
+    /// Costs `O(max + log keys)`: a pass never walks the whole table.
     fn keys_from_cursor(&mut self, max: usize) -> Vec<(PolicyId, Box<str>)> {
-        let mut out = Vec::new();
+        let mut out: Vec<(PolicyId, Box<str>)> = Vec::new();
         if max == 0 || self.key_count == 0 {
             return out;
         }
         let start = self.cursor.take();
-        let after = |pk: &(PolicyId, &str)| match &start {
-            Some((sp, sk)) => (pk.0, pk.1) > (*sp, &**sk),
-            None => true,
-        };
-        for (&policy, keys) in &self.keys {
-            for key in keys.keys() {
+        let mut take = |policy: PolicyId, keys: &mut dyn Iterator<Item = &Box<str>>| {
+            for key in keys {
                 if out.len() >= max {
-                    break;
+                    return;
                 }
-                if after(&(policy, key)) {
-                    out.push((policy, key.clone()));
+                out.push((policy, key.clone()));
+            }
+        };
+        match &start {
+            Some((sp, sk)) => {
+                if let Some(keys) = self.keys.get(sp) {
+                    let mut after = keys
+                        .range::<str, _>((Excluded(&**sk), Unbounded))
+                        .map(|(k, _)| k);
+                    take(*sp, &mut after);
+                }
+                for (&policy, keys) in self.keys.range((Excluded(*sp), Unbounded)) {
+                    take(policy, &mut keys.keys());
+                }
+                // Wrap round, up to and including the cursor.
+                for (&policy, keys) in self.keys.range(..=*sp) {
+                    let mut upto = keys.range::<str, _>((Unbounded, Included(&**sk))).map(|(k, _)| k);
+                    if policy == *sp {
+                        take(policy, &mut upto);
+                    } else {
+                        take(policy, &mut keys.keys());
+                    }
                 }
             }
-        }
-        if out.len() < max {
-            // Wrap around to the start, up to the cursor.
-            'wrap: for (&policy, keys) in &self.keys {
-                for key in keys.keys() {
-                    if out.len() >= max || after(&(policy, key)) {
-                        break 'wrap;
-                    }
-                    out.push((policy, key.clone()));
+            None => {
+                for (&policy, keys) in &self.keys {
+                    take(policy, &mut keys.keys());
                 }
             }
         }

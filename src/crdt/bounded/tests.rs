@@ -431,6 +431,8 @@ fn forged() -> impl Strategy<Value = Forged> {
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         6 => (0u64..3_000).prop_map(Step::Advance),
+        // Quiet spells, in which keys go idle and settle.
+        2 => (10_000u64..30_000).prop_map(Step::Advance),
         12 => (0usize..4, 1u64..4, 0usize..KEYS.len()).prop_map(|(a, c, k)| Step::Admit(a, c, k)),
         6 => (0usize..4, 0usize..4, 1u64..30, 0usize..KEYS.len())
             .prop_map(|(a, b, w, k)| Step::Ask(a, b, w, k)),
@@ -445,7 +447,7 @@ fn step() -> impl Strategy<Value = Step> {
         2 => any::<prop::sample::Index>().prop_map(Step::Refund),
         1 => (0usize..4, 0usize..4).prop_map(|(a, b)| Step::Retire(a, b)),
         4 => (0usize..4, forged()).prop_map(|(a, f)| Step::Forge(a, f)),
-        3 => (0usize..4, 1usize..3).prop_map(|(a, k)| Step::Settle(a, k)),
+        6 => (0usize..4, 1usize..3).prop_map(|(a, k)| Step::Settle(a, k)),
     ]
 }
 
@@ -734,6 +736,11 @@ fn run_model(
             );
         }
     }
+    if std::env::var("MODEL_STATS").is_ok() {
+        let st: Vec<StrictStats> = sims.iter().map(|s| s.node.stats()).collect();
+        let settled: usize = sims.iter().map(|s| s.node.floor.iter().filter(|&&f| f > 0).count() + s.node.keys.values().flat_map(|k| k.values()).filter(|kr| kr.cols.as_ref().is_some_and(|c| c.given.iter().any(|g| g.epoch > 0))).count()).sum();
+        eprintln!("MODEL evicted={} stale_epoch={} unbounded={} future={} budget={} epochs>0={}", st.iter().map(|s| s.evicted).sum::<u64>(), st.iter().map(|s| s.stale_epoch).sum::<u64>(), st.iter().map(|s| s.unbounded).sum::<u64>(), st.iter().map(|s| s.future).sum::<u64>(), st.iter().map(|s| s.over_budget).sum::<u64>(), settled);
+    }
     for (k, admitted) in admitted.iter().enumerate() {
         for (i, &(start, _)) in admitted.iter().enumerate() {
             let total: u64 = admitted[i..]
@@ -755,8 +762,16 @@ fn run_model(
     Ok(())
 }
 
+/// 512 cases by default; `STRICT_MODEL_CASES` runs more (a longer search).
+fn cases() -> u32 {
+    std::env::var("STRICT_MODEL_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
 
     /// THE property: random admissions on actors with skewed clocks, asks, transfers,
     /// resends, loss, duplication, reordering, delay, partitions and restarts never admit

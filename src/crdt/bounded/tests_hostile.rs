@@ -196,3 +196,100 @@ fn an_ask_flood_does_not_fill_the_table() {
     }
 }
 
+
+/// Delivers every queued message (and what it causes) among `nodes`, in order, at `now`.
+fn deliver_all(nodes: &mut [BoundedTable], now: u64) -> usize {
+    let mut delivered = 0;
+    loop {
+        let mut queue: Vec<(usize, Outgoing)> = Vec::new();
+        for (a, node) in nodes.iter_mut().enumerate() {
+            queue.extend(node.take_outgoing().into_iter().map(|o| (a, o)));
+        }
+        if queue.is_empty() {
+            return delivered;
+        }
+        for (from, o) in queue {
+            delivered += 1;
+            let to = usize::from(o.to());
+            match o {
+                Outgoing::Announce(_, a) => {
+                    for h in nodes[to].on_announce(&a, now, 100) {
+                        nodes[from].on_handover(&h, now);
+                    }
+                }
+                Outgoing::Transfer(t) => {
+                    nodes[to].on_transfer(&t, now);
+                }
+                Outgoing::Settled(s) => nodes[to].on_settled(&s, now),
+            }
+        }
+    }
+}
+
+/// Finding 6: key churn. 100,000 distinct keys over a few windows between three slots,
+/// rights moving for every one of them; once idle, settle passes and GC bring every table
+/// back to no keys at all, every key's rights summing to exactly its quota throughout.
+#[test]
+fn key_churn_returns_to_baseline() {
+    const KEYS: usize = 100_000;
+    const QUOTA: u64 = 10;
+    let (mut nodes, mut now) = reclaimed(3, QUOTA);
+    deliver_all(&mut nodes, now);
+    let key = |i: usize| format!("client-{i}");
+    let mut moved = 0;
+    for i in 0..KEYS {
+        // Spread over four windows.
+        if i % (KEYS / 40) == 0 {
+            now += W / 10;
+        }
+        let (a, k) = (i % 3, key(i));
+        let mut admitted = 0;
+        while nodes[a].try_admit(1, &k, now, 1).unwrap() {
+            admitted += 1;
+        }
+        // Short: ask both peers, as the gossip layer does.
+        for b in (0..3).filter(|&b| b != a) {
+            let ask = nodes[a].ask(1, &k, 4);
+            if let Some(t) = nodes[b].on_ask(&ask, now) {
+                moved += 1;
+                assert_eq!(nodes[a].on_transfer(&t, now), TransferOutcome::Accepted);
+            }
+        }
+        while nodes[a].try_admit(1, &k, now, 1).unwrap() {
+            admitted += 1;
+        }
+        assert!(admitted as u64 <= QUOTA);
+        if i % 997 == 0 {
+            let held: u64 = nodes
+                .iter()
+                .map(|n| n.available(1, &k, now) + n.live_consumed(1, &k, now))
+                .sum();
+            assert!(held <= QUOTA, "{held} held for {k}");
+        }
+    }
+    let peak: Vec<usize> = nodes.iter().map(BoundedTable::key_count).collect();
+    assert!(moved >= KEYS, "rights moved {moved} times");
+    assert!(peak.iter().all(|&c| c > KEYS / 3), "{peak:?}");
+    // Idle from here: consumption expires, then the pairs settle and the keys go.
+    now += W + W / 5 + 1;
+    let mut rounds = 0;
+    while nodes.iter().any(|n| n.key_count() > 0) {
+        rounds += 1;
+        assert!(rounds < 1_000, "still {:?} keys", nodes.iter().map(BoundedTable::key_count).collect::<Vec<_>>());
+        for n in nodes.iter_mut() {
+            n.settle(now, 4_096);
+        }
+        deliver_all(&mut nodes, now);
+        for n in nodes.iter_mut() {
+            n.gc(now);
+        }
+        now += 1;
+    }
+    // Every key is back to the initial split, and new traffic starts from it.
+    for i in (0..KEYS).step_by(991) {
+        let k = key(i);
+        let shares: Vec<u64> = nodes.iter().map(|n| n.available(1, &k, now)).collect();
+        assert_eq!(shares, vec![4, 3, 3], "{k}");
+    }
+    eprintln!("key churn: peak key counts {peak:?}, {moved} transfers, back to 0 after {rounds} settle rounds");
+}

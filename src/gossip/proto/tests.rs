@@ -891,6 +891,14 @@ fn every_message_variant_round_trips_through_the_codec() {
         },
         Message::KeepAlive,
         Message::Links(0b101),
+        Message::Settled(crate::crdt::Settled {
+            policy: 2,
+            key: "k".into(),
+            from: 1,
+            from_incarnation: 1,
+            to: 0,
+            epoch: 7,
+        }),
     ];
     let mut stream = Vec::new();
     for m in &messages {
