@@ -93,4 +93,3 @@ impl KeyRights {
             && self.recv_all().iter().all(Col::is_zero)
     }
 }
-

@@ -148,7 +148,6 @@ pub struct HandoverEntry {
     pub i_gave_you: Col,
 }
 
-
 /// "For `(policy, key)`, my pair with you is at `epoch`: I hold nothing of older epochs and
 /// will refuse them." Sent when a pair is settled, when a key is evicted, and in answer to a
 /// column of an older epoch. The receiver's older state for the pair is then void: the

@@ -85,9 +85,11 @@
 //! lower: claim in a handover that we gave it more than we did (a new incarnation cannot
 //! check that), which costs us rights on the keys it names, never the others any quota.
 //!
-//! Exchanges create state, so each peer may have something moved on at most half the key cap
-//! over the number of peers ("open pairs"); past it its asks and transfers for new keys are
-//! refused and counted: an Ask flood cannot fill the table.
+//! Exchanges create state, so each peer may have something moved on at most
+//! [`DEFAULT_MAX_OPEN_PER_PEER`] keys, and all peers together on half the key cap ("open
+//! pairs"); past it its asks and transfers for new keys are refused and counted: an Ask flood
+//! cannot fill the table. Keys where we gave a byzantine peer rights it never returns stay
+//! open (settling them would raise us): that state is what this budget bounds.
 //!
 //! # Returning to baseline
 //!
@@ -127,7 +129,6 @@
 //! Clock readings that go backwards are ignored (the node keeps the largest it saw), so a
 //! misbehaving clock can delay releases but never hasten them.
 
-
 mod book;
 mod messages;
 mod settle;
@@ -151,6 +152,10 @@ pub const MAX_KEY_LEN: usize = 512;
 
 /// Default bound on the keys a [`BoundedTable`] holds.
 pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
+
+/// Default bound on the keys one peer may have open pairs on with us (see "Peer input"):
+/// what an Ask or transfer flood can make us hold, about 25 MB per peer.
+pub const DEFAULT_MAX_OPEN_PER_PEER: usize = 65_536;
 
 /// One strict policy: its quota per window and its window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -274,7 +279,7 @@ pub struct BoundedTable {
     floor: Vec<u64>,
     /// Per slot: keys whose pair with it is open (something moved in the current epoch).
     open: Vec<usize>,
-    /// Most open pairs per peer (half the table over the peers).
+    /// Most open pairs per peer (see [`max_open_for`]).
     max_open: usize,
     /// Where the next settle pass and eviction scan resume.
     cursor: Option<(PolicyId, Box<str>)>,
@@ -290,8 +295,9 @@ pub fn initial_share(quota: u64, n: usize, i: usize) -> u64 {
     quota / n + u64::from(i < quota % n)
 }
 
+/// Open pairs allowed per peer: at most the default, and together at most half the key cap.
 fn max_open_for(max_keys: usize, n: usize) -> usize {
-    (max_keys / 2 / n.saturating_sub(1).max(1)).max(1)
+    (max_keys / 2 / n.saturating_sub(1).max(1)).clamp(1, DEFAULT_MAX_OPEN_PER_PEER)
 }
 
 impl BoundedTable {
@@ -357,7 +363,8 @@ impl BoundedTable {
     }
 
     /// Changes the bound on held keys (default [`DEFAULT_MAX_KEYS`]); each peer may open
-    /// pairs on at most half of them over the number of peers.
+    /// pairs on at most half of them over the number of peers, and at most
+    /// [`DEFAULT_MAX_OPEN_PER_PEER`].
     pub fn set_max_keys(&mut self, max_keys: usize) {
         self.max_keys = max_keys;
         self.max_open = max_open_for(max_keys, self.slots.len());
@@ -812,7 +819,9 @@ impl BoundedTable {
     /// a newer one means the sender settled every older epoch, so ours is void and emptied.
     fn align_epoch(&mut self, policy: PolicyId, key: &str, j: usize, e: u64) -> bool {
         let floor = self.floor[j];
-        let ours = self.rights(policy, key).map_or(floor, |kr| kr.epoch(j, floor));
+        let ours = self
+            .rights(policy, key)
+            .map_or(floor, |kr| kr.epoch(j, floor));
         if e < ours {
             self.stats.stale_epoch += 1;
             self.certify(policy, key, j, ours);
@@ -1079,7 +1088,9 @@ impl BoundedTable {
             return;
         }
         let accept_recv = self.reclaimed || igy.to_inc == self.inc;
-        let given = self.rights(e.policy, &e.key).map_or(0, |kr| kr.given(j).total);
+        let given = self
+            .rights(e.policy, &e.key)
+            .map_or(0, |kr| kr.given(j).total);
         // Checked on the column as it will stand once our side is joined.
         let given_after = given.max(ygm.total);
         if accept_recv && igy.total > given_after.saturating_add(their_share) {

@@ -80,7 +80,9 @@ impl BoundedTable {
                             continue;
                         }
                         let floor = self.floor[j];
-                        let epoch = self.rights(policy, &key).map_or(floor, |kr| kr.epoch(j, floor));
+                        let epoch = self
+                            .rights(policy, &key)
+                            .map_or(floor, |kr| kr.epoch(j, floor));
                         // An epoch that cannot advance stays open (only a peer forging
                         // epochs gets there).
                         let Some(next) = epoch.checked_add(1) else {
@@ -129,7 +131,9 @@ impl BoundedTable {
                 }
                 // Wrap round, up to and including the cursor.
                 for (&policy, keys) in self.keys.range(..=*sp) {
-                    let mut upto = keys.range::<str, _>((Unbounded, Included(&**sk))).map(|(k, _)| k);
+                    let mut upto = keys
+                        .range::<str, _>((Unbounded, Included(&**sk)))
+                        .map(|(k, _)| k);
                     if policy == *sp {
                         take(policy, &mut upto);
                     } else {

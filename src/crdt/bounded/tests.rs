@@ -526,7 +526,11 @@ fn forge(f: &Forged, byz: &BoundedTable, to: &BoundedTable) -> Msg {
         _ => Msg::Announce(Announce {
             // Now and then in the receiver's own name.
             slot: if c % 3 == 0 { to_slot } else { from },
-            incarnation: if c % 3 == 0 { to.incarnation() + 1 } else { own_inc(a) },
+            incarnation: if c % 3 == 0 {
+                to.incarnation() + 1
+            } else {
+                own_inc(a)
+            },
             want_handover: f.flag,
         }),
     }
@@ -738,8 +742,31 @@ fn run_model(
     }
     if std::env::var("MODEL_STATS").is_ok() {
         let st: Vec<StrictStats> = sims.iter().map(|s| s.node.stats()).collect();
-        let settled: usize = sims.iter().map(|s| s.node.floor.iter().filter(|&&f| f > 0).count() + s.node.keys.values().flat_map(|k| k.values()).filter(|kr| kr.cols.as_ref().is_some_and(|c| c.given.iter().any(|g| g.epoch > 0))).count()).sum();
-        eprintln!("MODEL evicted={} stale_epoch={} unbounded={} future={} budget={} epochs>0={}", st.iter().map(|s| s.evicted).sum::<u64>(), st.iter().map(|s| s.stale_epoch).sum::<u64>(), st.iter().map(|s| s.unbounded).sum::<u64>(), st.iter().map(|s| s.future).sum::<u64>(), st.iter().map(|s| s.over_budget).sum::<u64>(), settled);
+        let settled: usize = sims
+            .iter()
+            .map(|s| {
+                s.node.floor.iter().filter(|&&f| f > 0).count()
+                    + s.node
+                        .keys
+                        .values()
+                        .flat_map(|k| k.values())
+                        .filter(|kr| {
+                            kr.cols
+                                .as_ref()
+                                .is_some_and(|c| c.given.iter().any(|g| g.epoch > 0))
+                        })
+                        .count()
+            })
+            .sum();
+        eprintln!(
+            "MODEL evicted={} stale_epoch={} unbounded={} future={} budget={} epochs>0={}",
+            st.iter().map(|s| s.evicted).sum::<u64>(),
+            st.iter().map(|s| s.stale_epoch).sum::<u64>(),
+            st.iter().map(|s| s.unbounded).sum::<u64>(),
+            st.iter().map(|s| s.future).sum::<u64>(),
+            st.iter().map(|s| s.over_budget).sum::<u64>(),
+            settled
+        );
     }
     for (k, admitted) in admitted.iter().enumerate() {
         for (i, &(start, _)) in admitted.iter().enumerate() {

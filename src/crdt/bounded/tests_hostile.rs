@@ -196,7 +196,6 @@ fn an_ask_flood_does_not_fill_the_table() {
     }
 }
 
-
 /// Delivers every queued message (and what it causes) among `nodes`, in order, at `now`.
 fn deliver_all(nodes: &mut [BoundedTable], now: u64) -> usize {
     let mut delivered = 0;
@@ -275,7 +274,14 @@ fn key_churn_returns_to_baseline() {
     let mut rounds = 0;
     while nodes.iter().any(|n| n.key_count() > 0) {
         rounds += 1;
-        assert!(rounds < 1_000, "still {:?} keys", nodes.iter().map(BoundedTable::key_count).collect::<Vec<_>>());
+        assert!(
+            rounds < 1_000,
+            "still {:?} keys",
+            nodes
+                .iter()
+                .map(BoundedTable::key_count)
+                .collect::<Vec<_>>()
+        );
         for n in nodes.iter_mut() {
             n.settle(now, 4_096);
         }
@@ -291,5 +297,60 @@ fn key_churn_returns_to_baseline() {
         let shares: Vec<u64> = nodes.iter().map(|n| n.available(1, &k, now)).collect();
         assert_eq!(shares, vec![4, 3, 3], "{k}");
     }
-    eprintln!("key churn: peak key counts {peak:?}, {moved} transfers, back to 0 after {rounds} settle rounds");
+    eprintln!(
+        "key churn: peak key counts {peak:?}, {moved} transfers, back to 0 after {rounds} settle rounds"
+    );
+}
+
+fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Figures, not a check (run with `--ignored --nocapture`): an Ask flood of a million
+/// distinct keys against a default table, then the same keys settled.
+#[test]
+#[ignore = "measurement"]
+fn ask_flood_figures() {
+    let (mut nodes, now) = reclaimed(3, 100);
+    let before = rss_kb();
+    let mut given = 0;
+    for i in 0..1_000_000 {
+        let ask = nodes[1].ask(1, &format!("flood-{i}"), 10);
+        if let Some(t) = nodes[0].on_ask(&ask, now) {
+            given += 1;
+            nodes[1].on_transfer(&t, now);
+        }
+    }
+    let flooded = (nodes[0].key_count(), rss_kb());
+    let later = now + W + W / 5 + 1;
+    let mut rounds = 0;
+    while nodes.iter().any(|n| n.key_count() > 0) && rounds < 10_000 {
+        rounds += 1;
+        for n in nodes.iter_mut() {
+            n.settle(later, 4_096);
+        }
+        deliver_all(&mut nodes, later);
+        for n in nodes.iter_mut() {
+            n.gc(later);
+        }
+    }
+    eprintln!(
+        "ask flood: {given} gifts for 1,000,000 asks; victim keys {} RSS {} kB -> {} kB; \
+         after {rounds} settle rounds keys {:?} RSS {} kB",
+        flooded.0,
+        before,
+        flooded.1,
+        nodes
+            .iter()
+            .map(BoundedTable::key_count)
+            .collect::<Vec<_>>(),
+        rss_kb()
+    );
 }
