@@ -40,7 +40,9 @@ pub mod usage;
 pub mod window;
 
 pub use actor::{Actor, ActorIdx, ActorTable, Slot};
-pub use bounded::{Announce, Ask, BoundedTable, Col, Handover, StrictPolicy, Transfer};
+pub use bounded::{
+    Announce, Ask, BoundedTable, Col, Handover, Outgoing, Settled, StrictPolicy, Transfer,
+};
 pub use eventual::{Ack, AckBook, EventualNode, UnackedLog, eventual_admit};
 pub use usage::{Delta, DeltaEntry, MergeReport, PolicyDelta, PolicyId, UsageTable};
 pub use window::WindowSpec;

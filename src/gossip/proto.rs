@@ -78,7 +78,7 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::crdt::bounded::{BoundedError, StrictPolicy, TransferOutcome};
+use crate::crdt::bounded::{BoundedError, Outgoing, Settled, StrictPolicy, TransferOutcome};
 use crate::crdt::usage::{MergeReport, UsageError};
 use crate::crdt::{
     Ack, Actor, ActorIdx, Announce, Ask, BoundedTable, Delta, EventualNode, Handover, PolicyId,
@@ -139,6 +139,9 @@ pub enum Message {
     /// to the sender, which hears them first-hand: in a full mesh each change travels once
     /// per peer instead of once per path.
     Links(u64),
+    /// Strict mode: the sender settled its pair with the receiver on one key up to an epoch
+    /// (see [`crate::crdt::bounded::Settled`]).
+    Settled(Settled),
 }
 
 /// Timers and sizes of the protocol.
@@ -446,6 +449,9 @@ impl Peer {
 /// policies without them (a handshake and a full state take a round trip or two; a peer that
 /// is not there by then is treated as cut off).
 const LEARN_TIMEOUT_US: u64 = 1_000_000;
+
+/// Strict keys one GC run looks at for settling (the next run resumes after them).
+const SETTLE_KEYS_PER_GC: usize = 16_384;
 
 /// Most strict-mode keys with an outstanding `Ask` remembered (asks past it are not sent).
 const MAX_PENDING_ASKS: usize = 100_000;
@@ -789,6 +795,7 @@ impl Gossip {
                 for h in self.bounded.on_announce(&a, now_us, max) {
                     self.send(from, Message::Handover(h), now_us);
                 }
+                self.send_strict_outgoing(now_us);
             }
             Message::Ask(ask) => {
                 if ask.slot != from.0 {
@@ -798,6 +805,7 @@ impl Gossip {
                 if let Some(t) = self.bounded.on_ask(&ask, now_us) {
                     self.send(from, Message::Transfer(t), now_us);
                 }
+                self.send_strict_outgoing(now_us);
             }
             Message::Transfer(t) => {
                 if t.from != from.0 {
@@ -807,6 +815,7 @@ impl Gossip {
                 if self.bounded.on_transfer(&t, now_us) != TransferOutcome::Accepted {
                     self.stats.transfers_refused += 1;
                 }
+                self.send_strict_outgoing(now_us);
             }
             Message::Handover(h) => {
                 if h.from != from.0 {
@@ -814,6 +823,15 @@ impl Gossip {
                     return;
                 }
                 self.bounded.on_handover(&h, now_us);
+                self.send_strict_outgoing(now_us);
+            }
+            Message::Settled(s) => {
+                if s.from != from.0 {
+                    self.stats.misattributed += 1;
+                    return;
+                }
+                self.bounded.on_settled(&s, now_us);
+                self.send_strict_outgoing(now_us);
             }
         }
     }
@@ -1148,6 +1166,8 @@ impl Gossip {
             .bounded
             .try_admit(policy, key, now_us, cost)
             .unwrap_or(false);
+        // An eviction at the key cap tells the peers concerned.
+        self.send_strict_outgoing(now_us);
         let Some(p) = self.strict.get(&policy).copied() else {
             return ok;
         };
@@ -1167,6 +1187,20 @@ impl Gossip {
             );
         }
         ok
+    }
+
+    /// Sends what the bounded counter queued: settlements, rights given back, columns
+    /// resent, our announce on reclaiming.
+    fn send_strict_outgoing(&mut self, now_us: u64) {
+        for o in self.bounded.take_outgoing() {
+            let to = PeerId(o.to());
+            let msg = match o {
+                Outgoing::Announce(_, a) => Message::Announce(a),
+                Outgoing::Transfer(t) => Message::Transfer(t),
+                Outgoing::Settled(s) => Message::Settled(s),
+            };
+            self.send(to, msg, now_us);
+        }
     }
 
     fn ask(&mut self, policy: PolicyId, key: &str, want: u64, now_us: u64) {
@@ -1319,6 +1353,9 @@ impl Gossip {
     /// [`Gossip::handle_timeout`] every `gc_every_us`; callable directly).
     pub fn gc(&mut self, now_us: u64) {
         self.node.gc(now_us);
+        // Idle strict keys settle with their peers and are then forgotten.
+        self.bounded.settle(now_us, SETTLE_KEYS_PER_GC);
+        self.send_strict_outgoing(now_us);
         self.bounded.gc(now_us);
         let interval = self.config.interval_us;
         self.asks

@@ -849,6 +849,7 @@ fn every_message_variant_round_trips_through_the_codec() {
         total: 10,
         to_inc: 2,
         base: 4,
+        epoch: 3,
     };
     let messages = vec![
         Message::Hello {
@@ -895,6 +896,7 @@ fn every_message_variant_round_trips_through_the_codec() {
                 you_gave_me: col,
                 i_gave_you: Col::default(),
             }],
+            floor: 1,
         }),
         Message::Digest {
             digest: u64::MAX,
@@ -902,6 +904,14 @@ fn every_message_variant_round_trips_through_the_codec() {
         },
         Message::KeepAlive,
         Message::Links(0b101),
+        Message::Settled(crate::crdt::Settled {
+            policy: 2,
+            key: "k".into(),
+            from: 1,
+            from_incarnation: 1,
+            to: 0,
+            epoch: 7,
+        }),
     ];
     let mut stream = Vec::new();
     for m in &messages {
