@@ -261,6 +261,7 @@ fn a_full_table_evicts_instead_of_refusing_new_keys() {
     }
     assert_eq!(me.key_count(), 100);
     let ev = me.table().evictions();
+    println!("cap 100, 1000 live keys: {ev:?}");
     assert_eq!(ev.live, 900);
     assert!(ev.sweeps <= 900 / 64 + 1, "{} sweeps", ev.sweeps);
     // A peer cannot make us forget live usage: its new keys are refused while all are live.
@@ -282,10 +283,14 @@ enum Step {
     Admit(usize, u64),
     /// Honest `a` sends its deltas and ack to honest `b`.
     Sync(usize, usize),
-    /// Every honest actor sends its deltas and acks to every other.
+    /// Every honest actor sends its deltas and acks to every other, and its deltas to the
+    /// byzantine actor (whose acks can then settle them).
     Round,
     /// The byzantine actor sends `a` forged counts: `(which actor, P, N, sub back)`.
     Forge(usize, Vec<(u8, u64, u64)>, u64, u8),
+    /// The byzantine actor relays honest `a`'s whole state to honest `b`, every count
+    /// refunded (`true`) or inflated to `u64::MAX`.
+    Relay(usize, usize, bool),
     /// The byzantine actor acks `a` with anything (every honest actor: `None`).
     Ack(Option<usize>, u64, u64),
     Gc(usize),
@@ -310,6 +315,7 @@ fn step() -> impl Strategy<Value = Step> {
             0u8..3,
         )
             .prop_map(|(a, c, v, back)| Step::Forge(a, c, v, back)),
+        2 => (0usize..3, 0usize..3, any::<bool>()).prop_map(|(a, b, r)| Step::Relay(a, b, r)),
         2 => (proptest::option::of(0usize..3), any_count(), 0u64..4)
             .prop_map(|(a, h, m)| Step::Ack(a, h, m)),
         1 => (0usize..3).prop_map(Step::Gc),
@@ -364,6 +370,8 @@ proptest! {
                         for b in 0..n {
                             sync(&mut nodes, a, b, now);
                         }
+                        nodes[a].deltas_for(&actor(byz), 8, now);
+                        nodes[a].mark_sent();
                     }
                 }
                 Step::Forge(a, counts, version, back) => {
@@ -396,6 +404,16 @@ proptest! {
                         }],
                     };
                     nodes[a].on_delta(&actor(byz), &d, now);
+                }
+                Step::Relay(a, b, refund) => {
+                    for mut d in nodes[a].table().full_state_chunks(8, now) {
+                        for e in d.policies.iter_mut().flat_map(|p| p.entries.iter_mut()) {
+                            for c in &mut e.counts {
+                                if refund { c.2 = c.1 } else { c.1 = u64::MAX }
+                            }
+                        }
+                        nodes[b].on_delta(&actor(byz), &d, now);
+                    }
                 }
                 Step::Ack(to, heard, mine) => {
                     for a in to.map_or(0..n, |a| a..a + 1) {

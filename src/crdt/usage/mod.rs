@@ -489,11 +489,8 @@ impl UsageTable {
         if n == 0 {
             return Ok(self.version);
         }
-        let spec = pol.policy.spec;
-        let already = self
-            .cell(me, policy, key, spec.sub_window(now_us))
-            .map_or(0, |(p, _)| p);
-        if already.saturating_add(n) > pol.policy.quota {
+        let EventualPolicy { quota, spec } = pol.policy;
+        if n > quota {
             return Err(UsageError::OverQuota);
         }
         if key.len() > self.limits.max_key_len {
@@ -516,6 +513,13 @@ impl UsageTable {
             }
             return Err(UsageError::SubWindowOutOfRange);
         };
+        // A key without our cell here has room for `n ≤ quota` (checked above).
+        if ku
+            .find(off, me)
+            .is_some_and(|c| c.p.saturating_add(n) > quota)
+        {
+            return Err(UsageError::OverQuota);
+        }
         self.version += 1;
         let cell = ku.cell_mut(off, me, &mut self.writers);
         cell.p = cell.p.saturating_add(n);
