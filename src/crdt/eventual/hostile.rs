@@ -486,13 +486,13 @@ fn a_lying_relay_cannot_unblock_a_key() {
             }],
         }],
     };
-    for to in 1..n {
-        nodes[to].on_delta(&actor(byz), &lie, now);
+    for node in &mut nodes[1..] {
+        node.on_delta(&actor(byz), &lie, now);
     }
     let mut more = 0;
     for _ in 0..100 {
-        for a in 1..n {
-            if nodes[a].try_admit(1, "k", now, 1, limit).unwrap() {
+        for node in &mut nodes[1..] {
+            if node.try_admit(1, "k", now, 1, limit).unwrap() {
                 more += 1;
             }
         }
