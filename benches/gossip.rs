@@ -10,7 +10,7 @@ use std::hint::black_box;
 
 use common::{NOW, POLICY, delta_from, keys, set_counts, window};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use tollgate::crdt::{Ack, Slot};
+use tollgate::crdt::{Ack, EventualPolicy, Slot};
 use tollgate::gossip::proto::{Gossip, GossipConfig, Message, PeerId, PeerStatus, Policies};
 
 const DIGEST: u64 = 0xBE7C_4000;
@@ -25,7 +25,7 @@ fn node(slot: &Slot, seed: u64) -> Gossip {
         slots(),
         GossipConfig::default(),
         Policies {
-            eventual: vec![(POLICY, window())],
+            eventual: vec![(POLICY, EventualPolicy::unbounded(window()))],
             strict: Vec::new(),
         },
         DIGEST,

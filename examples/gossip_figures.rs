@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
 use tollgate::crdt::bounded::StrictPolicy;
-use tollgate::crdt::{Actor, BoundedTable, PolicyId, Slot, UsageTable, WindowSpec};
+use tollgate::crdt::{Actor, BoundedTable, EventualPolicy, PolicyId, Slot, UsageTable, WindowSpec};
 use tollgate::gossip::driver::{self, DriverTask, GossipHandle, PeerAddress};
 use tollgate::gossip::proto::{Gossip, GossipConfig, LinkState, PeerId, PeerStatus, Policies};
 use tollgate::gossip::quic::GossipEndpoint;
@@ -250,7 +250,7 @@ async fn start(n_peers: usize, dir: &Path) -> (Vec<GossipHandle>, Vec<DriverTask
             slots.clone(),
             GossipConfig::default(),
             Policies {
-                eventual: vec![(POLICY, spec())],
+                eventual: vec![(POLICY, EventualPolicy::unbounded(spec()))],
                 strict: Vec::new(),
             },
             7,

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{GossipSettings, RegionConfig};
 use crate::crdt::bounded::StrictPolicy;
-use crate::crdt::{Actor, PolicyId, Slot, WindowSpec};
+use crate::crdt::{Actor, EventualPolicy, PolicyId, Slot, WindowSpec};
 use crate::gossip::driver::{self, DriverTask, GossipHandle, PeerAddress};
 use crate::gossip::proto::{self, Gossip, GossipError, PeerId, Policies};
 use crate::gossip::quic::{self, GossipEndpoint, QuicError};
@@ -177,7 +177,13 @@ impl GlobalPolicies {
         let mut policies = Policies::default();
         for e in &self.entries {
             match e.mode {
-                GlobalMode::Eventual => policies.eventual.push((e.id, e.spec)),
+                GlobalMode::Eventual => policies.eventual.push((
+                    e.id,
+                    EventualPolicy {
+                        quota: e.quota,
+                        spec: e.spec,
+                    },
+                )),
                 GlobalMode::Strict => policies.strict.push((
                     e.id,
                     StrictPolicy {

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use tollgate::certs;
-use tollgate::crdt::{PolicyId, Slot, StrictPolicy, WindowSpec};
+use tollgate::crdt::{EventualPolicy, PolicyId, Slot, StrictPolicy, WindowSpec};
 use tollgate::gossip::driver::{self, DriverTask, GossipHandle, PeerAddress};
 use tollgate::gossip::proto::{Gossip, GossipConfig, LinkState, PeerId, PeerStatus, Policies};
 use tollgate::gossip::quic::GossipEndpoint;
@@ -48,7 +48,10 @@ fn strict_spec() -> WindowSpec {
 fn policies() -> Policies {
     Policies {
         // Far longer than a test, so nothing expires while it runs.
-        eventual: vec![(EVENTUAL, WindowSpec::new(600 * SEC, 10).unwrap())],
+        eventual: vec![(
+            EVENTUAL,
+            EventualPolicy::unbounded(WindowSpec::new(600 * SEC, 10).unwrap()),
+        )],
         strict: vec![(
             STRICT,
             StrictPolicy {

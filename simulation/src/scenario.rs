@@ -7,8 +7,8 @@
 //! have passed and every peer handed over (see `tollgate::crdt::bounded`), so the measured
 //! phase starts after it. A restart *during* traffic is counted honestly.
 
-use tollgate::crdt::WindowSpec;
 use tollgate::crdt::bounded::StrictPolicy;
+use tollgate::crdt::{EventualPolicy, WindowSpec};
 use tollgate::crdt::{PolicyId, window::WindowError};
 use tollgate::gossip::proto::{Policies, SplitMix64};
 
@@ -44,7 +44,7 @@ pub fn window() -> Result<WindowSpec, WindowError> {
 pub fn policies() -> Result<Policies, WindowError> {
     let spec = window()?;
     Ok(Policies {
-        eventual: vec![(EVENTUAL, spec)],
+        eventual: vec![(EVENTUAL, EventualPolicy { quota: LIMIT, spec })],
         strict: vec![(STRICT, StrictPolicy { quota: LIMIT, spec })],
     })
 }

@@ -126,14 +126,18 @@ pub enum ActorTableError {
 
 /// Interns actors as [`ActorIdx`]: counters store a `u16` instead of two strings and a `u64`.
 ///
-/// Deterministic: indices are handed out in first-seen order, so replaying the same operations
-/// gives the same table. The table only grows (one entry per incarnation ever seen, tens of
-/// bytes each); a process that sees more than [`MAX_ACTORS`] incarnations refuses new ones.
+/// Deterministic: indices are handed out in first-seen order, and a released index is reused
+/// (most recently released first) before a new one is handed out, so replaying the same
+/// operations gives the same table. The owner releases an actor once nothing refers to it
+/// any more ([`ActorTable::release`]), so the table holds the actors that still have state,
+/// not every incarnation ever seen; at most [`MAX_ACTORS`] are named at once.
 #[derive(Debug, Clone, Default)]
 pub struct ActorTable {
-    actors: Vec<Actor>,
+    /// By index; `None`: released, its index waiting in `free`.
+    actors: Vec<Option<Actor>>,
     hashes: Vec<u64>,
     index: BTreeMap<Actor, ActorIdx>,
+    free: Vec<ActorIdx>,
 }
 
 impl ActorTable {
@@ -150,14 +154,34 @@ impl ActorTable {
         if !actor.is_well_formed() {
             return Err(ActorTableError::Malformed);
         }
-        let idx = u16::try_from(self.actors.len())
-            .ok()
-            .filter(|&i| usize::from(i) < MAX_ACTORS)
-            .ok_or(ActorTableError::Full)?;
-        self.actors.push(actor.clone());
-        self.hashes.push(actor.stable_hash());
-        self.index.insert(actor.clone(), ActorIdx(idx));
-        Ok(ActorIdx(idx))
+        let idx = match self.free.pop() {
+            Some(idx) => idx,
+            None => {
+                let idx = u16::try_from(self.actors.len())
+                    .ok()
+                    .filter(|&i| usize::from(i) < MAX_ACTORS)
+                    .ok_or(ActorTableError::Full)?;
+                self.actors.push(None);
+                self.hashes.push(0);
+                ActorIdx(idx)
+            }
+        };
+        let i = usize::from(idx.0);
+        self.actors[i] = Some(actor.clone());
+        self.hashes[i] = actor.stable_hash();
+        self.index.insert(actor.clone(), idx);
+        Ok(idx)
+    }
+
+    /// Forgets the actor at `idx` and frees the index for reuse. The caller guarantees that
+    /// nothing refers to `idx` any more (a reused index names another actor). Returns the
+    /// actor, or `None` if `idx` named nobody.
+    pub fn release(&mut self, idx: ActorIdx) -> Option<Actor> {
+        let actor = self.actors.get_mut(usize::from(idx.0))?.take()?;
+        self.index.remove(&actor);
+        self.hashes[usize::from(idx.0)] = 0;
+        self.free.push(idx);
+        Some(actor)
     }
 
     /// The index of `actor`, if known.
@@ -167,7 +191,12 @@ impl ActorTable {
 
     /// The actor named by `idx`, if any.
     pub fn actor(&self, idx: ActorIdx) -> Option<&Actor> {
-        self.actors.get(usize::from(idx.0))
+        self.actors.get(usize::from(idx.0))?.as_ref()
+    }
+
+    /// The named actors, by index.
+    pub fn iter(&self) -> impl Iterator<Item = (ActorIdx, &Actor)> {
+        self.index.iter().map(|(a, &i)| (i, a))
     }
 
     /// The cached [`Actor::stable_hash`] of `idx` (0 for an unknown index).
@@ -175,14 +204,20 @@ impl ActorTable {
         self.hashes.get(usize::from(idx.0)).copied().unwrap_or(0)
     }
 
-    /// How many actors are named.
+    /// One past the highest index handed out (released indices included): every index in
+    /// use is below it, so `0..len()` with [`ActorTable::actor`] visits every actor.
     pub fn len(&self) -> usize {
         self.actors.len()
     }
 
-    /// Whether no actor is named yet.
+    /// How many actors are named now.
+    pub fn named(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Whether no actor is named.
     pub fn is_empty(&self) -> bool {
-        self.actors.is_empty()
+        self.index.is_empty()
     }
 
     /// Approximate heap bytes held (capacity accounting).
@@ -190,10 +225,12 @@ impl ActorTable {
         let names: usize = self
             .actors
             .iter()
+            .flatten()
             .map(|a| a.region.capacity() + a.instance.capacity())
             .sum();
-        self.actors.capacity() * size_of::<Actor>()
+        self.actors.capacity() * size_of::<Option<Actor>>()
             + self.hashes.capacity() * size_of::<u64>()
+            + self.free.capacity() * size_of::<ActorIdx>()
             // A BTreeMap entry costs its key and value plus about half again in node slack.
             + self.index.len() * (size_of::<Actor>() + size_of::<ActorIdx>()) * 3 / 2
             + names * 2
@@ -233,5 +270,16 @@ mod tests {
             t.intern(&Actor::new("r", "i", u64::MAX)),
             Err(ActorTableError::Full)
         );
+        // A released index is reused: the table bounds the actors named at once.
+        let gone = t.release(ActorIdx(7)).unwrap();
+        assert_eq!(t.get(&gone), None);
+        assert_eq!(t.actor(ActorIdx(7)), None);
+        assert_eq!(t.named(), MAX_ACTORS - 1);
+        assert_eq!(t.release(ActorIdx(7)), None);
+        let fresh = Actor::new("r", "i", u64::MAX);
+        assert_eq!(t.intern(&fresh), Ok(ActorIdx(7)));
+        assert_eq!(t.actor(ActorIdx(7)), Some(&fresh));
+        assert_eq!(t.hash_of(ActorIdx(7)), fresh.stable_hash());
+        assert_eq!(t.len(), MAX_ACTORS);
     }
 }

@@ -13,7 +13,9 @@
 //!   (the seat), and the compact [`ActorTable`].
 //! - [`usage`]: eventual mode's state, sliding usage per `(policy, key)` as compact
 //!   PN-counters in a [`UsageTable`], with versioned, chunked [`Delta`]s, full-state chunks
-//!   for anti-entropy, a digest and GC. Property-tested against `crdts::PNCounter`.
+//!   for anti-entropy, a digest, GC and eviction at the key cap; peers' counts are judged
+//!   by what their authors could honestly have claimed. Property-tested against
+//!   `crdts::PNCounter`.
 //! - [`eventual`]: eventual mode's admission rule ([`eventual_admit`]) and the acknowledgement
 //!   bookkeeping it needs ([`AckBook`], [`UnackedLog`]), bundled in [`EventualNode`].
 //! - [`bounded`]: strict mode, a bounded counter (escrow) per `(policy, key)` with rights
@@ -23,7 +25,9 @@
 //!
 //! - Eventual: `N` actors, each applying [`eventual_admit`] against its own stale merged view,
 //!   with deltas and acks lost, duplicated, reordered and chunked, never admit more than the
-//!   limit in any interval of length `w` (clocks assumed in step).
+//!   limit in any interval of length `w` (clocks assumed in step); one of them sending
+//!   arbitrary forged deltas and acks cannot make the others admit more than the limit plus
+//!   its own share.
 //! - Strict: with skewed clocks, loss, duplication, reordering, delay, partitions and restarts,
 //!   never more than the quota in any interval of length `w` on a reference timeline, and the
 //!   rights held plus live consumption never exceed the quota.
@@ -44,5 +48,7 @@ pub use bounded::{
     Announce, Ask, BoundedTable, Col, Handover, Outgoing, Settled, StrictPolicy, Transfer,
 };
 pub use eventual::{Ack, AckBook, EventualNode, UnackedLog, eventual_admit};
-pub use usage::{Delta, DeltaEntry, MergeReport, PolicyDelta, PolicyId, UsageTable};
+pub use usage::{
+    Delta, DeltaEntry, EventualPolicy, MergeReport, PolicyDelta, PolicyId, UsageLimits, UsageTable,
+};
 pub use window::WindowSpec;

@@ -81,8 +81,8 @@ use thiserror::Error;
 use crate::crdt::bounded::{BoundedError, Outgoing, Settled, StrictPolicy, TransferOutcome};
 use crate::crdt::usage::{MergeReport, UsageError};
 use crate::crdt::{
-    Ack, Actor, ActorIdx, Announce, Ask, BoundedTable, Delta, EventualNode, Handover, PolicyId,
-    Slot, Transfer, WindowSpec,
+    Ack, Actor, ActorIdx, Announce, Ask, BoundedTable, Delta, EventualNode, EventualPolicy,
+    Handover, PolicyId, Slot, Transfer,
 };
 
 /// A peer: the index of its slot in the configured slot list (the same list, in the same
@@ -187,8 +187,9 @@ impl Default for GossipConfig {
 /// The global policies this actor enforces.
 #[derive(Debug, Clone, Default)]
 pub struct Policies {
-    /// Eventual-mode policies and their windows.
-    pub eventual: Vec<(PolicyId, WindowSpec)>,
+    /// Eventual-mode policies: quota and window (the quota bounds what peers' counts can
+    /// claim, see [`crate::crdt::usage::writers`]).
+    pub eventual: Vec<(PolicyId, EventualPolicy)>,
     /// Strict-mode policies: quota and window.
     pub strict: Vec<(PolicyId, StrictPolicy)>,
 }
@@ -279,8 +280,11 @@ pub struct GossipStats {
     pub duplicate_identity: u64,
     /// Strict-mode messages whose claimed sender is not the connection's peer.
     pub misattributed: u64,
-    /// Usage entries the CRDT refused (malformed or over a limit).
+    /// Usage entries or counts the CRDT refused (malformed, impossible or over a limit: see
+    /// [`MergeReport::refusals`]).
     pub merge_refusals: u64,
+    /// Usage counts clamped to what their author could honestly have claimed.
+    pub merge_clamped: u64,
     /// Usage entries for sub-windows already garbage here (normal under delay).
     pub merge_stale: u64,
     /// Transfers refused by the bounded counter (stale, misaddressed, malformed).
@@ -503,11 +507,11 @@ impl Gossip {
     ) -> Result<Self, GossipError> {
         let bounded = BoundedTable::new(slots.clone(), &me, policies.strict.clone(), now_us)?;
         let my_slot = bounded.my_slot();
-        let mut node = EventualNode::new(me.clone(), policies.eventual.clone())?;
+        let mut node = EventualNode::new(me.clone(), slots.clone(), policies.eventual.clone())?;
         let retain_us = policies
             .eventual
             .iter()
-            .map(|(_, s)| s.window_us().saturating_add(s.sub_len_us()))
+            .map(|(_, p)| p.spec.window_us().saturating_add(p.spec.sub_len_us()))
             .max()
             .unwrap_or(0);
         let peers: Vec<Option<Peer>> = slots
@@ -602,6 +606,11 @@ impl Gossip {
     /// The merged live eventual-mode count of `(policy, key)`.
     pub fn count(&self, policy: PolicyId, key: &str, now_us: u64) -> u64 {
         self.node.table().count(policy, key, now_us)
+    }
+
+    /// Eventual-mode `(policy, key)` pairs held (`tollgate_global_keys{mode="eventual"}`).
+    pub fn eventual_key_count(&self) -> usize {
+        self.node.key_count()
     }
 
     /// Every peer's state, in slot order.
@@ -837,10 +846,8 @@ impl Gossip {
     }
 
     fn count_merge(&mut self, r: MergeReport) {
-        self.stats.merge_refusals = self
-            .stats
-            .merge_refusals
-            .saturating_add(r.refused + r.bad_actor + r.unknown_policy + r.future);
+        self.stats.merge_refusals = self.stats.merge_refusals.saturating_add(r.refusals());
+        self.stats.merge_clamped = self.stats.merge_clamped.saturating_add(r.clamped);
         self.stats.merge_stale = self.stats.merge_stale.saturating_add(r.stale);
     }
 
@@ -857,6 +864,7 @@ impl Gossip {
         for delta in chunks {
             self.send(to, Message::FullState { delta, ack }, now_us);
         }
+        self.node.note_sent(&actor, version);
         if let Some(p) = self.peer_mut(to) {
             p.sent_version = version;
             p.sent_ack = ack;
@@ -1074,6 +1082,8 @@ impl Gossip {
                 ) {
                     self.send(peer, Message::Delta { delta, ack }, now_us);
                 }
+                // Its acks may claim up to here, no further.
+                self.node.note_sent(&actor, version);
                 if let Some(p) = self.peer_mut(peer) {
                     p.sent_version = version;
                     p.sent_ack = ack;

@@ -8,8 +8,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
-use crate::crdt::Col;
 use crate::crdt::bounded::StrictPolicy;
+use crate::crdt::{Col, WindowSpec};
 use crate::gossip::codec::{self, DEFAULT_MAX_FRAME, Decoder};
 
 /// A realistic wall-clock start (2025), so sub-window numbers look like production ones.
@@ -53,8 +53,20 @@ fn short_spec() -> WindowSpec {
 fn policies() -> Policies {
     Policies {
         eventual: vec![
-            (LONG, WindowSpec::new(60 * SEC, 10).unwrap()),
-            (SHORT, short_spec()),
+            (
+                LONG,
+                EventualPolicy {
+                    quota: u64::MAX / 4,
+                    spec: WindowSpec::new(60 * SEC, 10).unwrap(),
+                },
+            ),
+            (
+                SHORT,
+                EventualPolicy {
+                    quota: SHORT_LIMIT,
+                    spec: short_spec(),
+                },
+            ),
         ],
         strict: vec![(
             STRICT,

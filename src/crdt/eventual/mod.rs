@@ -33,6 +33,14 @@
 //! [`AckBook`] tracks from the version ranges of the deltas we merge. Acks that arrive before
 //! the deltas they depend on wait in a small per-peer queue.
 //!
+//! An ack is a peer's word about *our* versions, so it is bounded by what we sent that peer:
+//! `heard_from_you` beyond the last version we sent it is clamped to it (counted in
+//! [`AckBook::clamped_acks`]). Otherwise a peer could settle admissions we have not even made
+//! yet, and we would take a fresh share of headroom for each. A lying peer can still settle
+//! what we did send it without merging it: that only relaxes our pact with *it* (every
+//! other peer must still settle each admission), so it buys the liar nothing beyond its own
+//! share.
+//!
 //! # Peers
 //!
 //! `N` and the peer set are the gossip layer's decision: every configured actor that may
@@ -52,9 +60,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::actor::{Actor, ActorIdx};
-use super::usage::{Delta, MergeReport, PolicyId, UsageError, UsageTable};
-use super::window::WindowSpec;
+use super::actor::{Actor, ActorIdx, Slot};
+use super::usage::{
+    Delta, EventualPolicy, MergeReport, PolicyId, UsageError, UsageLimits, UsageTable,
+};
 
 /// The eventual-mode admission rule: may an actor that sees `merged_count` (everyone's live
 /// admissions it has merged, its own included), of which `my_unacked` are its own unsettled
@@ -111,6 +120,8 @@ struct PeerBook {
     /// here are settled as far as this peer is concerned.
     settled: u64,
     pending: Vec<Ack>,
+    /// The highest of our versions we sent it a delta up to: what its acks may claim.
+    sent: u64,
 }
 
 impl PeerBook {
@@ -133,6 +144,7 @@ impl PeerBook {
 #[derive(Debug, Clone, Default)]
 pub struct AckBook {
     peers: BTreeMap<Actor, PeerBook>,
+    clamped: u64,
 }
 
 impl AckBook {
@@ -206,11 +218,29 @@ impl AckBook {
         true
     }
 
-    /// Takes an ack from `peer`.
-    pub fn on_ack(&mut self, peer: &Actor, ack: Ack) {
+    /// Notes that every change up to our `version` was sent to `peer` (in deltas or a full
+    /// state): its acks may claim up to here.
+    pub fn note_sent(&mut self, peer: &Actor, version: u64) {
+        if let Some(book) = self.peers.get_mut(peer) {
+            book.sent = book.sent.max(version);
+        }
+    }
+
+    /// Acks whose `heard_from_you` claimed more than we had sent, clamped (see the module
+    /// docs).
+    pub fn clamped_acks(&self) -> u64 {
+        self.clamped
+    }
+
+    /// Takes an ack from `peer`; `heard_from_you` is clamped to what we sent it.
+    pub fn on_ack(&mut self, peer: &Actor, mut ack: Ack) {
         let Some(book) = self.peers.get_mut(peer) else {
             return;
         };
+        if ack.heard_from_you > book.sent {
+            ack.heard_from_you = book.sent;
+            self.clamped += 1;
+        }
         book.confirmed = book.confirmed.max(ack.heard_from_you);
         if ack.heard_from_you <= book.settled {
             return;
@@ -379,13 +409,24 @@ pub struct EventualNode {
 }
 
 impl EventualNode {
-    /// A node for `actor` counting `policies`, with no peers yet.
+    /// A node for `actor`, one of the configured `slots`, counting `policies`, with no peers
+    /// yet and default [`UsageLimits`].
     pub fn new(
         actor: Actor,
-        policies: impl IntoIterator<Item = (PolicyId, WindowSpec)>,
+        slots: Vec<Slot>,
+        policies: impl IntoIterator<Item = (PolicyId, EventualPolicy)>,
     ) -> Result<Self, UsageError> {
-        let mut table = UsageTable::new(policies);
-        let me = table.intern(&actor)?;
+        Self::with_limits(actor, slots, policies, UsageLimits::default())
+    }
+
+    /// [`EventualNode::new`] with explicit limits.
+    pub fn with_limits(
+        actor: Actor,
+        slots: Vec<Slot>,
+        policies: impl IntoIterator<Item = (PolicyId, EventualPolicy)>,
+        limits: UsageLimits,
+    ) -> Result<Self, UsageError> {
+        let (table, me) = UsageTable::for_deployment(&actor, slots, policies, limits)?;
         Ok(Self {
             actor,
             me,
@@ -415,6 +456,17 @@ impl EventualNode {
         &self.acks
     }
 
+    /// Number of `(policy, key)` pairs held (the `tollgate_global_keys{mode="eventual"}`
+    /// gauge).
+    pub fn key_count(&self) -> usize {
+        self.table.key_count()
+    }
+
+    /// Approximate heap bytes of the usage table (see [`UsageTable::memory_bytes`]).
+    pub fn memory_bytes(&self) -> usize {
+        self.table.memory_bytes()
+    }
+
     /// Sets the peers (everyone else that may hold live admissions). Our own actor is ignored.
     pub fn set_peers(&mut self, peers: impl IntoIterator<Item = Actor>) {
         let me = self.actor.clone();
@@ -428,7 +480,13 @@ impl EventualNode {
             .unacked(policy, key, oldest, self.acks.settled_version())
     }
 
-    /// Applies the rule for `cost` under `limit` and records the admission if allowed.
+    /// Applies the rule for `cost` under `limit` (at most the policy's registered quota) and
+    /// records the admission if allowed.
+    ///
+    /// Also refuses what would take our admissions in the current sub-window past the quota,
+    /// refunded ones included: peers clamp any actor's `P` there to the quota (more cannot be
+    /// honest), so more would not be counted. Only a key whose admissions were refunded
+    /// a whole quota's worth within one sub-window meets it, until the next sub-window.
     pub fn try_admit(
         &mut self,
         policy: PolicyId,
@@ -437,16 +495,22 @@ impl EventualNode {
         cost: u64,
         limit: u64,
     ) -> Result<bool, UsageError> {
-        let spec = self
+        let registered = self
             .table
-            .spec(policy)
+            .policy(policy)
             .ok_or(UsageError::UnknownPolicy(policy))?;
+        let spec = registered.spec;
+        let limit = limit.min(registered.quota);
         let merged = self.table.count(policy, key, now_us);
         let unacked = self.unacked(policy, key, now_us);
         if !eventual_admit(limit, merged, unacked, self.acks.n_actors(), cost) {
             return Ok(false);
         }
-        let version = self.table.record(self.me, policy, key, now_us, cost)?;
+        let version = match self.table.record(self.me, policy, key, now_us, cost) {
+            Ok(v) => v,
+            Err(UsageError::OverQuota) => return Ok(false),
+            Err(e) => return Err(e),
+        };
         self.log
             .on_admit(policy, key, spec.sub_window(now_us), version, cost);
         Ok(true)
@@ -465,10 +529,20 @@ impl EventualNode {
             .refund(self.me, policy, key, admitted_at_us, now_us, n)
     }
 
-    /// The delta chunks to send `peer`: everything changed since it last confirmed.
-    pub fn deltas_for(&self, peer: &Actor, max_entries: usize, now_us: u64) -> Vec<Delta> {
-        self.table
-            .deltas_since(self.acks.confirmed_by(peer), max_entries, now_us)
+    /// The delta chunks to send `peer`: everything changed since it last confirmed (noted
+    /// as sent: its acks may claim them).
+    pub fn deltas_for(&mut self, peer: &Actor, max_entries: usize, now_us: u64) -> Vec<Delta> {
+        let chunks = self
+            .table
+            .deltas_since(self.acks.confirmed_by(peer), max_entries, now_us);
+        self.acks.note_sent(peer, self.table.version());
+        chunks
+    }
+
+    /// Notes that every change up to our `version` was sent to `peer` (for a caller that
+    /// builds its own deltas, see [`AckBook::note_sent`]).
+    pub fn note_sent(&mut self, peer: &Actor, version: u64) {
+        self.acks.note_sent(peer, version);
     }
 
     /// Notes that the deltas just produced were sent (starts new unsettled buckets).
@@ -481,14 +555,15 @@ impl EventualNode {
         self.acks.ack_for(peer, self.table.version())
     }
 
-    /// Merges a delta chunk from `peer`.
+    /// Merges a delta chunk received from `peer` (its authenticated current actor), judged
+    /// by [`UsageTable::merge_from`].
     pub fn on_delta(&mut self, peer: &Actor, delta: &Delta, now_us: u64) -> MergeReport {
-        let report = self.table.merge_delta(delta, now_us);
+        let report = self.table.merge_from(delta, peer, now_us);
         self.acks.on_delta(peer, delta);
         report
     }
 
-    /// Takes an ack from `peer`.
+    /// Takes an ack from `peer` (clamped to what we sent it).
     pub fn on_ack(&mut self, peer: &Actor, ack: Ack) {
         self.acks.on_ack(peer, ack);
     }
@@ -504,252 +579,6 @@ impl EventualNode {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    #[test]
-    fn rule_arithmetic() {
-        // Alone: the whole limit.
-        assert!(eventual_admit(10, 9, 9, 1, 1));
-        assert!(!eventual_admit(10, 10, 10, 1, 1));
-        // Three actors, nothing seen: a third each.
-        assert!(eventual_admit(9, 0, 0, 3, 3));
-        assert!(!eventual_admit(9, 0, 0, 3, 4));
-        assert!(!eventual_admit(9, 3, 3, 3, 1));
-        // Settled admissions are headroom used, not a share.
-        assert!(eventual_admit(9, 3, 0, 3, 2));
-        assert!(!eventual_admit(9, 3, 0, 3, 3));
-        assert!(!eventual_admit(5, 50, 0, 3, 1));
-        assert!(eventual_admit(u64::MAX, u64::MAX - 1, 0, u32::MAX, 0));
-        assert!(!eventual_admit(u64::MAX, 0, u64::MAX, u32::MAX, u64::MAX));
-        assert!(eventual_admit(1, 0, 0, 0, 1));
-    }
-
-    fn actor(i: usize) -> Actor {
-        Actor::new(format!("r{i}"), "i0", 1)
-    }
-
-    #[test]
-    fn acks_count_only_with_the_ackers_state() {
-        let mut book = AckBook::new();
-        book.set_peers([actor(1)]);
-        assert_eq!(book.n_actors(), 2);
-        // The peer says it merged our version 5, as of its version 3, which we do not have.
-        book.on_ack(
-            &actor(1),
-            Ack {
-                heard_from_you: 5,
-                my_version: 3,
-            },
-        );
-        assert_eq!(book.confirmed_by(&actor(1)), 5);
-        assert_eq!(book.settled_version(), 0);
-        let delta = |from, to, chunk, chunks| Delta {
-            from_version: from,
-            to_version: to,
-            chunk,
-            chunks,
-            actors: vec![],
-            policies: vec![],
-        };
-        // Chunk 1 of 2 alone proves nothing; in order, both do.
-        assert!(!book.on_delta(&actor(1), &delta(0, 3, 1, 2)));
-        assert!(!book.on_delta(&actor(1), &delta(0, 3, 0, 2)));
-        assert!(book.on_delta(&actor(1), &delta(0, 3, 1, 2)));
-        assert_eq!(book.heard_from(&actor(1)), 3);
-        assert_eq!(book.settled_version(), 5);
-        // A gap (from 4 > heard 3) does not advance.
-        assert!(!book.on_delta(&actor(1), &delta(4, 9, 0, 1)));
-        assert!(!book.on_delta(&actor(1), &delta(0, 0, 1, 1)));
-        assert_eq!(
-            book.ack_for(&actor(1), 7),
-            Ack {
-                heard_from_you: 3,
-                my_version: 7
-            }
-        );
-        // Unknown peers are ignored.
-        book.on_ack(
-            &actor(9),
-            Ack {
-                heard_from_you: 99,
-                my_version: 0,
-            },
-        );
-        assert_eq!(book.confirmed_by(&actor(9)), 0);
-        book.set_peers([]);
-        assert_eq!(book.settled_version(), u64::MAX);
-    }
-
-    #[test]
-    fn pending_acks_are_bounded() {
-        let mut book = AckBook::new();
-        book.set_peers([actor(1)]);
-        for v in 1..=20 {
-            book.on_ack(
-                &actor(1),
-                Ack {
-                    heard_from_you: v,
-                    my_version: v,
-                },
-            );
-        }
-        assert_eq!(book.peers[&actor(1)].pending.len(), MAX_PENDING_ACKS);
-    }
-
-    #[test]
-    fn unacked_log_buckets_and_prunes() {
-        let mut log = UnackedLog::new();
-        log.on_admit(1, "k", 10, 1, 2);
-        log.on_admit(1, "k", 10, 2, 1);
-        log.on_sent(2);
-        log.on_admit(1, "k", 10, 3, 4);
-        assert_eq!(log.unacked(1, "k", 0, 0), 7);
-        assert_eq!(log.unacked(1, "k", 0, 2), 4);
-        assert_eq!(log.unacked(1, "k", 11, 0), 0);
-        for v in 4..40 {
-            log.on_sent(v);
-            log.on_admit(1, "k", 10 + v, v + 1, 1);
-        }
-        assert!(log.policies[&1]["k"].len() <= MAX_BUCKETS);
-        assert_eq!(log.unacked(1, "k", 0, 0), 7 + 36);
-        log.prune(40, |_| 0);
-        assert!(log.is_empty());
-    }
-
-    /// A message in flight between eventual nodes.
-    #[derive(Debug, Clone)]
-    enum Msg {
-        Delta(Delta),
-        Ack(Ack),
-    }
-
-    #[derive(Debug, Clone)]
-    enum Step {
-        Advance(u64),
-        Admit(usize, u64),
-        Send(usize, usize),
-        Deliver(prop::sample::Index, bool),
-        Drop(prop::sample::Index),
-        Gc(usize),
-    }
-
-    fn step(n: usize) -> impl Strategy<Value = Step> {
-        prop_oneof![
-            2 => (0u64..150).prop_map(Step::Advance),
-            4 => (0..n, 1u64..4).prop_map(|(a, c)| Step::Admit(a, c)),
-            3 => (0..n, 0..n).prop_map(|(a, b)| Step::Send(a, b)),
-            4 => (any::<prop::sample::Index>(), any::<bool>()).prop_map(|(i, d)| Step::Deliver(i, d)),
-            1 => any::<prop::sample::Index>().prop_map(Step::Drop),
-            1 => (0..n).prop_map(Step::Gc),
-        ]
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
-
-        /// N actors apply the rule against their own stale views, with deltas and acks lost,
-        /// duplicated, reordered and chunked: no interval of length w ever holds more than the
-        /// limit.
-        #[test]
-        fn never_over_admits(
-            n in 2usize..5,
-            limit in 1u64..40,
-            steps in proptest::collection::vec(step(4), 1..400),
-        ) {
-            let spec = WindowSpec::new(1_000, 5).unwrap();
-            let mut nodes: Vec<EventualNode> =
-                (0..n).map(|i| EventualNode::new(actor(i), [(1, spec)]).unwrap()).collect();
-            for node in &mut nodes {
-                node.set_peers((0..n).map(actor));
-            }
-            let mut now = 1_000_000u64;
-            let mut net: Vec<(usize, usize, Msg)> = Vec::new();
-            let mut admitted: Vec<(u64, u64)> = Vec::new();
-            for s in steps {
-                match s {
-                    Step::Advance(dt) => now += dt,
-                    Step::Admit(a, cost) => {
-                        let a = a % n;
-                        if nodes[a].try_admit(1, "k", now, cost, limit).unwrap() {
-                            admitted.push((now, cost));
-                        }
-                    }
-                    Step::Send(a, b) => {
-                        let (a, b) = (a % n, b % n);
-                        if a == b { continue; }
-                        let peer = actor(b);
-                        for d in nodes[a].deltas_for(&peer, 1, now) {
-                            net.push((a, b, Msg::Delta(d)));
-                        }
-                        net.push((a, b, Msg::Ack(nodes[a].ack_for(&peer))));
-                        nodes[a].mark_sent();
-                    }
-                    Step::Deliver(i, dup) => {
-                        if net.is_empty() { continue; }
-                        let i = i.index(net.len());
-                        let (from, to, msg) = if dup { net[i].clone() } else { net.remove(i) };
-                        match msg {
-                            Msg::Delta(d) => { nodes[to].on_delta(&actor(from), &d, now); }
-                            Msg::Ack(ack) => nodes[to].on_ack(&actor(from), ack),
-                        }
-                    }
-                    Step::Drop(i) => {
-                        if !net.is_empty() {
-                            let i = i.index(net.len());
-                            net.remove(i);
-                        }
-                    }
-                    Step::Gc(a) => nodes[a % n].gc(now),
-                }
-            }
-            let w = spec.window_us();
-            for (i, &(start, _)) in admitted.iter().enumerate() {
-                let total: u64 = admitted[i..].iter().take_while(|(t, _)| *t <= start + w).map(|(_, c)| c).sum();
-                prop_assert!(total <= limit, "{} admitted in [{}, {}] with limit {}", total, start, start + w, limit);
-            }
-        }
-    }
-
-    /// With prompt gossip, one actor serving a key alone gets the whole limit but the last
-    /// `N − 1`: the rule only holds back admissions not yet acknowledged, and a headroom
-    /// below `N` gives nobody a whole unit.
-    #[test]
-    fn a_lone_busy_actor_gets_the_limit() {
-        let spec = WindowSpec::new(10_000, 10).unwrap();
-        let mut nodes: Vec<EventualNode> = (0..3)
-            .map(|i| EventualNode::new(actor(i), [(1, spec)]).unwrap())
-            .collect();
-        for node in &mut nodes {
-            node.set_peers((0..3).map(actor));
-        }
-        let mut now = 1_000_000;
-        let mut admitted = 0;
-        for _ in 0..200 {
-            now += 10;
-            if nodes[0].try_admit(1, "k", now, 1, 100).unwrap() {
-                admitted += 1;
-            }
-            // A full gossip round: 0 -> peers, peers -> 0 (deltas then acks).
-            for p in 1..3 {
-                for d in nodes[0].deltas_for(&actor(p), 100, now) {
-                    nodes[p].on_delta(&actor(0), &d, now);
-                }
-                let ack0 = nodes[0].ack_for(&actor(p));
-                nodes[p].on_ack(&actor(0), ack0);
-                for d in nodes[p].deltas_for(&actor(0), 100, now) {
-                    nodes[0].on_delta(&actor(p), &d, now);
-                }
-                let ack = nodes[p].ack_for(&actor(0));
-                nodes[0].on_ack(&actor(p), ack);
-            }
-            nodes[0].mark_sent();
-        }
-        assert_eq!(admitted, 100 - 2);
-        assert_eq!(nodes[1].table().count(1, "k", now), 98);
-        assert_eq!(nodes[0].unacked(1, "k", now), 0);
-        nodes[0].gc(now);
-        assert!(nodes[0].log.is_empty());
-    }
-}
+mod hostile;
+#[cfg(test)]
+mod tests;
