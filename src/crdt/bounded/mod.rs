@@ -877,7 +877,13 @@ impl BoundedTable {
             return false;
         };
         let was_open = kr.is_open(j);
-        kr.cols_mut(&floors).recv[j].join(col);
+        let cols = kr.cols_mut(&floors);
+        if !was_open {
+            // An empty pair (perhaps just allocated at the floor) takes the column's epoch,
+            // which alignment made at least ours: nothing of an older epoch is voided.
+            cols.reset(j, col.epoch);
+        }
+        cols.recv[j].join(col);
         if !was_open && kr.is_open(j) {
             self.open[j] += 1;
         }
@@ -1107,6 +1113,9 @@ impl BoundedTable {
         };
         let was_open = kr.is_open(j);
         let cols = kr.cols_mut(&floors);
+        if !was_open {
+            cols.reset(j, igy.epoch);
+        }
         cols.given[j].join(ygm);
         if accept_recv {
             cols.recv[j].join(igy);

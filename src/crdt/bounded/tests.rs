@@ -475,7 +475,7 @@ fn forge(f: &Forged, byz: &BoundedTable, to: &BoundedTable) -> Msg {
     let col = |total: u64, base: u64, inc: u64| Col {
         total,
         to_inc: their_inc(inc),
-        base: if base % 2 == 0 { 0 } else { base },
+        base: if base.is_multiple_of(2) { 0 } else { base },
         epoch: f.epoch,
     };
     match f.kind {

@@ -354,3 +354,52 @@ fn ask_flood_figures() {
         rss_kb()
     );
 }
+
+/// A column of a newer epoch than our floor creates the key at that epoch: the next column
+/// of the same epoch joins it instead of voiding it.
+#[test]
+fn a_new_key_takes_the_epoch_of_its_first_column() {
+    let (mut nodes, now) = reclaimed(2, 10);
+    let t = |total: u64| Transfer {
+        policy: 1,
+        key: "k".into(),
+        from: 1,
+        from_incarnation: 1,
+        to: 0,
+        given: Col {
+            total,
+            to_inc: 1,
+            base: 0,
+            epoch: 3,
+        },
+    };
+    assert_eq!(nodes[0].on_transfer(&t(2), now), TransferOutcome::Accepted);
+    // The peer's certificate for that same epoch voids nothing.
+    let cert = Settled {
+        policy: 1,
+        key: "k".into(),
+        from: 1,
+        from_incarnation: 1,
+        to: 0,
+        epoch: 3,
+    };
+    nodes[0].on_settled(&cert, now);
+    assert_eq!(nodes[0].available(1, "k", now), 7);
+    assert_eq!(nodes[0].on_transfer(&t(4), now), TransferOutcome::Accepted);
+    assert_eq!(nodes[0].available(1, "k", now), 9);
+    // An older epoch is refused and answered with ours.
+    let old = Transfer {
+        given: Col {
+            epoch: 2,
+            ..t(5).given
+        },
+        ..t(5)
+    };
+    assert_eq!(nodes[0].on_transfer(&old, now), TransferOutcome::StaleEpoch);
+    let out = nodes[0].take_outgoing();
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Outgoing::Settled(s) if s.epoch == 3)),
+        "{out:?}"
+    );
+}
