@@ -1139,9 +1139,10 @@ impl Gossip {
         now_us < self.learn_until_us && self.peers.iter().flatten().any(|p| !p.learned)
     }
 
-    /// Eventual mode: admits `cost` on `(policy, key)` under `limit` if the rule allows (see
-    /// [`crate::crdt::eventual`]). An unknown policy or a full table refuses, and so does an
-    /// incarnation still learning the counts ([`Gossip::is_learning`]).
+    /// Eventual mode: admits `cost` on `(policy, key)` under `limit` (held to the policy's
+    /// registered quota) if the rule allows (see [`crate::crdt::eventual`]). An unknown
+    /// policy refuses, and so does an incarnation still learning the counts
+    /// ([`Gossip::is_learning`]); a full table evicts rather than refuses.
     pub fn try_admit_eventual(
         &mut self,
         policy: PolicyId,
