@@ -15,13 +15,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use support::peer::{
-    CLIENTS, DEADLINE, Deployment, EVENTUAL, EVENTUAL_QUOTA, EVENTUAL_WINDOW_S, Latency,
-    PeerSpec, Role, STRICT, STRICT_QUOTA, STRICT_WINDOW_S, Session, frame, measure,
-    wall_us,
+    CLIENTS, DEADLINE, Deployment, EVENTUAL, EVENTUAL_QUOTA, EVENTUAL_WINDOW_S, Latency, PeerSpec,
+    Role, STRICT, STRICT_QUOTA, STRICT_WINDOW_S, Session, frame, measure, wall_us,
 };
 use support::prom_value;
-use tollgate::crdt::{Ack, Actor, Ask, Col, Delta, DeltaEntry, Handover, PolicyDelta, Transfer};
 use tollgate::crdt::WindowSpec;
+use tollgate::crdt::{Ack, Actor, Ask, Col, Delta, DeltaEntry, Handover, PolicyDelta, Transfer};
 use tollgate::gossip::codec;
 use tollgate::gossip::proto::{Message, SplitMix64};
 use tollgate::gossip::quic::GossipEndpoint;
@@ -44,10 +43,7 @@ async fn attacked() -> (Deployment, GossipEndpoint, PeerSpec) {
     .await;
     let endpoint = d.endpoint(ATTACKER, true);
     let spec = d.peer_spec(ATTACKER, VICTIM);
-    d.until("the victim to answer /ready", || async {
-        d.ready(VICTIM).await.is_some()
-    })
-    .await;
+    d.wait_serving(VICTIM).await;
     (d, endpoint, spec)
 }
 
@@ -65,6 +61,7 @@ async fn attacked_pair() -> (Deployment, GossipEndpoint, [Session; 2]) {
     let second = establish(&d, &endpoint, &d.peer_spec(ATTACKER, 2)).await;
     for victim in [1, 2] {
         d.wait_connected(victim, 2).await;
+        d.wait_serving(victim).await;
     }
     (d, endpoint, [first, second])
 }
@@ -94,13 +91,19 @@ async fn establish(d: &Deployment, endpoint: &GossipEndpoint, spec: &PeerSpec) -
 
 async fn session_up(d: &Deployment, session: Session) -> Session {
     let victim = usize::from(session.spec.victim);
-    let me = format!("{}/{}", session.spec.my_slot.region, session.spec.my_slot.instance);
+    let me = format!(
+        "{}/{}",
+        session.spec.my_slot.region, session.spec.my_slot.instance
+    );
     let actor = session.actor.to_string();
-    d.until("the victim to count the test's session as a peer", || async {
-        d.peer_report(victim, &me)
-            .await
-            .is_some_and(|p| p["connected"] == true && p["actor"] == actor.as_str())
-    })
+    d.until(
+        "the victim to count the test's session as a peer",
+        || async {
+            d.peer_report(victim, &me)
+                .await
+                .is_some_and(|p| p["connected"] == true && p["actor"] == actor.as_str())
+        },
+    )
     .await;
     session
 }
@@ -271,6 +274,7 @@ async fn a_certificate_holder_cannot_impersonate_shut_out_or_replace_the_genuine
     ])
     .await;
     d.wait_connected(VICTIM, 2).await;
+    d.wait_serving(VICTIM).await;
     let genuine = d.peer_report(VICTIM, "us-east/a").await.unwrap()["actor"]
         .as_str()
         .unwrap()
@@ -295,19 +299,32 @@ async fn a_certificate_holder_cannot_impersonate_shut_out_or_replace_the_genuine
         config_digest: spec.digest,
     };
     let reason = refused(other).await;
-    assert!(reason.starts_with("0x13"), "another gateway's Hello: {reason}");
+    assert!(
+        reason.starts_with("0x13"),
+        "another gateway's Hello: {reason}"
+    );
     // An incarnation in the far future, which would shut the genuine process out for good.
     let reason = refused(spec.hello(u64::MAX)).await;
     assert!(reason.contains("future-incarnation"), "u64::MAX: {reason}");
     // A second connection of the live incarnation does not replace the live link.
     let reason = refused(spec.hello(genuine_inc)).await;
-    assert!(reason.contains("already-connected"), "same incarnation: {reason}");
+    assert!(
+        reason.contains("already-connected"),
+        "same incarnation: {reason}"
+    );
     // An older incarnation is a second process with this identity.
     let reason = refused(spec.hello(genuine_inc - 1)).await;
-    assert!(reason.contains("stale-incarnation"), "older incarnation: {reason}");
+    assert!(
+        reason.contains("stale-incarnation"),
+        "older incarnation: {reason}"
+    );
 
     let metrics = d.metrics(VICTIM).await;
-    for reason in ["future-incarnation", "already-connected", "stale-incarnation"] {
+    for reason in [
+        "future-incarnation",
+        "already-connected",
+        "stale-incarnation",
+    ] {
         let n = prom_value(
             &metrics,
             "tollgate_gossip_hellos_refused_total",
@@ -339,7 +356,9 @@ async fn a_certificate_holder_cannot_impersonate_shut_out_or_replace_the_genuine
 /// Waits until the victim holds its strict share and admits one strict request.
 async fn strict_ready(d: &Deployment) {
     d.wait_reclaimed(VICTIM).await;
-    let status = d.request(VICTIM, "/strict", CLIENTS[0], REQUEST_DEADLINE).await;
+    let status = d
+        .request(VICTIM, "/strict", CLIENTS[0], REQUEST_DEADLINE)
+        .await;
     assert_eq!(status, Some(200), "strict before the attack\n{}", d.logs());
 }
 
@@ -348,11 +367,21 @@ async fn strict_ready(d: &Deployment) {
 async fn assert_strict_admits(d: &Deployment) {
     for client in [CLIENTS[0], CLIENTS[1]] {
         let status = d.request(VICTIM, "/strict", client, REQUEST_DEADLINE).await;
-        assert_eq!(status, Some(200), "strict for {client} after the attack\n{}", d.logs());
+        assert_eq!(
+            status,
+            Some(200),
+            "strict for {client} after the attack\n{}",
+            d.logs()
+        );
     }
     let limits = d.limits(VICTIM, STRICT, CLIENTS[2]).await.unwrap();
     assert_eq!(limits["tiers"][0]["strict"]["share_reclaimed"], true);
-    assert!(limits["tiers"][0]["strict"]["rights_held"].as_u64().unwrap() > 0);
+    assert!(
+        limits["tiers"][0]["strict"]["rights_held"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -438,8 +467,8 @@ async fn a_hello_flood_does_not_stall_the_victims_requests() {
         flood.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let inc = next_incarnation(&last);
-                let Ok(s) = Session::dial(&endpoint, &spec, inc, &frame(&spec.hello(inc)), false)
-                    .await
+                let Ok(s) =
+                    Session::dial(&endpoint, &spec, inc, &frame(&spec.hello(inc)), false).await
                 else {
                     continue;
                 };
@@ -448,8 +477,8 @@ async fn a_hello_flood_does_not_stall_the_victims_requests() {
                     .collect();
                 let _ = s.send_raw(&burst).await;
                 sent.fetch_add(501, Ordering::Relaxed);
-                let _ = tokio::time::timeout(Duration::from_millis(200), s.connection.closed())
-                    .await;
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(200), s.connection.closed()).await;
             }
         }));
     }
@@ -484,7 +513,11 @@ async fn a_hello_flood_does_not_stall_the_victims_requests() {
     }
     // Every Hello after the first of a connection, and all but about one new incarnation
     // per second, were refused.
-    let refused = prom_value(&d.metrics(VICTIM).await, "tollgate_gossip_hellos_refused_total", &[]);
+    let refused = prom_value(
+        &d.metrics(VICTIM).await,
+        "tollgate_gossip_hellos_refused_total",
+        &[],
+    );
     assert!(refused >= 1.0, "no Hello refused");
     d.assert_serving(VICTIM).await;
     // The genuine peer gets back in afterwards.
@@ -526,7 +559,11 @@ async fn an_ask_flood_does_not_stall_the_victims_requests() {
     let flood = async {
         let mut n = 0;
         while n < ASK_FLOOD || !done.load(Ordering::Relaxed) {
-            if session.send_raw(&asks(policy, &session, n, 1_000)).await.is_err() {
+            if session
+                .send_raw(&asks(policy, &session, n, 1_000))
+                .await
+                .is_err()
+            {
                 break;
             }
             n += 1_000;
@@ -559,7 +596,10 @@ async fn an_ask_flood_leaves_no_state_behind() {
     let rss_before = d.rss_kib(VICTIM);
     let policy = d.policy_id(STRICT);
     for n in (0..ASK_FLOOD).step_by(1_000) {
-        session.send_raw(&asks(policy, &session, n, 1_000)).await.unwrap();
+        session
+            .send_raw(&asks(policy, &session, n, 1_000))
+            .await
+            .unwrap();
     }
     barrier(&d, &session).await;
     let rss_after = d.rss_kib(VICTIM);
@@ -588,7 +628,12 @@ async fn frames_from_a_replaced_connection_are_dropped() {
         .collect();
     let stop = AtomicBool::new(false);
     let hammer = async {
-        while !stop.load(Ordering::Relaxed) && old.send_raw(&burst).await.is_ok() {}
+        // Each write waits for QUIC flow control: not a busy loop.
+        while !stop.load(Ordering::Relaxed) {
+            if old.send_raw(&burst).await.is_err() {
+                break;
+            }
+        }
     };
     let replace = async {
         let refused = || async {
@@ -608,7 +653,10 @@ async fn frames_from_a_replaced_connection_are_dropped() {
             if attempt.victim().await.is_ok() {
                 break (attempt, before);
             }
-            assert!(start.elapsed() < DEADLINE, "no replacement accepted in time");
+            assert!(
+                start.elapsed() < DEADLINE,
+                "no replacement accepted in time"
+            );
         };
         // The victim closed the old connection when the new one took over.
         let reason = old.closed().await;
@@ -618,7 +666,10 @@ async fn frames_from_a_replaced_connection_are_dropped() {
         (before, refused().await, reason)
     };
     let ((), (before, after, reason)) = tokio::join!(hammer, replace);
-    assert!(reason.starts_with("0x14"), "old connection closed with {reason}");
+    assert!(
+        reason.starts_with("0x14"),
+        "old connection closed with {reason}"
+    );
     assert_eq!(
         after, before,
         "the victim handled Hellos of the replaced connection after the replacement"
@@ -659,19 +710,33 @@ async fn forged_cells_cannot_block_a_key_at_the_victim() {
     barrier(&d, &session).await;
 
     for client in [CLIENTS[0], CLIENTS[1]] {
-        let status = d.request(VICTIM, "/eventual", client, REQUEST_DEADLINE).await;
-        assert_eq!(status, Some(200), "{client} blocked by forged cells\n{}", d.logs());
+        let status = d
+            .request(VICTIM, "/eventual", client, REQUEST_DEADLINE)
+            .await;
+        assert_eq!(
+            status,
+            Some(200),
+            "{client} blocked by forged cells\n{}",
+            d.logs()
+        );
     }
     let fake = d.limits(VICTIM, EVENTUAL, CLIENTS[0]).await.unwrap();
-    let per_actor = fake["tiers"][0]["eventual"]["per_actor"].as_array().unwrap();
+    let per_actor = fake["tiers"][0]["eventual"]["per_actor"]
+        .as_array()
+        .unwrap();
     assert!(
-        per_actor.iter().all(|a| !a["actor"].as_str().unwrap().starts_with("mars/")),
+        per_actor
+            .iter()
+            .all(|a| !a["actor"].as_str().unwrap().starts_with("mars/")),
         "fake actors merged: {per_actor:?}"
     );
     // What the attacker claims for itself is bounded by the quota.
     let mine = d.limits(VICTIM, EVENTUAL, CLIENTS[2]).await.unwrap();
     let merged = mine["tiers"][0]["eventual"]["merged"].as_u64().unwrap();
-    assert!(merged <= EVENTUAL_QUOTA, "the attacker's own claim counts {merged}");
+    assert!(
+        merged <= EVENTUAL_QUOTA,
+        "the attacker's own claim counts {merged}"
+    );
     d.assert_serving(VICTIM).await;
 }
 
@@ -687,7 +752,10 @@ async fn forged_refunds_admit_at_most_the_attackers_share_beyond_the_quota() {
     let mut admitted = 0;
     for victim in [1, 2] {
         for _ in 0..10 {
-            if d.request(victim, "/eventual", client, REQUEST_DEADLINE).await == Some(200) {
+            if d.request(victim, "/eventual", client, REQUEST_DEADLINE)
+                .await
+                == Some(200)
+            {
                 admitted += 1;
             }
         }
@@ -704,22 +772,31 @@ async fn forged_refunds_admit_at_most_the_attackers_share_beyond_the_quota() {
         barrier(&d, session).await;
     }
     for victim in [1, 2] {
-        let merged = d.limits(victim, EVENTUAL, client).await.unwrap()["tiers"][0]["eventual"]
-            ["merged"]
-            .as_u64()
-            .unwrap();
-        assert!(merged >= 10, "gateway {victim}'s own admissions were erased: merged {merged}");
+        let merged =
+            d.limits(victim, EVENTUAL, client).await.unwrap()["tiers"][0]["eventual"]["merged"]
+                .as_u64()
+                .unwrap();
+        assert!(
+            merged >= 10,
+            "gateway {victim}'s own admissions were erased: merged {merged}"
+        );
     }
     for n in 0..(2 * EVENTUAL_QUOTA) {
         let victim = 1 + (n % 2) as usize;
-        if d.request(victim, "/eventual", client, REQUEST_DEADLINE).await == Some(200) {
+        if d.request(victim, "/eventual", client, REQUEST_DEADLINE)
+            .await
+            == Some(200)
+        {
             admitted += 1;
         }
     }
     // The attacker's share: slot 0 of three.
     let bound = EVENTUAL_QUOTA + tollgate::crdt::bounded::initial_share(EVENTUAL_QUOTA, 3, 0);
     eprintln!("forged refunds: the victims admitted {admitted} (bound {bound})");
-    assert!(admitted <= bound, "the victims admitted {admitted} (bound {bound})");
+    assert!(
+        admitted <= bound,
+        "the victims admitted {admitted} (bound {bound})"
+    );
     for victim in [1, 2] {
         d.assert_serving(victim).await;
     }
@@ -761,8 +838,14 @@ async fn a_forged_column_admits_at_most_the_attackers_share_beyond_the_quota() {
         "the requests did not fit in one window: nothing was checked"
     );
     let bound = STRICT_QUOTA + tollgate::crdt::bounded::initial_share(STRICT_QUOTA, 3, 0);
-    eprintln!("forged column: the victims admitted {admitted} of {} (bound {bound})", 4 * STRICT_QUOTA);
-    assert!(admitted <= bound, "the victims admitted {admitted} in one window (bound {bound})");
+    eprintln!(
+        "forged column: the victims admitted {admitted} of {} (bound {bound})",
+        4 * STRICT_QUOTA
+    );
+    assert!(
+        admitted <= bound,
+        "the victims admitted {admitted} in one window (bound {bound})"
+    );
     for victim in [1, 2] {
         d.assert_serving(victim).await;
     }
@@ -782,6 +865,7 @@ async fn connections_waiting_for_their_hello_are_capped() {
     ])
     .await;
     d.wait_connected(victim, 1).await;
+    d.wait_serving(victim).await;
     let endpoint = d.endpoint(1, true);
     let spec = d.peer_spec(1, victim);
     let rss_before = d.rss_kib(victim);
@@ -789,7 +873,11 @@ async fn connections_waiting_for_their_hello_are_capped() {
     // reserve the whole frame up front).
     let mut header = codec::MAGIC.to_vec();
     header.push(codec::VERSION);
-    header.extend_from_slice(&u32::try_from(codec::DEFAULT_MAX_FRAME).unwrap().to_be_bytes());
+    header.extend_from_slice(
+        &u32::try_from(codec::DEFAULT_MAX_FRAME)
+            .unwrap()
+            .to_be_bytes(),
+    );
     let mut hogs = Vec::new();
     for n in 0..12 {
         let connection = endpoint
@@ -811,9 +899,12 @@ async fn connections_waiting_for_their_hello_are_capped() {
     }
     // All but the few the victim lets wait are refused at once.
     let max_waiting = tollgate::gossip::driver::MAX_PENDING_PER_GATEWAY;
-    d.until("the victim to refuse the connections over the cap", || async {
-        hogs.iter().filter(|h| h.0.close_reason().is_some()).count() >= hogs.len() - max_waiting
-    })
+    d.until(
+        "the victim to refuse the connections over the cap",
+        || async {
+            hogs.iter().filter(|h| h.0.close_reason().is_some()).count() >= hogs.len() - max_waiting
+        },
+    )
     .await;
     for (connection, _) in &hogs {
         if let Some(reason) = connection.close_reason() {
@@ -843,6 +934,8 @@ async fn connections_waiting_for_their_hello_are_capped() {
     );
     d.assert_serving(victim).await;
     // The slot whose certificate was abused connects normally afterwards.
-    let session = Session::handshake(&endpoint, &spec, wall_us()).await.unwrap();
+    let session = Session::handshake(&endpoint, &spec, wall_us())
+        .await
+        .unwrap();
     session.victim().await.unwrap();
 }
