@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod gateway;
+pub mod peer;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
