@@ -192,8 +192,8 @@ async fn relay(target: SocketAddr) -> Relay {
 fn tls(dir: &Path, region: &str) -> PeerTls {
     PeerTls::load(
         &dir.join("ca.pem"),
-        &dir.join(format!("{region}.pem")),
-        &dir.join(format!("{region}.key")),
+        &dir.join(format!("{region}.a.pem")),
+        &dir.join(format!("{region}.a.key")),
     )
     .expect("generated certificates")
 }
@@ -220,7 +220,7 @@ async fn start(n_peers: usize, dir: &Path) -> (Vec<GossipHandle>, Vec<DriverTask
         .collect();
     let mut endpoints = Vec::new();
     for region in &REGIONS[..n_peers] {
-        let others: Vec<String> = REGIONS.iter().map(|r| r.to_string()).collect();
+        let others: Vec<Slot> = REGIONS.iter().map(|r| Slot::new(*r, "a")).collect();
         endpoints.push(
             GossipEndpoint::bind(
                 "127.0.0.1:0".parse().expect("addr"),
@@ -316,7 +316,10 @@ async fn main() {
     memory_per_key(1_000_000);
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let names: Vec<String> = REGIONS.iter().map(|r| r.to_string()).collect();
+    let names: Vec<tollgate::certs::Gateway> = REGIONS
+        .iter()
+        .map(|r| tollgate::certs::Gateway::new(r, "a").expect("gateway name"))
+        .collect();
     tollgate::certs::generate(dir.path(), &names, false).expect("certificates");
     tollgate::metrics::install();
 

@@ -1,11 +1,19 @@
-//! `tollgate certs`: the deployment CA and one certificate per region, for gossip's mutual TLS.
+//! `tollgate certs`: the deployment CA and one certificate per gateway, for gossip's mutual
+//! TLS.
 //!
-//! Regions gossip over QUIC and admit a peer only if its certificate chains to the deployment
-//! CA *and* names a configured region (see [`crate::gossip::quic`]). This module is the other
-//! half of that contract: it issues certificates whose DNS SANs name the region both bare
-//! (`us-east`, the TLS server name a peer dials) and qualified (`us-east.tollgate.internal`),
-//! usable as server and client certificate alike (EKU serverAuth + clientAuth), since every
-//! region both dials and accepts.
+//! Gateways gossip over QUIC and admit a peer only if its certificate chains to the
+//! deployment CA *and* names one configured gateway (see [`crate::gossip::quic`]). This
+//! module is the other half of that contract: it issues each gateway a certificate whose
+//! only DNS SAN is `<instance>.<region>.tollgate.internal` (also the TLS server name a peer
+//! dials), usable as server and client certificate alike (EKU serverAuth + clientAuth),
+//! since every gateway both dials and accepts.
+//!
+//! Why one certificate per gateway rather than per region: the certificate is the only
+//! thing a peer cannot forge, so it must name exactly what the gossip trusts a sender to
+//! speak for. With a region certificate, any instance of the region could present itself
+//! as any other (and take over or shadow its slot); with a gateway certificate a Hello can
+//! only ever name the gateway that holds the key. Region certificates of earlier versions
+//! are refused with a message that says how to reissue.
 //!
 //! Private keys are written with mode 0600 through a temporary file and a rename, so a key is
 //! never readable by others, not even for a moment, and a crash never leaves half a file. An
@@ -23,7 +31,8 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose,
 };
 
-/// The DNS suffix of the qualified region name in a certificate: `<region>.tollgate.internal`.
+/// The DNS suffix of a gateway's name in its certificate:
+/// `<instance>.<region>.tollgate.internal`.
 pub const DNS_SUFFIX: &str = "tollgate.internal";
 /// The CA certificate's file name.
 pub const CA_CERT: &str = "ca.pem";
@@ -31,25 +40,35 @@ pub const CA_CERT: &str = "ca.pem";
 pub const CA_KEY: &str = "ca.key";
 /// How long the CA is valid.
 const CA_VALIDITY_DAYS: u64 = 10 * 365;
-/// How long a region certificate is valid.
-const REGION_VALIDITY_DAYS: u64 = 365;
-/// Longest region name (one DNS label).
-const MAX_REGION_LEN: usize = 63;
+/// How long a gateway certificate is valid.
+const GATEWAY_VALIDITY_DAYS: u64 = 365;
+/// Longest region or instance name (one DNS label).
+const MAX_LABEL_LEN: usize = 63;
+/// The instance `--regions` issues for, the one the shipped region files name.
+pub const DEFAULT_INSTANCE: &str = "a";
 
 /// What went wrong creating certificates.
 #[derive(Debug, thiserror::Error)]
 pub enum CertsError {
-    /// No region was given.
-    #[error("no regions given")]
-    NoRegions,
+    /// No gateway was given.
+    #[error("no gateways given: pass --gateways region/instance,... (or --regions)")]
+    NoGateways,
     /// A region name that cannot be a DNS label.
     #[error(
         "bad region name {0:?}: use 1-63 lowercase letters, digits and inner hyphens (a DNS label)"
     )]
     BadRegion(String),
-    /// The same region twice.
-    #[error("region {0:?} given twice")]
-    DuplicateRegion(String),
+    /// An instance name that cannot be a DNS label.
+    #[error(
+        "bad instance name {0:?}: use 1-63 lowercase letters, digits and inner hyphens (a DNS label)"
+    )]
+    BadInstance(String),
+    /// A `--gateways` item that is not `region/instance`.
+    #[error("bad gateway {0:?}: expected region/instance, such as us-east/a")]
+    BadGateway(String),
+    /// The same gateway twice.
+    #[error("gateway {0:?} given twice")]
+    DuplicateGateway(String),
     /// A CA is already there and `--force` was not given.
     #[error(
         "{} already exists: replacing the CA cuts off every region holding certificates from it; pass --force to replace it",
@@ -77,7 +96,12 @@ impl CertsError {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            Self::NoRegions | Self::BadRegion(_) | Self::DuplicateRegion(_) | Self::CaExists(_)
+            Self::NoGateways
+                | Self::BadRegion(_)
+                | Self::BadInstance(_)
+                | Self::BadGateway(_)
+                | Self::DuplicateGateway(_)
+                | Self::CaExists(_)
         )
     }
 }
@@ -85,21 +109,98 @@ impl CertsError {
 /// `tollgate certs` arguments.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CertsArgs {
-    /// Directory to write `ca.pem`, `ca.key` and `<region>.pem`, `<region>.key` into.
+    /// Directory to write `ca.pem`, `ca.key` and `<region>.<instance>.pem` / `.key` into.
     #[arg(long)]
     pub out: PathBuf,
-    /// Regions to issue certificates for, comma-separated (e.g. us-east,eu-west,ap-south).
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// Gateways to issue certificates for, comma-separated `region/instance` (e.g.
+    /// us-east/a,us-east/b,eu-west/a): one certificate each, naming that gateway only.
+    #[arg(long, value_delimiter = ',', required_unless_present = "regions")]
+    pub gateways: Vec<String>,
+    /// Shorthand for `--gateways R/a,...`: instance `a` of each region (the instance the
+    /// shipped region files name).
+    #[arg(long, value_delimiter = ',', conflicts_with = "gateways")]
     pub regions: Vec<String>,
-    /// Replace an existing CA (and every region certificate) in `--out`.
+    /// Replace an existing CA (and every gateway certificate) in `--out`.
     #[arg(long)]
     pub force: bool,
 }
 
-/// Paths of one region's certificate and key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RegionFiles {
+impl CertsArgs {
+    /// The gateways asked for, parsed and validated.
+    pub fn gateways(&self) -> Result<Vec<Gateway>, CertsError> {
+        if self.gateways.is_empty() {
+            return self
+                .regions
+                .iter()
+                .map(|region| Gateway::new(region, DEFAULT_INSTANCE))
+                .collect();
+        }
+        self.gateways.iter().map(|item| item.parse()).collect()
+    }
+}
+
+/// One gateway a certificate is issued for: its region and its instance within it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Gateway {
     pub region: String,
+    pub instance: String,
+}
+
+impl Gateway {
+    /// Validates both names (each a DNS label).
+    pub fn new(region: &str, instance: &str) -> Result<Self, CertsError> {
+        validate_region(region)?;
+        validate_label(instance).map_err(|()| CertsError::BadInstance(instance.to_owned()))?;
+        Ok(Self {
+            region: region.to_owned(),
+            instance: instance.to_owned(),
+        })
+    }
+
+    /// The DNS name its certificate carries and peers dial it by:
+    /// `<instance>.<region>.tollgate.internal`.
+    pub fn dns_name(&self) -> String {
+        gateway_dns_name(&self.region, &self.instance)
+    }
+
+    /// Its certificate's file name in `tollgate certs --out`: `<region>.<instance>.pem`.
+    pub fn cert_file(&self) -> String {
+        format!("{}.{}.pem", self.region, self.instance)
+    }
+
+    /// Its key's file name: `<region>.<instance>.key`.
+    pub fn key_file(&self) -> String {
+        format!("{}.{}.key", self.region, self.instance)
+    }
+}
+
+impl std::fmt::Display for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.region, self.instance)
+    }
+}
+
+impl std::str::FromStr for Gateway {
+    type Err = CertsError;
+
+    fn from_str(text: &str) -> Result<Self, CertsError> {
+        let (region, instance) = text
+            .trim()
+            .split_once('/')
+            .ok_or_else(|| CertsError::BadGateway(text.to_owned()))?;
+        Self::new(region, instance)
+    }
+}
+
+/// `<instance>.<region>.tollgate.internal`, the one name a gateway's certificate carries.
+pub fn gateway_dns_name(region: &str, instance: &str) -> String {
+    format!("{instance}.{region}.{DNS_SUFFIX}")
+}
+
+/// Paths of one gateway's certificate and key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayFiles {
+    pub gateway: Gateway,
     pub cert: PathBuf,
     pub key: PathBuf,
 }
@@ -109,21 +210,21 @@ pub struct RegionFiles {
 pub struct Generated {
     pub ca_cert: PathBuf,
     pub ca_key: PathBuf,
-    pub regions: Vec<RegionFiles>,
+    pub gateways: Vec<GatewayFiles>,
 }
 
 /// Runs `tollgate certs`: generates, then prints what was written.
 pub fn run(args: &CertsArgs) -> Result<Generated, CertsError> {
-    let generated = generate(&args.out, &args.regions, args.force)?;
+    let generated = generate(&args.out, &args.gateways()?, args.force)?;
     println!(
         "CA: {} (key {})",
         generated.ca_cert.display(),
         generated.ca_key.display()
     );
-    for files in &generated.regions {
+    for files in &generated.gateways {
         println!(
             "{}: {} (key {})",
-            files.region,
+            files.gateway,
             files.cert.display(),
             files.key.display()
         );
@@ -131,39 +232,35 @@ pub fn run(args: &CertsArgs) -> Result<Generated, CertsError> {
     Ok(generated)
 }
 
-/// Checks that `region` is a lowercase DNS label (so it can be a TLS server name and a SAN).
+/// Checks that `region` is a lowercase DNS label (so it can be part of a TLS server name).
 pub fn validate_region(region: &str) -> Result<(), CertsError> {
-    let ok = !region.is_empty()
-        && region.len() <= MAX_REGION_LEN
-        && region
+    validate_label(region).map_err(|()| CertsError::BadRegion(region.to_owned()))
+}
+
+/// Whether `label` is a lowercase DNS label that cannot be read as a number.
+fn validate_label(label: &str) -> Result<(), ()> {
+    let ok = !label.is_empty()
+        && label.len() <= MAX_LABEL_LEN
+        && label
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !region.starts_with('-')
-        && !region.ends_with('-')
+        && !label.starts_with('-')
+        && !label.ends_with('-')
         // An all-digit name could be read as (part of) an IP address.
-        && !region.bytes().all(|b| b.is_ascii_digit());
-    if ok {
-        Ok(())
-    } else {
-        Err(CertsError::BadRegion(region.to_owned()))
-    }
+        && !label.bytes().all(|b| b.is_ascii_digit());
+    if ok { Ok(()) } else { Err(()) }
 }
 
-/// The DNS names a region's certificate carries: the bare region and the qualified name.
-pub fn region_dns_names(region: &str) -> [String; 2] {
-    [region.to_owned(), format!("{region}.{DNS_SUFFIX}")]
-}
-
-/// Creates a CA and one certificate per region in `out` (created if missing). Refuses to
+/// Creates a CA and one certificate per gateway in `out` (created if missing). Refuses to
 /// replace an existing CA unless `force`. All names are validated before anything is written.
-pub fn generate(out: &Path, regions: &[String], force: bool) -> Result<Generated, CertsError> {
-    if regions.is_empty() {
-        return Err(CertsError::NoRegions);
+pub fn generate(out: &Path, gateways: &[Gateway], force: bool) -> Result<Generated, CertsError> {
+    if gateways.is_empty() {
+        return Err(CertsError::NoGateways);
     }
-    for (i, region) in regions.iter().enumerate() {
-        validate_region(region)?;
-        if regions[..i].contains(region) {
-            return Err(CertsError::DuplicateRegion(region.clone()));
+    for (i, gateway) in gateways.iter().enumerate() {
+        Gateway::new(&gateway.region, &gateway.instance)?;
+        if gateways[..i].contains(gateway) {
+            return Err(CertsError::DuplicateGateway(gateway.to_string()));
         }
     }
     let ca_cert_path = out.join(CA_CERT);
@@ -208,17 +305,16 @@ pub fn generate(out: &Path, regions: &[String], force: bool) -> Result<Generated
     let issuer = Issuer::new(ca_params, &ca_key);
 
     // Everything is generated before anything is written, so a failure leaves `out` as it was.
-    let mut issued = Vec::with_capacity(regions.len());
-    for region in regions {
-        let key = generate_key(&format!("the key of {region}"))?;
-        let mut params =
-            CertificateParams::new(region_dns_names(region).to_vec()).map_err(|source| {
-                CertsError::Generate {
-                    what: format!("the certificate of {region}"),
-                    source,
-                }
-            })?;
-        params.distinguished_name = distinguished_name(region);
+    let mut issued = Vec::with_capacity(gateways.len());
+    for gateway in gateways {
+        let key = generate_key(&format!("the key of {gateway}"))?;
+        let mut params = CertificateParams::new(vec![gateway.dns_name()]).map_err(|source| {
+            CertsError::Generate {
+                what: format!("the certificate of {gateway}"),
+                source,
+            }
+        })?;
+        params.distinguished_name = distinguished_name(&gateway.to_string());
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -228,33 +324,33 @@ pub fn generate(out: &Path, regions: &[String], force: bool) -> Result<Generated
         set_validity(
             &mut params,
             not_before,
-            add_days(today, REGION_VALIDITY_DAYS),
+            add_days(today, GATEWAY_VALIDITY_DAYS),
         );
         let cert = params
             .signed_by(&key, &issuer)
             .map_err(|source| CertsError::Generate {
-                what: format!("the certificate of {region}"),
+                what: format!("the certificate of {gateway}"),
                 source,
             })?;
-        issued.push((region.clone(), cert.pem(), key.serialize_pem()));
+        issued.push((gateway.clone(), cert.pem(), key.serialize_pem()));
     }
 
-    // Region files first, the CA last: an interrupted run leaves no CA, so it can be rerun
+    // Gateway files first, the CA last: an interrupted run leaves no CA, so it can be rerun
     // without --force.
     let mut files = Vec::with_capacity(issued.len());
-    for (region, cert_pem, key_pem) in issued {
-        let cert = out.join(format!("{region}.pem"));
-        let key = out.join(format!("{region}.key"));
+    for (gateway, cert_pem, key_pem) in issued {
+        let cert = out.join(gateway.cert_file());
+        let key = out.join(gateway.key_file());
         write_file(&key, key_pem.as_bytes(), 0o600)?;
         write_file(&cert, cert_pem.as_bytes(), 0o644)?;
-        files.push(RegionFiles { region, cert, key });
+        files.push(GatewayFiles { gateway, cert, key });
     }
     write_file(&ca_key_path, ca_key.serialize_pem().as_bytes(), 0o600)?;
     write_file(&ca_cert_path, ca_cert.pem().as_bytes(), 0o644)?;
     Ok(Generated {
         ca_cert: ca_cert_path,
         ca_key: ca_key_path,
-        regions: files,
+        gateways: files,
     })
 }
 

@@ -179,9 +179,13 @@ async fn start_and_wait(
         dir: dir.to_owned(),
         source,
     })?;
-    // The region files name `certs/<region>.pem` relative to themselves.
-    let regions: Vec<String> = REGIONS.iter().map(|(r, ..)| (*r).to_owned()).collect();
-    crate::certs::generate(&dir.join("certs"), &regions, true)?;
+    // The region files name `certs/<region>.<instance>.pem` relative to themselves; the demo
+    // runs instance `a` of each region.
+    let gateways = REGIONS
+        .iter()
+        .map(|(region, ..)| crate::certs::Gateway::new(region, crate::certs::DEFAULT_INSTANCE))
+        .collect::<Result<Vec<_>, _>>()?;
+    crate::certs::generate(&dir.join("certs"), &gateways, true)?;
     for (db, (region, text, _, _)) in (1..).zip(REGIONS) {
         let config = region_config(
             region,

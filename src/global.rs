@@ -27,7 +27,7 @@ use crate::crdt::{Actor, PolicyId, Slot, WindowSpec};
 use crate::gossip::driver::{self, DriverTask, GossipHandle, PeerAddress};
 use crate::gossip::proto::{self, Gossip, GossipError, PeerId, Policies};
 use crate::gossip::quic::{self, GossipEndpoint, QuicError};
-use crate::gossip::tls::{PeerTls, TlsError};
+use crate::gossip::tls::{CertName, PeerTls, TlsError};
 use crate::limit::policy::{GlobalMode, Limit, Policy, Scope};
 
 /// Why global limits could not start.
@@ -42,6 +42,47 @@ pub enum GlobalError {
     /// The state machine refused the slot list or our actor.
     #[error("gossip state: {0}")]
     Gossip(#[from] GossipError),
+    /// Our own certificate does not name this gateway.
+    #[error("gossip certificate {}: {message}", path.display())]
+    Certificate {
+        /// The certificate file.
+        path: std::path::PathBuf,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+/// Our certificate must name this very gateway: peers admit a connection as the gateway its
+/// certificate names, so any other name would be refused by every peer (and a region
+/// certificate of an earlier version by all of them).
+fn check_own_certificate(
+    tls: &PeerTls,
+    me: &Slot,
+    settings: &GossipSettings,
+) -> Result<(), GlobalError> {
+    let reissue = format!(
+        "issue one certificate per gateway with `tollgate certs --out DIR --gateways {},...` \
+         and point `cert`/`key` at {}'s files",
+        me,
+        crate::certs::Gateway {
+            region: me.region.clone(),
+            instance: me.instance.clone(),
+        }
+        .cert_file()
+    );
+    let message = match tls.name() {
+        CertName::Gateway(named) if named == *me => return Ok(()),
+        CertName::Gateway(named) => format!("names gateway {named}, but this gateway is {me}"),
+        CertName::RegionOnly(region) => format!(
+            "is a per-region certificate (region {region:?}) of an earlier version, which \
+             peers refuse: {reissue}"
+        ),
+        CertName::Nothing => format!("names no single gateway: {reissue}"),
+    };
+    Err(GlobalError::Certificate {
+        path: settings.cert.clone(),
+        message,
+    })
 }
 
 /// One global policy at one tier: what the gossip state knows it as.
@@ -207,15 +248,14 @@ impl GlobalLimits {
         let policies = GlobalPolicies::from_policies(&config.policies);
         let slots = settings.slots();
         let tls = PeerTls::load(&settings.ca, &settings.cert, &settings.key)?;
-        let mut regions: Vec<String> = slots.iter().map(|s| s.region.clone()).collect();
-        regions.sort();
-        regions.dedup();
+        let me_slot = Slot::new(config.region.clone(), settings.instance.clone());
+        check_own_certificate(&tls, &me_slot, settings)?;
         let transport = quic::GossipConfig {
             keep_alive: Duration::from_secs(1).min(settings.idle_timeout / 2),
             idle_timeout: settings.idle_timeout,
             max_frame: settings.max_frame,
         };
-        let endpoint = GossipEndpoint::bind_with(settings.listen, tls, regions, transport)?;
+        let endpoint = GossipEndpoint::bind_with(settings.listen, tls, slots.clone(), transport)?;
         let now = driver::now_us();
         let me = Actor::new(config.region.clone(), settings.instance.clone(), now.max(1));
         let proto_config = proto::GossipConfig {

@@ -83,8 +83,8 @@ mode = "eventual"
 listen = "127.0.0.1:{gossip}"
 instance = "{instance}"
 ca = "certs/ca.pem"
-cert = "certs/{region}.pem"
-key = "certs/{region}.key"
+cert = "certs/{region}.{{instance}}.pem"
+key = "certs/{region}.{{instance}}.key"
 interval = "50ms"
 backoff_cap = "500ms"
 "#,
@@ -117,9 +117,11 @@ impl Deployment {
     /// every other and holds its strict share.
     async fn start(slots: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut regions: Vec<String> = slots.iter().map(|(r, _)| r.to_string()).collect();
-        regions.dedup();
-        tollgate::certs::generate(&dir.path().join("certs"), &regions, false).unwrap();
+        let gateways: Vec<tollgate::certs::Gateway> = slots
+            .iter()
+            .map(|(r, i)| tollgate::certs::Gateway::new(r, i).unwrap())
+            .collect();
+        tollgate::certs::generate(&dir.path().join("certs"), &gateways, false).unwrap();
         let upstream = serve(axum::Router::new().fallback(|| async { "ok" })).await;
         let mut nodes: Vec<Node> = slots
             .iter()
@@ -498,23 +500,25 @@ async fn a_peer_with_a_certificate_from_another_ca_is_refused() {
     let d = Deployment::start(&[("us-east", "a"), ("eu-west", "a")]).await;
     // A peer presenting an eu-west certificate from another CA (trusting the real one).
     let foreign = tempfile::tempdir().unwrap();
-    tollgate::certs::generate(foreign.path(), &["eu-west".to_owned()], false).unwrap();
+    let eu_west = tollgate::certs::Gateway::new("eu-west", "a").unwrap();
+    tollgate::certs::generate(foreign.path(), &[eu_west], false).unwrap();
     let tls = tollgate::gossip::tls::PeerTls::load(
         &d.certs().join("ca.pem"),
-        &foreign.path().join("eu-west.pem"),
-        &foreign.path().join("eu-west.key"),
+        &foreign.path().join("eu-west.a.pem"),
+        &foreign.path().join("eu-west.a.key"),
     )
     .unwrap();
+    let us_east = tollgate::crdt::Slot::new("us-east", "a");
     let endpoint = tollgate::gossip::quic::GossipEndpoint::bind(
         "127.0.0.1:0".parse().unwrap(),
         tls,
-        vec!["us-east".to_owned()],
+        vec![us_east.clone()],
     )
     .unwrap();
     let target: SocketAddr = format!("127.0.0.1:{}", d.nodes[0].gossip).parse().unwrap();
     // The handshake may complete on our side before the server's verdict arrives; either
     // way nothing can be exchanged, and the gateway counts the refusal.
-    if let Ok(connection) = endpoint.connect(target, "us-east").await {
+    if let Ok(connection) = endpoint.connect(target, &us_east).await {
         let stream = connection.open_bi().await;
         if let Ok((mut send, _recv)) = stream {
             let _ = send.write_all(b"TG").await;

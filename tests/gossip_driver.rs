@@ -75,8 +75,8 @@ fn max_in_any_window(times: &[u64], w: u64) -> usize {
 fn tls(dir: &Path, region: &str) -> PeerTls {
     PeerTls::load(
         &dir.join("ca.pem"),
-        &dir.join(format!("{region}.pem")),
-        &dir.join(format!("{region}.key")),
+        &dir.join(format!("{region}.i0.pem")),
+        &dir.join(format!("{region}.i0.key")),
     )
     .unwrap()
 }
@@ -123,7 +123,7 @@ fn bind(dir: &Path, me: &str, addr: SocketAddr) -> std::io::Result<GossipEndpoin
     let others = REGIONS
         .iter()
         .filter(|r| *r != &me)
-        .map(|r| r.to_string())
+        .map(|r| Slot::new(*r, "i0"))
         .collect();
     GossipEndpoint::bind(addr, tls(dir, me), others).map_err(std::io::Error::other)
 }
@@ -131,7 +131,10 @@ fn bind(dir: &Path, me: &str, addr: SocketAddr) -> std::io::Result<GossipEndpoin
 impl Mesh {
     async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let names: Vec<String> = REGIONS.iter().map(|s| s.to_string()).collect();
+        let names: Vec<certs::Gateway> = REGIONS
+            .iter()
+            .map(|r| certs::Gateway::new(r, "i0").unwrap())
+            .collect();
         certs::generate(dir.path(), &names, false).unwrap();
         let endpoints: Vec<GossipEndpoint> = REGIONS
             .iter()

@@ -1,5 +1,5 @@
-//! Gossip over QUIC on loopback: mutual TLS admission, framing both ways, refusals, and the
-//! `tollgate certs` command that issues the certificates.
+//! Gossip over QUIC on loopback: mutual TLS admission (one certificate per gateway), framing
+//! both ways, refusals, and the `tollgate certs` command that issues the certificates.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -10,11 +10,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tollgate::certs;
+use tollgate::crdt::Slot;
 use tollgate::gossip::codec::{self, CodecError, DEFAULT_MAX_FRAME};
 use tollgate::gossip::quic::{
-    self, CLOSE_PROTOCOL_ERROR, CLOSE_REGION_NOT_ALLOWED, GossipEndpoint, QuicError,
+    self, CLOSE_GATEWAY_NOT_ALLOWED, CLOSE_NO_GATEWAY, CLOSE_PROTOCOL_ERROR, GossipEndpoint,
+    QuicError,
 };
-use tollgate::gossip::tls::PeerTls;
+use tollgate::gossip::tls::{CertName, PeerTls};
 
 /// Generous bound for anything on loopback; tests finish far sooner when things work.
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -30,15 +32,27 @@ fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
-fn regions(names: &[&str]) -> Vec<String> {
-    names.iter().map(|s| s.to_string()).collect()
+/// Gateways of region `r`, instance `a`.
+fn gateways(regions: &[&str]) -> Vec<certs::Gateway> {
+    regions
+        .iter()
+        .map(|r| certs::Gateway::new(r, "a").unwrap())
+        .collect()
+}
+
+fn slots(regions: &[&str]) -> Vec<Slot> {
+    regions.iter().map(|r| slot(r)).collect()
+}
+
+fn slot(region: &str) -> Slot {
+    Slot::new(region, "a")
 }
 
 fn tls(dir: &Path, region: &str) -> PeerTls {
     PeerTls::load(
         &dir.join("ca.pem"),
-        &dir.join(format!("{region}.pem")),
-        &dir.join(format!("{region}.key")),
+        &dir.join(format!("{region}.a.pem")),
+        &dir.join(format!("{region}.a.key")),
     )
     .unwrap()
 }
@@ -79,23 +93,24 @@ fn mesh(dir: &Path) -> (GossipEndpoint, GossipEndpoint) {
     let east = GossipEndpoint::bind(
         loopback(),
         tls(dir, "us-east"),
-        regions(&["eu-west", "ap-south"]),
+        slots(&["eu-west", "ap-south"]),
     )
     .unwrap();
-    let west =
-        GossipEndpoint::bind(loopback(), tls(dir, "eu-west"), regions(&["us-east"])).unwrap();
+    let west = GossipEndpoint::bind(loopback(), tls(dir, "eu-west"), slots(&["us-east"])).unwrap();
     (east, west)
 }
 
 #[tokio::test]
 async fn two_regions_exchange_frames_both_ways() {
     let dir = tempfile::tempdir().unwrap();
-    certs::generate(dir.path(), &regions(&["us-east", "eu-west"]), false).unwrap();
+    certs::generate(dir.path(), &gateways(&["us-east", "eu-west"]), false).unwrap();
     let (east, west) = mesh(dir.path());
     let west_addr = west.local_addr().unwrap();
 
-    let connection = within(east.connect(west_addr, "eu-west")).await.unwrap();
-    assert_eq!(quic::peer_region(&connection).as_deref(), Some("eu-west"));
+    let connection = within(east.connect(west_addr, &slot("eu-west")))
+        .await
+        .unwrap();
+    assert_eq!(quic::peer_gateway(&connection), Some(slot("eu-west")));
     let (mut send, mut frames) = quic::open_stream(&connection, east.max_frame())
         .await
         .unwrap();
@@ -105,11 +120,8 @@ async fn two_regions_exchange_frames_both_ways() {
     quic::send_frame(&mut send, &frame(&hello)).await.unwrap();
 
     let peer = within(west.accept()).await.unwrap();
-    assert_eq!(peer.region, "us-east");
-    assert_eq!(
-        quic::peer_region(&peer.connection).as_deref(),
-        Some("us-east")
-    );
+    assert_eq!(peer.gateway, slot("us-east"));
+    assert_eq!(quic::peer_gateway(&peer.connection), Some(slot("us-east")));
     let (mut west_send, mut west_frames) =
         within(quic::accept_stream(&peer.connection, west.max_frame()))
             .await
@@ -150,9 +162,9 @@ async fn two_regions_exchange_frames_both_ways() {
 #[tokio::test]
 async fn a_certificate_from_another_ca_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    certs::generate(dir.path(), &regions(&["us-east", "eu-west"]), false).unwrap();
+    certs::generate(dir.path(), &gateways(&["us-east", "eu-west"]), false).unwrap();
     let rogue_dir = tempfile::tempdir().unwrap();
-    certs::generate(rogue_dir.path(), &regions(&["us-east"]), false).unwrap();
+    certs::generate(rogue_dir.path(), &gateways(&["us-east"]), false).unwrap();
     let (east, west) = mesh(dir.path());
     let west_addr = west.local_addr().unwrap();
 
@@ -160,21 +172,23 @@ async fn a_certificate_from_another_ca_is_refused() {
     // "us-east" from another CA.
     let rogue_tls = PeerTls::load(
         &dir.path().join("ca.pem"),
-        &rogue_dir.path().join("us-east.pem"),
-        &rogue_dir.path().join("us-east.key"),
+        &rogue_dir.path().join("us-east.a.pem"),
+        &rogue_dir.path().join("us-east.a.key"),
     )
     .unwrap();
-    let rogue = GossipEndpoint::bind(loopback(), rogue_tls, regions(&["eu-west"])).unwrap();
+    let rogue = GossipEndpoint::bind(loopback(), rogue_tls, slots(&["eu-west"])).unwrap();
     // With TLS 1.3 the client may finish its side before the server rejects its certificate:
     // either the connect fails or the connection is closed right after.
-    if let Ok(connection) = within(rogue.connect(west_addr, "eu-west")).await {
+    if let Ok(connection) = within(rogue.connect(west_addr, &slot("eu-west"))).await {
         within(connection.closed()).await;
     }
     eventually("west counts the refusal", || west.refused_peers() == 1).await;
     assert_refusal_metric("tls");
 
     // The rogue never surfaced; the real us-east is the next accepted peer.
-    let connection = within(east.connect(west_addr, "eu-west")).await.unwrap();
+    let connection = within(east.connect(west_addr, &slot("eu-west")))
+        .await
+        .unwrap();
     let (mut send, _frames) = quic::open_stream(&connection, DEFAULT_MAX_FRAME)
         .await
         .unwrap();
@@ -182,29 +196,25 @@ async fn a_certificate_from_another_ca_is_refused() {
         .await
         .unwrap();
     let peer = within(west.accept()).await.unwrap();
-    assert_eq!(peer.region, "us-east");
+    assert_eq!(peer.gateway, slot("us-east"));
     assert_eq!(peer.connection.remote_address(), east.local_addr().unwrap());
     assert_eq!(west.refused_peers(), 1);
 }
 
 #[tokio::test]
-async fn a_valid_certificate_of_an_unconfigured_region_is_refused() {
+async fn a_valid_certificate_of_an_unconfigured_gateway_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     certs::generate(
         dir.path(),
-        &regions(&["us-east", "eu-west", "ap-south"]),
+        &gateways(&["us-east", "eu-west", "ap-south"]),
         false,
     )
     .unwrap();
     let (_east, west) = mesh(dir.path());
-    let south = GossipEndpoint::bind(
-        loopback(),
-        tls(dir.path(), "ap-south"),
-        regions(&["eu-west"]),
-    )
-    .unwrap();
+    let south =
+        GossipEndpoint::bind(loopback(), tls(dir.path(), "ap-south"), slots(&["eu-west"])).unwrap();
 
-    let result = within(south.connect(west.local_addr().unwrap(), "eu-west")).await;
+    let result = within(south.connect(west.local_addr().unwrap(), &slot("eu-west"))).await;
     let error = match result {
         Ok(connection) => within(connection.closed()).await,
         Err(QuicError::Connection(error)) => error,
@@ -212,26 +222,105 @@ async fn a_valid_certificate_of_an_unconfigured_region_is_refused() {
     };
     match error {
         quinn::ConnectionError::ApplicationClosed(close) => {
-            assert_eq!(close.error_code, CLOSE_REGION_NOT_ALLOWED)
+            assert_eq!(close.error_code, CLOSE_GATEWAY_NOT_ALLOWED)
         }
         other => panic!("expected an application close, got {other}"),
     }
     eventually("west counts the refusal", || west.refused_peers() == 1).await;
-    assert_refusal_metric("region_not_allowed");
+    assert_refusal_metric("gateway_not_allowed");
+}
+
+/// Certificates of a test CA with arbitrary DNS names, written as `<file>.pem`/`.key` beside
+/// the CA's `ca.pem`.
+fn custom_pki(dir: &Path, certificates: &[(&str, &[&str])]) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, &ca_key);
+    for (file, names) in certificates {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.join(format!("{file}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
+/// Issue #13, finding 2: a region's certificate let any instance of the region present
+/// itself as any other. Region certificates of earlier versions are refused, with a reason
+/// that says to reissue; a certificate naming two gateways names none.
+#[tokio::test]
+async fn region_certificates_and_ambiguous_ones_are_refused() {
+    tollgate::metrics::install();
+    let dir = tempfile::tempdir().unwrap();
+    custom_pki(
+        dir.path(),
+        &[
+            ("eu-west.a", &["a.eu-west.tollgate.internal"]),
+            ("region", &["us-east", "us-east.tollgate.internal"]),
+            (
+                "two",
+                &["a.us-east.tollgate.internal", "b.us-east.tollgate.internal"],
+            ),
+        ],
+    );
+    let load = |file: &str| {
+        PeerTls::load(
+            &dir.path().join("ca.pem"),
+            &dir.path().join(format!("{file}.pem")),
+            &dir.path().join(format!("{file}.key")),
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        load("region").name(),
+        CertName::RegionOnly("us-east".into())
+    );
+    assert_eq!(load("two").name(), CertName::Nothing);
+    let allowed = vec![Slot::new("us-east", "a"), Slot::new("us-east", "b")];
+    let west = GossipEndpoint::bind(loopback(), load("eu-west.a"), allowed).unwrap();
+    for (n, file) in ["region", "two"].into_iter().enumerate() {
+        let client = GossipEndpoint::bind(loopback(), load(file), slots(&["eu-west"])).unwrap();
+        let result = within(client.connect(west.local_addr().unwrap(), &slot("eu-west"))).await;
+        let error = match result {
+            Ok(connection) => within(connection.closed()).await,
+            Err(QuicError::Connection(error)) => error,
+            Err(other) => panic!("unexpected error: {other}"),
+        };
+        match error {
+            quinn::ConnectionError::ApplicationClosed(close) => {
+                assert_eq!(close.error_code, CLOSE_NO_GATEWAY, "{file}")
+            }
+            other => panic!("{file}: expected an application close, got {other}"),
+        }
+        eventually("west counts the refusal", || {
+            west.refused_peers() == n as u64 + 1
+        })
+        .await;
+    }
+    assert_refusal_metric("region_certificate");
+    assert_refusal_metric("no_gateway");
 }
 
 #[tokio::test]
-async fn a_client_expecting_another_region_refuses_the_server() {
+async fn a_client_expecting_another_gateway_refuses_the_server() {
     let dir = tempfile::tempdir().unwrap();
     certs::generate(
         dir.path(),
-        &regions(&["us-east", "eu-west", "ap-south"]),
+        &gateways(&["us-east", "eu-west", "ap-south"]),
         false,
     )
     .unwrap();
     let (east, west) = mesh(dir.path());
     // West's certificate is valid, but it is not ap-south.
-    let result = within(east.connect(west.local_addr().unwrap(), "ap-south")).await;
+    let result = within(east.connect(west.local_addr().unwrap(), &slot("ap-south"))).await;
     assert!(
         matches!(result, Err(QuicError::Connection(_))),
         "{result:?}"
@@ -241,10 +330,10 @@ async fn a_client_expecting_another_region_refuses_the_server() {
 #[tokio::test]
 async fn garbage_on_the_stream_closes_the_connection() {
     let dir = tempfile::tempdir().unwrap();
-    certs::generate(dir.path(), &regions(&["us-east", "eu-west"]), false).unwrap();
+    certs::generate(dir.path(), &gateways(&["us-east", "eu-west"]), false).unwrap();
     let (east, west) = mesh(dir.path());
 
-    let connection = within(east.connect(west.local_addr().unwrap(), "eu-west"))
+    let connection = within(east.connect(west.local_addr().unwrap(), &slot("eu-west")))
         .await
         .unwrap();
     let (mut send, _frames) = quic::open_stream(&connection, DEFAULT_MAX_FRAME)
@@ -275,10 +364,10 @@ async fn garbage_on_the_stream_closes_the_connection() {
 #[tokio::test]
 async fn a_stream_ending_inside_a_frame_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    certs::generate(dir.path(), &regions(&["us-east", "eu-west"]), false).unwrap();
+    certs::generate(dir.path(), &gateways(&["us-east", "eu-west"]), false).unwrap();
     let (east, west) = mesh(dir.path());
 
-    let connection = within(east.connect(west.local_addr().unwrap(), "eu-west"))
+    let connection = within(east.connect(west.local_addr().unwrap(), &slot("eu-west")))
         .await
         .unwrap();
     let (mut send, _frames) = quic::open_stream(&connection, DEFAULT_MAX_FRAME)
@@ -315,7 +404,7 @@ fn certs_command_writes_private_keys_and_keeps_an_existing_ca() {
             .arg("certs")
             .arg("--out")
             .arg(&out)
-            .args(["--regions", "a,b"])
+            .args(["--gateways", "us-east/a,us-east/b"])
             .args(extra)
             .output()
             .unwrap()
@@ -323,13 +412,19 @@ fn certs_command_writes_private_keys_and_keeps_an_existing_ca() {
 
     let first = certs(&[]);
     assert!(first.status.success(), "{first:?}");
-    for name in ["ca", "a", "b"] {
+    for name in ["ca", "us-east.a", "us-east.b"] {
         let key = std::fs::metadata(out.join(format!("{name}.key"))).unwrap();
         assert_eq!(key.permissions().mode() & 0o777, 0o600, "{name}.key");
         assert!(out.join(format!("{name}.pem")).is_file(), "{name}.pem");
     }
-    // Usable as written.
-    PeerTls::load(&out.join("ca.pem"), &out.join("a.pem"), &out.join("a.key")).unwrap();
+    // Usable as written, and each names its own gateway.
+    let b = PeerTls::load(
+        &out.join("ca.pem"),
+        &out.join("us-east.b.pem"),
+        &out.join("us-east.b.key"),
+    )
+    .unwrap();
+    assert_eq!(b.name(), CertName::Gateway(Slot::new("us-east", "b")));
 
     let ca_before = std::fs::read(out.join("ca.pem")).unwrap();
     let again = certs(&[]);
@@ -348,18 +443,26 @@ fn certs_command_writes_private_keys_and_keeps_an_existing_ca() {
 }
 
 #[test]
-fn bad_region_names_are_refused_before_writing() {
+fn bad_gateway_names_are_refused_before_writing() {
     let dir = tempfile::tempdir().unwrap();
     for bad in ["", "US-East", "-a", "a-", "a.b", "a_b", "123"] {
-        let result = certs::generate(dir.path(), &regions(&["ok", bad]), false);
+        let result = certs::Gateway::new(bad, "a");
         assert!(
             matches!(result, Err(certs::CertsError::BadRegion(_))),
             "{bad:?}: {result:?}"
         );
+        let result = certs::Gateway::new("us-east", bad);
+        assert!(
+            matches!(result, Err(certs::CertsError::BadInstance(_))),
+            "{bad:?}: {result:?}"
+        );
+    }
+    for bad in ["us-east", "us-east/", "/a", "us-east/a/b"] {
+        assert!(bad.parse::<certs::Gateway>().is_err(), "{bad:?}");
     }
     assert!(matches!(
-        certs::generate(dir.path(), &regions(&["a", "a"]), false),
-        Err(certs::CertsError::DuplicateRegion(_))
+        certs::generate(dir.path(), &gateways(&["a-1", "a-1"]), false),
+        Err(certs::CertsError::DuplicateGateway(_))
     ));
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }

@@ -5,8 +5,8 @@
 //! listen = "0.0.0.0:7400"        # UDP (QUIC); env TOLLGATE_GOSSIP_LISTEN
 //! instance = "a"                 # this gateway within its region; env TOLLGATE_INSTANCE
 //! ca = "certs/ca.pem"            # paths relative to this file; env TOLLGATE_GOSSIP_CERTS
-//! cert = "certs/us-east.pem"     #   replaces the directory of all three
-//! key = "certs/us-east.key"
+//! cert = "certs/us-east.{instance}.pem"  # replaces the directory of all three; one
+//! key = "certs/us-east.{instance}.key"   # certificate per gateway, {instance} is ours
 //! interval = "50ms"
 //!
 //! # Every gateway of the deployment, this one included, in the SAME order in every
@@ -34,6 +34,9 @@ pub const ENV_GOSSIP_CERTS: &str = "TOLLGATE_GOSSIP_CERTS";
 /// their peers by host names the shipped files cannot know).
 pub const ENV_GOSSIP_PEERS: &str = "TOLLGATE_GOSSIP_PEERS";
 
+/// Replaced by this gateway's instance in the `ca`, `cert` and `key` paths.
+pub const INSTANCE_PLACEHOLDER: &str = "{instance}";
+
 /// Most gateways in one deployment (slots are `u16` on the wire; this keeps per-key strict
 /// state, a column per slot, small).
 pub const MAX_PEERS: usize = 64;
@@ -47,9 +50,9 @@ pub struct GossipSettings {
     pub instance: String,
     /// The deployment CA (PEM).
     pub ca: PathBuf,
-    /// This region's certificate (PEM).
+    /// This gateway's certificate (PEM), naming `<instance>.<region>.tollgate.internal`.
     pub cert: PathBuf,
-    /// This region's private key (PEM).
+    /// This gateway's private key (PEM).
     pub key: PathBuf,
     /// How often deltas go out.
     pub interval: Duration,
@@ -112,7 +115,9 @@ pub(super) fn read_gossip(
     let certs_dir = env(ENV_GOSSIP_CERTS).map(PathBuf::from);
     let path = |key: &str, section: &mut Section<'_>, errors: &mut Errors| {
         let text: String = section.required(key, errors)?;
-        let file = base_dir.join(&text);
+        // One file serves every instance of a region, and each instance has its own
+        // certificate: `{instance}` stands for this gateway's instance.
+        let file = base_dir.join(text.replace(INSTANCE_PLACEHOLDER, &instance));
         Some(match &certs_dir {
             Some(dir) => dir.join(file.file_name().unwrap_or(file.as_os_str())),
             None => file,

@@ -102,6 +102,12 @@ impl Slot {
     }
 }
 
+impl fmt::Display for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.region, self.instance)
+    }
+}
+
 /// A small local name for an actor in one [`ActorTable`]. Meaningless outside that table:
 /// every replica numbers actors in its own order, and deltas carry their own table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

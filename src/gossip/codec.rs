@@ -4,10 +4,25 @@
 //! allocation, a frame of an unknown version or with a payload that does not decode is
 //! dropped and counted, and garbage where a header should be (wrong magic, a length above the
 //! bound) ends the stream, since there is no way to find the next frame boundary in it.
-//! Nothing here panics on input (property-tested with random bytes).
+//! Nothing here panics on input (property-tested with random bytes, and fuzzed).
+//!
+//! # Memory a frame can cost
+//!
+//! The buffer grows only as bytes arrive: a header announcing a large frame reserves
+//! nothing. Inside a payload, every length prefix is a claim the decoder cannot check until
+//! it has read that many bytes, and bincode allocates a string's or byte buffer's claimed
+//! length *before* reading it; without a limit a 17-byte frame claiming a 2^50-byte string
+//! aborts the process. So the payload is decoded with a bincode limit derived from its own
+//! length ([`claim_limit`]): what all values of a frame may claim is at most 32 times the
+//! payload, and a claim beyond that is an error before anything is allocated.
+//! Sequences are preallocated by serde's "cautious" size hint (at most 1 MiB per sequence
+//! being decoded, and only as many elements as actually decode), so a frame of `n` bytes
+//! costs at most a constant factor of `n` (varints expand: a one-byte `u64` is eight bytes
+//! in memory) plus a few MiB of transient capacity, whatever its length prefixes say.
 //!
 //! Pure: bytes in, messages out; the QUIC driver feeds it.
 
+use bincode::error::DecodeError;
 use bytes::{Buf, BufMut, BytesMut};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -48,8 +63,58 @@ impl CodecError {
     }
 }
 
+/// The encoding: bincode 2's standard configuration (varints, little endian). Decoding
+/// adds a claim limit per payload ([`decode_limited`]), which does not change the format.
 fn bincode_config() -> impl bincode::config::Config {
     bincode::config::standard()
+}
+
+/// How many bytes bincode may claim per payload byte. Bincode counts every value it decodes
+/// at its size in memory (a `u64` claims 8 bytes, though a small one is encoded in 1) and
+/// a string or byte buffer at its length, so an honest payload claims at most 8 times its
+/// length (16 only for `u128`, which no message holds).
+const CLAIM_PER_BYTE: usize = 8;
+
+/// The largest payload [`Decoder`] accepts whatever `max_frame` says (the configuration's
+/// bound too).
+pub const MAX_FRAME_LIMIT: usize = 64 << 20;
+
+/// Decodes a payload with a bincode claim limit derived from its own length
+/// ([`claim_limit`]): a string claiming more than the payload could honestly hold is an
+/// error before its buffer is allocated. Bincode takes its limit as a const generic, so a
+/// ladder of powers of four gives each payload a limit within 4x of `8 * len` without one
+/// instantiation per length.
+fn decode_limited<T: DeserializeOwned>(payload: &[u8]) -> Result<(T, usize), DecodeError> {
+    use bincode::serde::decode_from_slice as decode;
+    let standard = bincode::config::standard();
+    let Some(limit) = claim_limit(payload.len()) else {
+        return Err(DecodeError::LimitExceeded);
+    };
+    macro_rules! ladder {
+        ($($rung:literal),*) => {
+            $(if limit == $rung {
+                return decode(payload, standard.with_limit::<$rung>());
+            })*
+        };
+    }
+    ladder!(
+        256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864, 268435456,
+        1073741824
+    );
+    Err(DecodeError::LimitExceeded)
+}
+
+/// The claim limit for a payload of `len` bytes: the smallest power of four from 256 that
+/// is at least `8 * len` (so at most `32 * len`, or 256 bytes); `None` above
+/// [`MAX_FRAME_LIMIT`].
+pub fn claim_limit(len: usize) -> Option<usize> {
+    if len > MAX_FRAME_LIMIT {
+        return None;
+    }
+    let want = len.saturating_mul(CLAIM_PER_BYTE);
+    (0..12)
+        .map(|rung| 256usize << (2 * rung))
+        .find(|&limit| want <= limit)
 }
 
 /// Encodes one message as a frame.
@@ -82,10 +147,11 @@ pub struct Decoder {
 }
 
 impl Decoder {
+    /// A decoder refusing payloads over `max_frame` (capped at [`MAX_FRAME_LIMIT`]).
     pub fn new(max_frame: usize) -> Self {
         Self {
             buffer: BytesMut::new(),
-            max_frame,
+            max_frame: max_frame.min(MAX_FRAME_LIMIT),
             broken: false,
         }
     }
@@ -123,8 +189,8 @@ impl Decoder {
             });
         }
         if self.buffer.len() < HEADER_LEN + len {
-            // Reserve once for the whole frame (bounded above) instead of growing repeatedly.
-            self.buffer.reserve(HEADER_LEN + len - self.buffer.len());
+            // Nothing is reserved for the announced length: the buffer grows as bytes arrive,
+            // so a header alone costs nothing.
             return Ok(None);
         }
         self.buffer.advance(HEADER_LEN);
@@ -132,7 +198,7 @@ impl Decoder {
         if version != VERSION {
             return Err(CodecError::UnsupportedVersion(version));
         }
-        match bincode::serde::decode_from_slice::<T, _>(&payload, bincode_config()) {
+        match decode_limited::<T>(&payload) {
             Ok((message, used)) if used == payload.len() => Ok(Some(message)),
             Ok((_, used)) => Err(CodecError::Payload(format!(
                 "{} trailing bytes after the message",
@@ -145,6 +211,12 @@ impl Decoder {
     /// Bytes buffered and not yet decoded.
     pub fn buffered(&self) -> usize {
         self.buffer.len()
+    }
+
+    /// Bytes of memory the buffer holds (its capacity), which grows with the bytes received,
+    /// not with the lengths announced.
+    pub fn reserved(&self) -> usize {
+        self.buffer.capacity()
     }
 }
 
@@ -232,6 +304,81 @@ mod tests {
             if last != Some(Message::Ack(7)) {
                 prop_assert_eq!(decoder.decode::<Message>().unwrap(), Some(Message::Ack(7)));
             }
+        }
+    }
+
+    /// Finding 1 of issue #13: a 17-byte frame, a `Hello` whose region claims 2^50 bytes,
+    /// made bincode allocate the claim before reading and aborted the process.
+    #[test]
+    fn a_hello_claiming_a_huge_string_is_refused_without_allocating() {
+        use crate::gossip::proto::Message as Gossip;
+        let mut payload = vec![0x00]; // variant 0: Hello; its actor's region comes first
+        payload.push(0xfd); // varint marker: a u64 follows
+        payload.extend_from_slice(&(1u64 << 50).to_le_bytes());
+        let mut frame = MAGIC.to_vec();
+        frame.push(VERSION);
+        frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&payload);
+        assert_eq!(frame.len(), 17);
+        let mut decoder = Decoder::new(DEFAULT_MAX_FRAME);
+        decoder.extend(&frame);
+        let error = decoder.decode::<Gossip>().unwrap_err();
+        assert!(
+            matches!(error, CodecError::Payload(_)) && error.is_recoverable(),
+            "{error}"
+        );
+        // The stream goes on: the next frame decodes.
+        decoder.extend(&encode(&Gossip::KeepAlive, DEFAULT_MAX_FRAME).unwrap());
+        assert_eq!(decoder.decode::<Gossip>(), Ok(Some(Gossip::KeepAlive)));
+    }
+
+    /// Finding 7 of issue #13: a 7-byte header made the decoder reserve `max_frame` bytes.
+    #[test]
+    fn a_header_alone_reserves_nothing() {
+        let mut frame = MAGIC.to_vec();
+        frame.push(VERSION);
+        frame.extend_from_slice(&(DEFAULT_MAX_FRAME as u32).to_be_bytes());
+        let mut decoder = Decoder::new(DEFAULT_MAX_FRAME);
+        decoder.extend(&frame);
+        assert_eq!(decoder.decode::<Message>(), Ok(None));
+        assert!(decoder.reserved() < 4096, "reserved {}", decoder.reserved());
+    }
+
+    #[test]
+    fn claim_limits_stay_within_a_constant_factor_of_the_payload() {
+        for len in [
+            0,
+            1,
+            255,
+            256,
+            257,
+            5000,
+            1 << 20,
+            (1 << 20) + 1,
+            MAX_FRAME_LIMIT,
+        ] {
+            let limit = claim_limit(len).unwrap();
+            assert!(
+                limit >= 8 * len && limit <= (32 * len).max(256),
+                "{len} -> {limit}"
+            );
+        }
+        assert_eq!(claim_limit(MAX_FRAME_LIMIT + 1), None);
+    }
+
+    /// Every string a payload holds fits its claim limit: the largest frames the gossip
+    /// layer sends still decode.
+    #[test]
+    fn a_payload_made_of_one_string_decodes_at_every_rung() {
+        for len in [10, 250, 1000, 70_000, 1 << 20] {
+            let message = Message::Hello {
+                region: "r".repeat(len),
+                digest: 1,
+            };
+            let frame = encode(&message, 2 << 20).unwrap();
+            let mut decoder = Decoder::new(2 << 20);
+            decoder.extend(&frame);
+            assert_eq!(decoder.decode::<Message>(), Ok(Some(message)));
         }
     }
 

@@ -22,19 +22,34 @@
 //!   ([`GossipHandle::dropped_frames`]) because the protocol repairs losses (deltas restart
 //!   from what the peer confirmed; anti-entropy covers the rest).
 //! - Connections are tagged with a generation, so a late "closed" report of a replaced
-//!   connection cannot tear down its successor.
+//!   connection cannot tear down its successor, and a reader of a replaced connection
+//!   feeds nothing more to the machine: the current generation of every peer is kept beside
+//!   the machine and checked under the same lock.
 //!
-//! # Who dials
+//! # Who dials, and who gets in
 //!
-//! As in [`super::proto`]: the slot with the smaller index dials. Several instances of one
-//! region share the region's certificate, so the certificate alone cannot say which slot
-//! connected: the dialler's first message is its `Hello`, and an incoming connection is
-//! mapped to the configured [`PeerId`] whose region is the one the certificate names
-//! (authenticated by the endpoint) and whose instance is the one the `Hello` names. A
-//! connection whose first message is not such a `Hello`, or that names a slot we are
-//! supposed to dial ourselves, is closed. (An instance can therefore impersonate another
-//! instance *of its own region*, never another region: a deployment that needs more should
-//! issue per-instance certificates.)
+//! As in [`super::proto`]: the slot with the smaller index dials. Every gateway has its own
+//! certificate, which names its `(region, instance)`; the endpoint admits only certificates
+//! of configured gateways, so an accepted connection's slot is known before it says
+//! anything. Its first message must be a `Hello` of that same gateway, and the machine vets
+//! it ([`Gossip::vet_hello`]) *before* the driver touches the peer's live link: only a
+//! validated `Hello` of a newer incarnation replaces a live connection. A connection from a
+//! slot we dial ourselves, without a `Hello` in time, or whose `Hello` is refused, is closed
+//! and counted. Connections waiting for their `Hello` are bounded per gateway
+//! ([`MAX_PENDING_PER_GATEWAY`]) and in all, so a peer opening connections in a loop cannot
+//! grow the driver's memory.
+//!
+//! # A second process with our identity
+//!
+//! Two processes started with the same certificate and instance would both spend the slot's
+//! share. Peers refuse the older incarnation once they know the newer (and count it as a
+//! duplicate), but only a message authenticated as our *own* gateway may make us stand
+//! down, never a peer's word: every [`SELF_PROBE_EVERY`] the driver dials its own
+//! configured address and exchanges `Hello`s with whoever answers with our certificate. If
+//! that is another process with a newer incarnation, this one stops serving global policies
+//! ([`Gossip::on_own_identity`]), says so at error level and in the
+//! `tollgate_gossip_identity_conflict` gauge; the newer one learns of the older the same way
+//! and keeps serving.
 //!
 //! # Shutdown
 //!
@@ -62,11 +77,13 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use super::codec::{self, CodecError};
-use super::proto::{Gossip, GossipStats, Inspection, Message, PeerId, PeerReport};
+use super::proto::{
+    Gossip, GossipStats, HelloRefusal, Inspection, Message, OwnIdentity, PeerId, PeerReport,
+};
 use super::quic::{
     self, CLOSE_PROTOCOL_ERROR, CLOSE_SHUTDOWN, FrameStream, GossipEndpoint, QuicError,
 };
-use crate::crdt::PolicyId;
+use crate::crdt::{PolicyId, Slot};
 use crate::limit::policy::GlobalMode;
 
 /// Frames queued per peer before further ones are dropped (and repaired by the protocol).
@@ -83,6 +100,20 @@ const ACCEPT_STREAM_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CLOSE_UNEXPECTED_PEER: quinn::VarInt = quinn::VarInt::from_u32(0x13);
 /// Close code: the connection was replaced by a newer one with the same peer.
 pub const CLOSE_REPLACED: quinn::VarInt = quinn::VarInt::from_u32(0x14);
+/// Close code: the peer's `Hello` was refused (see [`HelloRefusal`]).
+pub const CLOSE_BAD_HELLO: quinn::VarInt = quinn::VarInt::from_u32(0x15);
+/// Close code: a probe of our own identity ended (see the module docs).
+pub const CLOSE_PROBE_DONE: quinn::VarInt = quinn::VarInt::from_u32(0x16);
+/// Accepted connections of one gateway waiting for their `Hello` at once; more are closed.
+pub const MAX_PENDING_PER_GATEWAY: usize = 2;
+/// How often a gateway dials its own configured address to find a second process with its
+/// identity (see the module docs).
+pub const SELF_PROBE_EVERY: Duration = Duration::from_secs(10);
+/// Gauge: 1 while this process does not serve global policies because a newer process
+/// with its identity exists.
+pub const IDENTITY_CONFLICT: &str = "tollgate_gossip_identity_conflict";
+/// Counter: `Hello`s refused, by `reason` (see [`HelloRefusal`]).
+pub const HELLOS_REFUSED_TOTAL: &str = "tollgate_gossip_hellos_refused_total";
 
 /// What went wrong in the driver. None of these stop it: they are logged (and dials are
 /// reported to the machine, which backs off); they exist so that logs and
@@ -100,12 +131,20 @@ pub enum DriverError {
     },
     /// Taking the gossip stream of an accepted connection, or its `Hello`, failed or timed
     /// out.
-    #[error("accepting a peer of region {region}: {reason}")]
+    #[error("accepting gateway {gateway}: {reason}")]
     Accept {
-        /// The region its certificate names.
-        region: String,
+        /// The gateway its certificate names.
+        gateway: Slot,
         /// Why.
         reason: String,
+    },
+    /// A peer's `Hello` was refused.
+    #[error("refused the Hello of {gateway}: {refusal}")]
+    Hello {
+        /// The gateway its certificate names.
+        gateway: Slot,
+        /// Why.
+        refusal: HelloRefusal,
     },
     /// A peer's configured address does not resolve.
     #[error("resolving {addr} for peer {peer:?}: {reason}")]
@@ -174,6 +213,11 @@ struct Shared {
     armed_until: AtomicU64,
     /// Frames dropped because a peer's queue was full (or it had no connection).
     dropped: AtomicU64,
+    /// The generation of each peer's current connection (`u64::MAX`: none), indexed by
+    /// slot. Written by the driver loop and read by the readers, both under the machine's
+    /// lock, so a reader of a replaced connection never feeds the machine after its
+    /// successor took over.
+    generations: Vec<AtomicU64>,
 }
 
 impl Shared {
@@ -232,6 +276,15 @@ impl GossipHandle {
         let mut outcomes = Vec::with_capacity(checks.len());
         {
             let mut g = self.shared.lock();
+            if g.identity_conflict().is_some() {
+                // A newer process with our identity serves the slot: spending its share
+                // here too would admit it twice (see the module docs).
+                let refused = GlobalOutcome {
+                    admitted: false,
+                    remaining: 0,
+                };
+                return (vec![refused; checks.len()], now);
+            }
             for check in checks {
                 let admitted = match check.mode {
                     GlobalMode::Eventual => {
@@ -307,6 +360,18 @@ impl GossipHandle {
     /// Frames dropped by the driver: a peer's queue was full, or it had no connection.
     pub fn dropped_frames(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// See [`Gossip::identity_conflict`]: the newer incarnation of our own gateway that made
+    /// this process stop serving global policies, if any.
+    pub fn identity_conflict(&self) -> Option<u64> {
+        self.shared.lock().identity_conflict()
+    }
+
+    /// Keys held in the eventual and strict tables (for the `tollgate_global_keys` gauge).
+    pub fn key_counts(&self) -> (usize, usize) {
+        let g = self.shared.lock();
+        (g.eventual().table().key_count(), g.strict().key_count())
     }
 }
 
@@ -386,8 +451,15 @@ pub struct PeerAddress {
     pub addr: String,
     /// The region its certificate names (the TLS server name).
     pub region: String,
-    /// Its instance within the region (what its `Hello` must name).
+    /// Its instance within the region (what its certificate and `Hello` must name).
     pub instance: String,
+}
+
+impl PeerAddress {
+    /// The gateway its certificate must name.
+    pub fn gateway(&self) -> Slot {
+        Slot::new(self.region.clone(), self.instance.clone())
+    }
 }
 
 /// A connection the driver loop owns.
@@ -412,6 +484,8 @@ enum Event {
     DialFailed { peer: PeerId },
     /// A connection's reader or writer ended.
     Down { peer: PeerId, generation: u64 },
+    /// A process presenting our own certificate announced this incarnation.
+    OwnIdentity { incarnation: u64 },
 }
 
 /// Starts the driver for `gossip` on `endpoint`, with every other slot's address. Must run
@@ -422,28 +496,34 @@ pub fn spawn_driver(
     peers: Vec<PeerAddress>,
 ) -> (GossipHandle, DriverTask) {
     let me = gossip.id();
+    let slots = gossip.strict().slots().len();
     let shared = Arc::new(Shared {
         gossip: Mutex::new(gossip),
         wake: Notify::new(),
         // Until the driver first goes to sleep, every change wakes it.
         armed_until: AtomicU64::new(0),
         dropped: AtomicU64::new(0),
+        generations: (0..slots).map(|_| AtomicU64::new(u64::MAX)).collect(),
     });
     let endpoint = Arc::new(endpoint);
     let (stop_tx, stop_rx) = oneshot::channel();
-    let peers: HashMap<PeerId, PeerAddress> = peers
-        .into_iter()
-        .filter(|p| p.peer != me)
-        .map(|mut p| {
-            p.region.make_ascii_lowercase();
-            (p.peer, p)
-        })
-        .collect();
+    let mut own_address = None;
+    let mut others = HashMap::new();
+    for mut p in peers {
+        p.region.make_ascii_lowercase();
+        p.instance.make_ascii_lowercase();
+        if p.peer == me {
+            own_address = Some(p);
+        } else {
+            others.insert(p.peer, p);
+        }
+    }
     let driver = Driver {
         me,
         shared: shared.clone(),
         endpoint: endpoint.clone(),
-        peers: Arc::new(peers),
+        peers: Arc::new(others),
+        own_address,
         links: HashMap::new(),
         next_generation: 0,
         tasks: JoinSet::new(),
@@ -464,6 +544,9 @@ struct Driver {
     shared: Arc<Shared>,
     endpoint: Arc<GossipEndpoint>,
     peers: Arc<HashMap<PeerId, PeerAddress>>,
+    /// Our own slot's configured address, dialled to find a second process with our
+    /// identity (see the module docs).
+    own_address: Option<PeerAddress>,
     links: HashMap<PeerId, Link>,
     next_generation: u64,
     /// Every task the driver started but the writers; dropped (hence aborted) when the loop
@@ -474,12 +557,17 @@ struct Driver {
 impl Driver {
     async fn run(mut self, mut stop: oneshot::Receiver<Duration>) {
         let (events_tx, mut events) = mpsc::channel(EVENT_QUEUE);
+        let me = self.own_address.as_ref().map(PeerAddress::gateway);
         self.tasks.spawn(accept_loop(
             self.me,
+            me,
             self.endpoint.clone(),
             self.peers.clone(),
+            self.shared.clone(),
             events_tx.clone(),
         ));
+        let mut probe = tokio::time::interval(SELF_PROBE_EVERY);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let grace = loop {
             let deadline = self.drain(&events_tx);
             let sleep = async {
@@ -495,6 +583,7 @@ impl Driver {
                 }
                 () = self.shared.wake.notified() => {}
                 Some(event) = events.recv() => self.on_event(event, &events_tx),
+                _ = probe.tick() => self.probe_own_identity(&events_tx),
                 // Reap finished tasks so the set does not grow with connection churn.
                 Some(_) = self.tasks.join_next() => {}
             }
@@ -607,7 +696,7 @@ impl Driver {
             let result = async {
                 let addr = resolve(peer, &address.addr).await?;
                 let connection = endpoint
-                    .connect(addr, &address.region)
+                    .connect(addr, &address.gateway())
                     .await
                     .map_err(|source| DriverError::Dial { peer, source })?;
                 let (send, recv) = quic::open_stream(&connection, endpoint.max_frame())
@@ -642,45 +731,7 @@ impl Driver {
                 send,
                 recv,
                 hello,
-            } => {
-                let generation = self.next_generation;
-                self.next_generation = self.next_generation.wrapping_add(1);
-                let (frames_tx, frames_rx) = mpsc::channel(PEER_QUEUE);
-                let writer = tokio::spawn(write_loop(
-                    peer,
-                    generation,
-                    connection.clone(),
-                    send,
-                    frames_rx,
-                    events.clone(),
-                ));
-                if let Some(old) = self.links.insert(
-                    peer,
-                    Link {
-                        generation,
-                        connection: connection.clone(),
-                        frames: frames_tx,
-                        writer,
-                    },
-                ) {
-                    old.connection.close(CLOSE_REPLACED, b"replaced");
-                }
-                self.tasks.spawn(read_loop(
-                    peer,
-                    generation,
-                    *recv,
-                    self.shared.clone(),
-                    events.clone(),
-                ));
-                // Queues our Hello, which the next drain hands to the writer: the dialler
-                // thereby sends first, as QUIC needs to announce the stream.
-                let mut g = self.shared.lock();
-                let now = now_us();
-                g.on_connected(peer, now);
-                if let Some(hello) = hello {
-                    g.handle(now, peer, *hello);
-                }
-            }
+            } => self.on_up(peer, connection, send, *recv, hello.map(|h| *h), events),
             Event::DialFailed { peer } => {
                 self.shared.lock().on_disconnected(peer, now_us());
             }
@@ -693,10 +744,176 @@ impl Driver {
                     if let Some(link) = self.links.remove(&peer) {
                         link.connection.close(CLOSE_SHUTDOWN, b"closed");
                     }
-                    self.shared.lock().on_disconnected(peer, now_us());
+                    let mut g = self.shared.lock();
+                    if let Some(current) = self.shared.generations.get(usize::from(peer.0)) {
+                        current.store(u64::MAX, Ordering::Release);
+                    }
+                    g.on_disconnected(peer, now_us());
                 }
             }
+            Event::OwnIdentity { incarnation } => self.on_own_identity(incarnation),
         }
+    }
+
+    /// A connection is ready. An accepted one carries the `Hello` that must be vetted
+    /// before the peer's live link is touched; a dialled one was asked for by the machine,
+    /// so there is no live link to protect.
+    fn on_up(
+        &mut self,
+        peer: PeerId,
+        connection: Connection,
+        send: SendStream,
+        recv: FrameStream,
+        hello: Option<Message>,
+        events: &mpsc::Sender<Event>,
+    ) {
+        let now = now_us();
+        if let Some(Message::Hello {
+            actor,
+            config_digest,
+        }) = &hello
+        {
+            let vetted = self
+                .shared
+                .lock()
+                .vet_hello(now, peer, actor, *config_digest);
+            if let Err(refusal) = vetted {
+                connection.close(CLOSE_BAD_HELLO, refusal_reason(refusal).as_bytes());
+                metrics::counter!(HELLOS_REFUSED_TOTAL, "reason" => refusal_reason(refusal))
+                    .increment(1);
+                let error = DriverError::Hello {
+                    gateway: actor.slot(),
+                    refusal,
+                };
+                match refusal {
+                    // The genuine process reconnecting before its old link timed out.
+                    HelloRefusal::AlreadyConnected => {
+                        tracing::debug!(%error, "gossip peer refused")
+                    }
+                    HelloRefusal::Stale { .. } => tracing::error!(
+                        %error,
+                        "two processes claim one gateway identity: the older is refused; stop one of them"
+                    ),
+                    _ => tracing::warn!(%error, "gossip peer refused"),
+                }
+                return;
+            }
+        }
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let (frames_tx, frames_rx) = mpsc::channel(PEER_QUEUE);
+        let writer = tokio::spawn(write_loop(
+            peer,
+            generation,
+            connection.clone(),
+            send,
+            frames_rx,
+            events.clone(),
+        ));
+        let mut g = self.shared.lock();
+        // Under the machine's lock: from here on only the new connection's reader is heard.
+        if let Some(current) = self.shared.generations.get(usize::from(peer.0)) {
+            current.store(generation, Ordering::Release);
+        }
+        if let Some(old) = self.links.insert(
+            peer,
+            Link {
+                generation,
+                connection: connection.clone(),
+                frames: frames_tx,
+                writer,
+            },
+        ) {
+            old.connection.close(CLOSE_REPLACED, b"replaced");
+        }
+        self.tasks.spawn(read_loop(
+            peer,
+            generation,
+            recv,
+            self.shared.clone(),
+            events.clone(),
+        ));
+        // Queues our Hello, which the next drain hands to the writer: the dialler thereby
+        // sends first, as QUIC needs to announce the stream.
+        g.on_connected(peer, now);
+        if let Some(hello) = hello {
+            g.handle(now, peer, hello);
+        }
+    }
+
+    /// Dials our own configured address (see the module docs): whoever answers with our
+    /// certificate tells us its incarnation.
+    fn probe_own_identity(&mut self, events: &mpsc::Sender<Event>) {
+        let Some(address) = self.own_address.clone() else {
+            return;
+        };
+        let endpoint = self.endpoint.clone();
+        let events = events.clone();
+        let hello = {
+            let g = self.shared.lock();
+            Message::Hello {
+                actor: g.actor().clone(),
+                config_digest: g.config_digest(),
+            }
+        };
+        self.tasks.spawn(async move {
+            let probe = async {
+                let addr = resolve(PeerId(u16::MAX), &address.addr).await.ok()?;
+                let connection = endpoint.connect(addr, &address.gateway()).await.ok()?;
+                let (mut send, mut recv) = quic::open_stream(&connection, endpoint.max_frame())
+                    .await
+                    .ok()?;
+                let frame = codec::encode(&hello, endpoint.max_frame()).ok()?;
+                quic::send_frame(&mut send, &frame).await.ok()?;
+                let answer = recv.recv::<Message>().await.ok().flatten();
+                connection.close(CLOSE_PROBE_DONE, b"probe done");
+                match answer? {
+                    Message::Hello { actor, .. } if actor.slot() == address.gateway() => {
+                        Some(actor.incarnation)
+                    }
+                    _ => None,
+                }
+            };
+            if let Ok(Some(incarnation)) = tokio::time::timeout(ACCEPT_STREAM_TIMEOUT, probe).await
+            {
+                // Fails only when the driver has stopped.
+                let _ = events.send(Event::OwnIdentity { incarnation }).await;
+            }
+        });
+    }
+
+    /// A process holding our certificate told us its incarnation.
+    fn on_own_identity(&mut self, incarnation: u64) {
+        let outcome = self.shared.lock().on_own_identity(incarnation, now_us());
+        match outcome {
+            OwnIdentity::Ourselves | OwnIdentity::Refused => {}
+            OwnIdentity::OlderProcess => tracing::error!(
+                other_incarnation = incarnation,
+                "another, older process runs with this gateway's identity (certificate and \
+                 instance); it stops serving global policies when it learns of this one"
+            ),
+            OwnIdentity::StoodDown => {
+                metrics::gauge!(IDENTITY_CONFLICT).set(1.0);
+                tracing::error!(
+                    newer_incarnation = incarnation,
+                    "a newer process runs with this gateway's identity (certificate and \
+                     instance): this one stops serving global policies; stop one of them"
+                );
+            }
+        }
+    }
+}
+
+fn refusal_reason(refusal: HelloRefusal) -> &'static str {
+    match refusal {
+        HelloRefusal::Malformed => "malformed",
+        HelloRefusal::WrongSlot => "wrong-gateway",
+        HelloRefusal::Future { .. } => "future-incarnation",
+        HelloRefusal::Stale { .. } => "stale-incarnation",
+        HelloRefusal::AlreadyConnected => "already-connected",
+        HelloRefusal::IncarnationChanged => "incarnation-changed",
+        HelloRefusal::TooFrequent => "too-frequent",
+        HelloRefusal::ConfigMismatch { .. } => "config-mismatch",
     }
 }
 
@@ -725,7 +942,17 @@ async fn read_loop(
     loop {
         match recv.recv::<Message>().await {
             Ok(Some(msg)) => {
-                shared.lock().handle(now_us(), peer, msg);
+                let mut g = shared.lock();
+                let current = shared
+                    .generations
+                    .get(usize::from(peer.0))
+                    .is_some_and(|g| g.load(Ordering::Acquire) == generation);
+                if !current {
+                    // Replaced: what this connection says is no longer the peer's word.
+                    break;
+                }
+                g.handle(now_us(), peer, msg);
+                drop(g);
                 shared.wake.notify_one();
             }
             Ok(None) => break,
@@ -766,33 +993,69 @@ async fn write_loop(
     }
 }
 
-/// Hands accepted connections to the driver, mapped to their peer by the certificate's
-/// region and the `Hello`'s instance (see the module docs).
+/// Hands accepted connections to the driver, mapped to their peer by the gateway their
+/// certificate names (see the module docs). A connection presenting our own certificate is
+/// the probe of a process with our identity, ours or another's: it is answered with our
+/// `Hello` and closed.
 async fn accept_loop(
     me: PeerId,
+    my_gateway: Option<Slot>,
     endpoint: Arc<GossipEndpoint>,
     peers: Arc<HashMap<PeerId, PeerAddress>>,
+    shared: Arc<Shared>,
     events: mpsc::Sender<Event>,
 ) {
-    let mut handshakes = JoinSet::new();
+    let by_gateway: HashMap<Slot, PeerId> = peers.values().map(|p| (p.gateway(), p.peer)).collect();
+    let max_pending = peers.len().saturating_add(1) * MAX_PENDING_PER_GATEWAY;
+    let mut pending: HashMap<Option<PeerId>, usize> = HashMap::new();
+    let mut handshakes: JoinSet<Option<PeerId>> = JoinSet::new();
     loop {
         tokio::select! {
             accepted = endpoint.accept() => {
                 let Some(accepted) = accepted else { break };
-                let region = accepted.region.to_ascii_lowercase();
+                let gateway = accepted.gateway;
+                let connection = accepted.connection;
+                let own = my_gateway.as_ref() == Some(&gateway);
+                let peer = by_gateway.get(&gateway).copied();
+                let refuse = |reason: &str| {
+                    connection.close(CLOSE_UNEXPECTED_PEER, b"unexpected peer");
+                    metrics::counter!(quic::REFUSED_PEERS_TOTAL, "reason" => "unexpected-peer")
+                        .increment(1);
+                    let error = DriverError::Accept { gateway: gateway.clone(), reason: reason.to_owned() };
+                    tracing::warn!(%error, "gossip peer refused");
+                };
+                match peer {
+                    None if !own => {
+                        refuse("not a configured peer");
+                        continue;
+                    }
+                    Some(p) if p > me => {
+                        refuse("it should wait for our dial");
+                        continue;
+                    }
+                    _ => {}
+                }
+                let waiting = pending.get(&peer).copied().unwrap_or(0);
+                if waiting >= MAX_PENDING_PER_GATEWAY || handshakes.len() >= max_pending {
+                    refuse("too many connections waiting for their Hello");
+                    continue;
+                }
+                *pending.entry(peer).or_default() += 1;
                 let max_frame = endpoint.max_frame();
                 let events = events.clone();
-                let peers = peers.clone();
+                let shared = shared.clone();
                 handshakes.spawn(async move {
-                    let connection = accepted.connection;
                     let identified = tokio::time::timeout(
                         ACCEPT_STREAM_TIMEOUT,
-                        identify(&connection, &region, me, &peers, max_frame),
+                        identify(&connection, max_frame),
                     )
                     .await
                     .unwrap_or_else(|_| Err("no stream and Hello in time".to_owned()));
-                    match identified {
-                        Ok((peer, send, recv, hello)) => {
+                    match (identified, peer) {
+                        (Ok((send, _, hello)), None) => {
+                            answer_own_probe(&connection, send, &hello, &shared, max_frame, &events).await;
+                        }
+                        (Ok((send, recv, hello)), Some(peer)) => {
                             // Fails only when the driver has stopped.
                             let _ = events
                                 .send(Event::Up {
@@ -804,29 +1067,37 @@ async fn accept_loop(
                                 })
                                 .await;
                         }
-                        Err(reason) => {
-                            connection.close(CLOSE_UNEXPECTED_PEER, b"unexpected peer");
-                            metrics::counter!(quic::REFUSED_PEERS_TOTAL, "reason" => "unexpected-peer")
+                        (Err(reason), _) => {
+                            connection.close(CLOSE_UNEXPECTED_PEER, b"no hello");
+                            metrics::counter!(quic::REFUSED_PEERS_TOTAL, "reason" => "no-hello")
                                 .increment(1);
-                            let error = DriverError::Accept { region, reason };
+                            let error = DriverError::Accept { gateway, reason };
                             tracing::warn!(%error, "gossip peer refused");
                         }
                     }
+                    peer
                 });
             }
-            Some(_) = handshakes.join_next() => {}
+            Some(joined) = handshakes.join_next() => {
+                // A cancelled or panicked task frees nothing it can name; the count of its
+                // gateway then stays one too high until the driver restarts, which only
+                // makes the bound stricter.
+                if let Ok(peer) = joined
+                    && let Some(count) = pending.get_mut(&peer)
+                {
+                    *count = count.saturating_sub(1);
+                }
+            }
         }
     }
 }
 
-/// Takes an accepted connection's stream and first message, and finds its slot.
+/// Takes an accepted connection's stream and first message, which must be a `Hello` of the
+/// gateway its certificate names (the machine vets the rest).
 async fn identify(
     connection: &Connection,
-    region: &str,
-    me: PeerId,
-    peers: &HashMap<PeerId, PeerAddress>,
     max_frame: usize,
-) -> Result<(PeerId, SendStream, FrameStream, Message), String> {
+) -> Result<(SendStream, FrameStream, Message), String> {
     let (send, mut recv) = quic::accept_stream(connection, max_frame)
         .await
         .map_err(|e| e.to_string())?;
@@ -838,22 +1109,47 @@ async fn identify(
     let Message::Hello { actor, .. } = &hello else {
         return Err("first message is not a Hello".to_owned());
     };
-    if !actor.region.eq_ignore_ascii_case(region) {
-        return Err(format!(
-            "Hello names region {:?}, its certificate {region:?}",
-            actor.region
-        ));
+    let named = actor.slot();
+    match quic::peer_gateway(connection) {
+        Some(gateway) if gateway == named => Ok((send, recv, hello)),
+        _ => Err(format!(
+            "its Hello names {named}, not its certificate's gateway"
+        )),
     }
-    let peer = peers
-        .values()
-        .find(|p| p.region == region && p.instance == actor.instance)
-        .map(|p| p.peer)
-        .ok_or_else(|| format!("{region}/{} is not a configured peer", actor.instance))?;
-    if peer > me {
-        return Err(format!(
-            "{region}/{} should wait for our dial",
-            actor.instance
-        ));
+}
+
+/// Answers a connection that presented our own certificate with our `Hello`, reports the
+/// incarnation it announced, and closes it.
+async fn answer_own_probe(
+    connection: &Connection,
+    mut send: SendStream,
+    hello: &Message,
+    shared: &Shared,
+    max_frame: usize,
+    events: &mpsc::Sender<Event>,
+) {
+    let Message::Hello { actor, .. } = hello else {
+        return;
+    };
+    let ours = {
+        let g = shared.lock();
+        Message::Hello {
+            actor: g.actor().clone(),
+            config_digest: g.config_digest(),
+        }
+    };
+    if let Ok(frame) = codec::encode(&ours, max_frame)
+        && quic::send_frame(&mut send, &frame).await.is_ok()
+        && send.finish().is_ok()
+    {
+        // Bounded by the caller's timeout: the prober closes once it has our Hello.
+        let _ = tokio::time::timeout(ACCEPT_STREAM_TIMEOUT, send.stopped()).await;
     }
-    Ok((peer, send, recv, hello))
+    connection.close(CLOSE_PROBE_DONE, b"probe done");
+    // Fails only when the driver has stopped.
+    let _ = events
+        .send(Event::OwnIdentity {
+            incarnation: actor.incarnation,
+        })
+        .await;
 }

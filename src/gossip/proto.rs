@@ -65,8 +65,13 @@
 //! peer ids, messages before the handshake, misattributed strict messages and absurd values
 //! are dropped and counted in [`GossipStats`]; the CRDT layer bounds what merges can store.
 
+mod hello;
 #[cfg(test)]
 mod tests;
+
+pub use hello::{
+    HelloRefusal, MAX_INCARNATION_SKEW_US, MAX_RETIRED, MIN_RESTART_INTERVAL_US, OwnIdentity,
+};
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -263,8 +268,12 @@ pub struct GossipStats {
     pub no_connection: u64,
     /// Messages other than `Hello` from a peer whose `Hello` we have not accepted.
     pub before_hello: u64,
-    /// `Hello`s refused (wrong slot, stale incarnation, bad names, configuration mismatch).
+    /// `Hello`s refused (wrong slot, stale or future incarnation, bad names, configuration
+    /// mismatch, too frequent restarts; see [`HelloRefusal`]).
     pub refused_hello: u64,
+    /// `Hello`s of an incarnation older than the one known for the slot: a second process
+    /// with the peer's identity, or its clock set back.
+    pub duplicate_identity: u64,
     /// Strict-mode messages whose claimed sender is not the connection's peer.
     pub misattributed: u64,
     /// Usage entries the CRDT refused (malformed or over a limit).
@@ -391,8 +400,13 @@ struct Peer {
     learned: bool,
     /// When we last accepted a message from `actor` (what a retired incarnation is timed by).
     actor_heard_us: Option<u64>,
-    /// Older incarnations still counted by the eventual rule, with when last heard.
+    /// Older incarnations still counted by the eventual rule, with when last heard (at most
+    /// [`MAX_RETIRED`]).
     retired: Vec<(Actor, u64)>,
+    /// When we last accepted a new incarnation of it (restarts are rate-limited).
+    new_incarnation_us: Option<u64>,
+    /// When we last answered a repeated `Hello` (answers are rate-limited).
+    hello_answered_us: u64,
     status: PeerStatus,
     /// Our table version when we last sent it a delta or full state.
     sent_version: u64,
@@ -464,6 +478,9 @@ pub struct Gossip {
     /// [`Gossip::is_learning`]).
     learn_until_us: u64,
     stats: GossipStats,
+    /// A newer incarnation of our own gateway, authenticated as ours: we stood down (see
+    /// [`Gossip::on_own_identity`]).
+    identity_conflict: Option<u64>,
 }
 
 impl Gossip {
@@ -511,6 +528,8 @@ impl Gossip {
                         learned: false,
                         actor_heard_us: None,
                         retired: Vec::new(),
+                        new_incarnation_us: None,
+                        hello_answered_us: 0,
                         status: PeerStatus::Unknown,
                         sent_version: 0,
                         confirmed_seen: 0,
@@ -545,6 +564,7 @@ impl Gossip {
             asks: BTreeMap::new(),
             learn_until_us: now_us.saturating_add(LEARN_TIMEOUT_US.min(config.idle_timeout_us)),
             stats: GossipStats::default(),
+            identity_conflict: None,
         })
     }
 
@@ -804,62 +824,6 @@ impl Gossip {
             .merge_refusals
             .saturating_add(r.refused + r.bad_actor + r.unknown_policy + r.future);
         self.stats.merge_stale = self.stats.merge_stale.saturating_add(r.stale);
-    }
-
-    fn on_hello(&mut self, now_us: u64, from: PeerId, actor: Actor, digest: u64) {
-        let my_digest = self.config_digest;
-        let Some(p) = self.peer_mut(from) else { return };
-        let stale = p
-            .actor
-            .as_ref()
-            .is_some_and(|known| known.incarnation > actor.incarnation);
-        if !actor.is_well_formed() || actor.slot() != p.slot || actor.incarnation == 0 || stale {
-            p.status = PeerStatus::BadHello;
-            p.accepted = false;
-            self.stats.refused_hello += 1;
-            return;
-        }
-        if digest != my_digest {
-            p.status = PeerStatus::ConfigMismatch { theirs: digest };
-            p.accepted = false;
-            self.stats.refused_hello += 1;
-            return;
-        }
-        let mut peers_changed = false;
-        match &p.actor {
-            Some(known) if *known == actor => {}
-            Some(known) => {
-                // A restart: the old incarnation may still hold live admissions, so the
-                // eventual rule keeps counting it until they expire.
-                let last = p.actor_heard_us.unwrap_or(now_us);
-                p.retired.push((known.clone(), last));
-                p.actor = Some(actor);
-                p.sent_version = 0;
-                p.sent_ack = Ack::default();
-                peers_changed = true;
-            }
-            None => {
-                p.actor = Some(actor);
-                peers_changed = true;
-            }
-        }
-        p.status = PeerStatus::Ok;
-        let first = !p.accepted;
-        p.accepted = true;
-        if peers_changed {
-            self.node.set_peers(eventual_peers(&self.peers));
-        }
-        if first {
-            if let Some(p) = self.peer_mut(from) {
-                p.attempts = 0;
-            }
-            self.send_full_state(now_us, from);
-            let announce = self.bounded.announce();
-            self.send(from, Message::Announce(announce), now_us);
-        } else {
-            // It resends its Hello: it has not heard from us since; prove we accepted it.
-            self.send(from, Message::KeepAlive, now_us);
-        }
     }
 
     fn send_full_state(&mut self, now_us: u64, to: PeerId) {

@@ -7,13 +7,18 @@
 //! sockets into authenticated connections and byte streams into messages.
 //!
 //! Who gets in: a peer must present a certificate chaining to the deployment CA (checked by
-//! rustls during the handshake) *and* naming exactly one region that is in the configured
-//! `allowed_regions` (checked right after it, see [`tls::region_of_cert`]). A valid
-//! certificate of a region that was removed from the config is thus refused without
-//! reissuing the CA. Every refusal is closed (an application error code when the handshake
-//! completed), counted ([`GossipEndpoint::refused_peers`] and the
-//! `tollgate_gossip_refused_peers_total{reason}` metric) and logged once per peer address, so
-//! a misconfigured peer retrying forever cannot flood the log.
+//! rustls during the handshake) *and* naming exactly one gateway that is in the configured
+//! `allowed` list (checked right after it, see [`tls::name_of_cert`]). A valid certificate
+//! of a gateway that was removed from the config is thus refused without reissuing the CA,
+//! and a region certificate of an earlier version is refused with a hint to reissue. Every
+//! refusal is closed (an application error code when the handshake completed), counted
+//! ([`GossipEndpoint::refused_peers`] and the `tollgate_gossip_refused_peers_total{reason}`
+//! metric) and logged once per peer address, so a misconfigured peer retrying forever cannot
+//! flood the log.
+//!
+//! Handshakes in flight are bounded in all (`MAX_PENDING_HANDSHAKES`) and per source
+//! address (`MAX_PENDING_PER_ADDRESS`), so one host opening connections as fast as it can
+//! neither grows memory nor crowds out the other peers' handshakes.
 //!
 //! Framing: the dialling side opens one long-lived bidirectional stream per connection
 //! ([`open_stream`]) and the accepting side takes it ([`accept_stream`]); each direction
@@ -22,9 +27,9 @@
 //! peer: a frame that cannot be decoded is skipped and counted, a stream whose framing is
 //! lost closes the connection with [`CLOSE_PROTOCOL_ERROR`].
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -37,20 +42,24 @@ use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::codec::{self, CodecError, Decoder};
-use super::tls::{self, PeerTls, TlsError};
+use super::tls::{self, CertName, PeerTls, TlsError};
+use crate::crdt::Slot;
 
 /// Application close code: orderly shutdown.
 pub const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(0);
-/// Application close code: the peer's certificate names a region that is not configured.
-pub const CLOSE_REGION_NOT_ALLOWED: VarInt = VarInt::from_u32(0x10);
-/// Application close code: the peer's certificate names no single region.
-pub const CLOSE_NO_REGION: VarInt = VarInt::from_u32(0x11);
+/// Application close code: the peer's certificate names a gateway that is not configured.
+pub const CLOSE_GATEWAY_NOT_ALLOWED: VarInt = VarInt::from_u32(0x10);
+/// Application close code: the peer's certificate names no single gateway (or only a
+/// region, as certificates of earlier versions did).
+pub const CLOSE_NO_GATEWAY: VarInt = VarInt::from_u32(0x11);
 /// Application close code: the peer's byte stream is not gossip framing.
 pub const CLOSE_PROTOCOL_ERROR: VarInt = VarInt::from_u32(0x12);
 
 /// Counter: peers refused, by `reason`: `tls` (the handshake failed on a TLS alert, e.g. a
-/// certificate from another CA), `handshake` (any other handshake failure), `no_region`,
-/// `region_not_allowed`, `busy` (too many handshakes in flight).
+/// certificate from another CA), `handshake` (any other handshake failure), `no_gateway`,
+/// `region_certificate` (a per-region certificate of an earlier version),
+/// `gateway_not_allowed`, `busy` (too many handshakes in flight, in all or from one
+/// address), and, from the driver, `unexpected-peer` and `bad-hello`.
 pub const REFUSED_PEERS_TOTAL: &str = "tollgate_gossip_refused_peers_total";
 /// Counter: frames skipped because they did not decode (unknown version, bad payload).
 pub const FRAMES_SKIPPED_TOTAL: &str = "tollgate_gossip_frames_skipped_total";
@@ -58,6 +67,9 @@ pub const FRAMES_SKIPPED_TOTAL: &str = "tollgate_gossip_frames_skipped_total";
 /// Handshakes in flight at once; further connection attempts are refused until some finish,
 /// so a flood of half-open handshakes costs bounded memory.
 const MAX_PENDING_HANDSHAKES: usize = 64;
+/// Handshakes in flight from one source address (IP): a deployment has at most
+/// [`crate::config::MAX_PEERS`] gateways and each dials once per backoff.
+const MAX_PENDING_PER_ADDRESS: usize = 4;
 /// Peer addresses remembered for log de-duplication; beyond this, refusals are still counted
 /// but no longer logged (the set must not grow without bound under a flood).
 const MAX_LOGGED_PEERS: usize = 4096;
@@ -70,9 +82,9 @@ pub enum QuicError {
     /// Loading TLS material or building the TLS config.
     #[error(transparent)]
     Tls(#[from] TlsError),
-    /// A configured region that cannot be a certificate name.
-    #[error("bad region name {0:?} in allowed regions")]
-    BadRegion(String),
+    /// A configured gateway whose names cannot be a certificate name.
+    #[error("bad gateway name {0:?} in the allowed gateways")]
+    BadGateway(String),
     /// A transport setting out of range.
     #[error("invalid gossip transport config: {0}")]
     Config(String),
@@ -92,12 +104,12 @@ pub enum QuicError {
     /// The connection failed or was closed (handshake refused, timed out, closed by a peer).
     #[error("gossip connection: {0}")]
     Connection(#[from] ConnectionError),
-    /// The server's certificate does not name the region dialled (and only it).
-    #[error("peer {addr} is not region {expected:?} (its certificate names {found:?})")]
-    WrongRegion {
+    /// The server's certificate does not name the gateway dialled (and only it).
+    #[error("peer {addr} is not gateway {expected} (its certificate names {found})")]
+    WrongGateway {
         addr: SocketAddr,
-        expected: String,
-        found: Option<String>,
+        expected: Slot,
+        found: String,
     },
     /// Writing to a stream.
     #[error("gossip write: {0}")]
@@ -160,8 +172,8 @@ impl GossipConfig {
 /// An accepted, authenticated peer connection.
 #[derive(Debug, Clone)]
 pub struct PeerConnection {
-    /// The region the peer's certificate names (one of the allowed regions).
-    pub region: String,
+    /// The gateway the peer's certificate names (one of the allowed gateways).
+    pub gateway: Slot,
     pub connection: Connection,
 }
 
@@ -187,7 +199,7 @@ impl Refusals {
     }
 }
 
-/// A region's gossip endpoint: one UDP socket that accepts peers and dials them.
+/// A gateway's gossip endpoint: one UDP socket that accepts peers and dials them.
 ///
 /// Dropping it closes every connection made through it (with [`CLOSE_SHUTDOWN`]) and stops
 /// accepting.
@@ -209,28 +221,27 @@ impl Drop for GossipEndpoint {
 
 impl GossipEndpoint {
     /// Binds with the default [`GossipConfig`]. Must run inside a Tokio runtime.
-    pub fn bind(
-        listen: SocketAddr,
-        tls: PeerTls,
-        allowed_regions: Vec<String>,
-    ) -> Result<Self, QuicError> {
-        Self::bind_with(listen, tls, allowed_regions, GossipConfig::default())
+    pub fn bind(listen: SocketAddr, tls: PeerTls, allowed: Vec<Slot>) -> Result<Self, QuicError> {
+        Self::bind_with(listen, tls, allowed, GossipConfig::default())
     }
 
-    /// Binds `listen` and starts accepting peers whose certificate names one of
-    /// `allowed_regions`. Must run inside a Tokio runtime.
+    /// Binds `listen` and starts accepting peers whose certificate names one of the
+    /// `allowed` gateways. Must run inside a Tokio runtime.
     pub fn bind_with(
         listen: SocketAddr,
         tls: PeerTls,
-        allowed_regions: Vec<String>,
+        allowed_gateways: Vec<Slot>,
         config: GossipConfig,
     ) -> Result<Self, QuicError> {
-        let mut allowed = HashSet::with_capacity(allowed_regions.len());
-        for region in allowed_regions {
-            let region = region.to_ascii_lowercase();
-            crate::certs::validate_region(&region)
-                .map_err(|_| QuicError::BadRegion(region.clone()))?;
-            allowed.insert(region);
+        let mut allowed = HashSet::with_capacity(allowed_gateways.len());
+        for gateway in allowed_gateways {
+            let gateway = Slot::new(
+                gateway.region.to_ascii_lowercase(),
+                gateway.instance.to_ascii_lowercase(),
+            );
+            crate::certs::Gateway::new(&gateway.region, &gateway.instance)
+                .map_err(|_| QuicError::BadGateway(gateway.to_string()))?;
+            allowed.insert(gateway);
         }
         let transport = Arc::new(config.transport()?);
 
@@ -282,24 +293,23 @@ impl GossipEndpoint {
         self.accepted.lock().await.recv().await
     }
 
-    /// Dials `addr`, requiring its certificate to chain to the CA and name `expected_region`
-    /// (the TLS server name) and no other region. Presents this region's certificate.
+    /// Dials `addr`, requiring its certificate to chain to the CA and name the `expected`
+    /// gateway (whose DNS name is the TLS server name) and no other. Presents this gateway's
+    /// certificate.
     pub async fn connect(
         &self,
         addr: SocketAddr,
-        expected_region: &str,
+        expected: &Slot,
     ) -> Result<Connection, QuicError> {
-        let connection = self.endpoint.connect(addr, expected_region)?.await?;
-        let found = peer_region(&connection);
-        let names_expected = found
-            .as_deref()
-            .is_some_and(|found| found.eq_ignore_ascii_case(expected_region));
-        if !names_expected {
-            connection.close(CLOSE_NO_REGION, b"unexpected region");
-            return Err(QuicError::WrongRegion {
+        let server_name = crate::certs::gateway_dns_name(&expected.region, &expected.instance);
+        let connection = self.endpoint.connect(addr, &server_name)?.await?;
+        let found = peer_name(&connection);
+        if found != CertName::Gateway(expected.clone()) {
+            connection.close(CLOSE_NO_GATEWAY, b"unexpected gateway");
+            return Err(QuicError::WrongGateway {
                 addr,
-                expected: expected_region.to_owned(),
-                found,
+                expected: expected.clone(),
+                found: describe(&found),
             });
         }
         Ok(connection)
@@ -331,27 +341,44 @@ impl GossipEndpoint {
 /// others), admits or refuses each, and hands admitted ones to [`GossipEndpoint::accept`].
 async fn accept_loop(
     endpoint: Endpoint,
-    allowed: Arc<HashSet<String>>,
+    allowed: Arc<HashSet<Slot>>,
     refusals: Arc<Refusals>,
     sender: mpsc::Sender<PeerConnection>,
 ) {
     let mut handshakes = JoinSet::new();
+    // Handshakes in flight per source IP; an entry leaves when its count drops to zero, so
+    // the map holds at most `MAX_PENDING_HANDSHAKES` addresses.
+    let mut per_address: HashMap<IpAddr, usize> = HashMap::new();
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
                 let peer = incoming.remote_address();
+                let from_here = per_address.get(&peer.ip()).copied().unwrap_or(0);
                 if handshakes.len() >= MAX_PENDING_HANDSHAKES {
                     incoming.refuse();
                     refusals.record(peer, "busy", &"too many handshakes in flight");
                     continue;
                 }
+                if from_here >= MAX_PENDING_PER_ADDRESS {
+                    incoming.refuse();
+                    refusals.record(peer, "busy", &"too many handshakes in flight from this address");
+                    continue;
+                }
+                *per_address.entry(peer.ip()).or_default() += 1;
                 handshakes.spawn(async move { (peer, incoming.await) });
             }
             Some(joined) = handshakes.join_next() => {
                 // A handshake task only fails by panicking inside quinn or being cancelled
-                // at shutdown; either way there is no connection to hand out.
+                // at shutdown; either way there is no connection to hand out (and its
+                // address's count stays: a panic in quinn is not a case to optimise).
                 let Ok((peer, result)) = joined else { continue };
+                if let Some(count) = per_address.get_mut(&peer.ip()) {
+                    *count -= 1;
+                    if *count == 0 {
+                        per_address.remove(&peer.ip());
+                    }
+                }
                 let connection = match result {
                     Ok(connection) => connection,
                     Err(error) => {
@@ -360,8 +387,8 @@ async fn accept_loop(
                     }
                 };
                 match admit(&connection, &allowed) {
-                    Ok(region) => {
-                        if sender.send(PeerConnection { region, connection }).await.is_err() {
+                    Ok(gateway) => {
+                        if sender.send(PeerConnection { gateway, connection }).await.is_err() {
                             break; // The endpoint was dropped.
                         }
                     }
@@ -383,32 +410,64 @@ fn handshake_reason(error: &ConnectionError) -> &'static str {
     }
 }
 
-/// The region an authenticated connection may speak for, or why it is refused.
+/// The gateway an authenticated connection may speak for, or why it is refused.
 fn admit(
     connection: &Connection,
-    allowed: &HashSet<String>,
-) -> Result<String, (VarInt, &'static str, String)> {
-    match peer_region(connection) {
-        None => Err((
-            CLOSE_NO_REGION,
-            "no_region",
-            "certificate names no single region".to_owned(),
+    allowed: &HashSet<Slot>,
+) -> Result<Slot, (VarInt, &'static str, String)> {
+    match peer_name(connection) {
+        CertName::Gateway(gateway) if allowed.contains(&gateway) => Ok(gateway),
+        CertName::Gateway(gateway) => Err((
+            CLOSE_GATEWAY_NOT_ALLOWED,
+            "gateway_not_allowed",
+            format!("gateway {gateway} is not configured"),
         )),
-        Some(region) if allowed.contains(&region) => Ok(region),
-        Some(region) => Err((
-            CLOSE_REGION_NOT_ALLOWED,
-            "region_not_allowed",
-            format!("region {region:?} is not configured"),
+        CertName::RegionOnly(region) => Err((
+            CLOSE_NO_GATEWAY,
+            "region_certificate",
+            format!(
+                "certificate names region {region:?} but no gateway (a per-region certificate \
+                 of an earlier version): issue one certificate per gateway with \
+                 `tollgate certs --out DIR --gateways {region}/INSTANCE,...` and give each \
+                 gateway its own"
+            ),
+        )),
+        CertName::Nothing => Err((
+            CLOSE_NO_GATEWAY,
+            "no_gateway",
+            "certificate names no single gateway".to_owned(),
         )),
     }
 }
 
-/// The region the peer's (verified) certificate names, from its DNS SANs; `None` before the
-/// handshake, without a certificate, or if it names no single region.
-pub fn peer_region(connection: &Connection) -> Option<String> {
-    let identity = connection.peer_identity()?;
-    let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    tls::region_of_cert(chain.first()?)
+/// What the peer's (verified) certificate names, from its DNS SANs; [`CertName::Nothing`]
+/// before the handshake or without a certificate.
+pub fn peer_name(connection: &Connection) -> CertName {
+    let Some(identity) = connection.peer_identity() else {
+        return CertName::Nothing;
+    };
+    let Ok(chain) = identity.downcast::<Vec<CertificateDer<'static>>>() else {
+        return CertName::Nothing;
+    };
+    chain
+        .first()
+        .map_or(CertName::Nothing, |cert| tls::name_of_cert(cert))
+}
+
+/// The gateway the peer's certificate names, if it names exactly one.
+pub fn peer_gateway(connection: &Connection) -> Option<Slot> {
+    match peer_name(connection) {
+        CertName::Gateway(gateway) => Some(gateway),
+        _ => None,
+    }
+}
+
+fn describe(name: &CertName) -> String {
+    match name {
+        CertName::Gateway(gateway) => format!("gateway {gateway}"),
+        CertName::RegionOnly(region) => format!("only region {region:?} (reissue per gateway)"),
+        CertName::Nothing => "no single gateway".to_owned(),
+    }
 }
 
 /// Writes one already encoded frame ([`codec::encode`]).

@@ -1,12 +1,12 @@
-//! TLS material for gossip's mutual TLS: the deployment CA, this region's certificate and key.
+//! TLS material for gossip's mutual TLS: the deployment CA, this gateway's certificate and key.
 //!
 //! Every region both accepts and dials, so one [`PeerTls`] yields both a server config (which
 //! *requires* a client certificate chaining to the CA) and a client config (which trusts only
-//! the CA, never the system roots, and presents this region's certificate). TLS 1.3 only (QUIC
+//! the CA, never the system roots, and presents this gateway's certificate). TLS 1.3 only (QUIC
 //! requires it) and exactly one crypto provider, `ring`, passed explicitly instead of relying
 //! on a process-wide default that another crate could install differently.
 //!
-//! Which *region* a verified certificate names is read here too ([`region_of_cert`]), so the
+//! Which *gateway* a verified certificate names is read here too ([`name_of_cert`]), so the
 //! naming convention of [`crate::certs`] is interpreted in one place.
 
 use std::path::{Path, PathBuf};
@@ -19,6 +19,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 
 use crate::certs::DNS_SUFFIX;
+use crate::crdt::Slot;
 
 /// The ALPN protocol gossip speaks; a peer offering anything else fails the handshake.
 pub const ALPN: &[u8] = b"tollgate-gossip/1";
@@ -54,7 +55,7 @@ pub enum TlsError {
     Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
 }
 
-/// The CA, this region's certificate chain and its private key.
+/// The CA, this gateway's certificate chain and its private key.
 #[derive(Debug)]
 pub struct PeerTls {
     roots: Arc<RootCertStore>,
@@ -73,7 +74,7 @@ impl Clone for PeerTls {
 }
 
 impl PeerTls {
-    /// Loads PEM files: the CA certificate, this region's certificate (chain) and its key.
+    /// Loads PEM files: the CA certificate, this gateway's certificate (chain) and its key.
     pub fn load(ca_path: &Path, cert_path: &Path, key_path: &Path) -> Result<Self, TlsError> {
         let ca = read_certs(ca_path)?;
         let chain = read_certs(cert_path)?;
@@ -95,8 +96,15 @@ impl PeerTls {
         })
     }
 
-    /// The server side: requires a client certificate chaining to the CA (which region it
-    /// names is checked after the handshake, against the configured regions).
+    /// What our own certificate names (the gateway we present ourselves as).
+    pub fn name(&self) -> CertName {
+        self.chain
+            .first()
+            .map_or(CertName::Nothing, |cert| name_of_cert(cert))
+    }
+
+    /// The server side: requires a client certificate chaining to the CA (which gateway it
+    /// names is checked after the handshake, against the configured gateways).
     pub fn server_config(&self) -> Result<rustls::ServerConfig, TlsError> {
         let provider = provider();
         let verifier =
@@ -110,8 +118,8 @@ impl PeerTls {
         Ok(config)
     }
 
-    /// The client side: trusts only the CA (the server name checked is the region dialled)
-    /// and presents this region's certificate.
+    /// The client side: trusts only the CA (the server name checked is the gateway dialled,
+    /// `<instance>.<region>.tollgate.internal`) and presents this gateway's certificate.
     pub fn client_config(&self) -> Result<rustls::ClientConfig, TlsError> {
         let mut config = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -141,34 +149,67 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-/// The region a certificate names, if it names exactly one: from its DNS SANs, a bare label
-/// (`us-east`) or one under [`DNS_SUFFIX`] (`us-east.tollgate.internal`). A certificate naming
-/// two different regions, or none, names no region: it cannot stand for a single peer.
+/// What a certificate says it is, by the naming convention of [`crate::certs`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertName {
+    /// Exactly one gateway: a DNS SAN `<instance>.<region>.tollgate.internal`.
+    Gateway(Slot),
+    /// A region certificate of an earlier version (`us-east`, `us-east.tollgate.internal`):
+    /// it can stand for any instance of the region, so it is refused.
+    RegionOnly(String),
+    /// No gateway, or more than one.
+    Nothing,
+}
+
+/// The gateway a certificate names (see [`CertName`]). Other qualified names (and
+/// wildcards) are ignored; two different gateways name nothing, since one certificate must
+/// stand for one peer.
 ///
 /// Only meaningful for a certificate already verified against the CA (the SANs are read, not
 /// checked); never panics on malformed input.
-pub fn region_of_cert(cert: &CertificateDer<'_>) -> Option<String> {
-    let cert = webpki::EndEntityCert::try_from(cert).ok()?;
-    let mut region: Option<&str> = None;
+pub fn name_of_cert(cert: &CertificateDer<'_>) -> CertName {
+    let Ok(cert) = webpki::EndEntityCert::try_from(cert) else {
+        return CertName::Nothing;
+    };
+    let mut gateway: Option<Slot> = None;
+    let mut region_only: Option<String> = None;
     for name in cert.valid_dns_names() {
-        let candidate = match name.strip_suffix(DNS_SUFFIX) {
+        let name = name.to_ascii_lowercase();
+        let labels = match name.strip_suffix(DNS_SUFFIX) {
             Some(prefix) => match prefix.strip_suffix('.') {
-                Some(label) => label,
+                Some(labels) => labels.to_owned(),
                 None => continue,
             },
-            None => name,
+            // A bare label is how region certificates of earlier versions named the region.
+            None if !name.is_empty() && !name.contains(['.', '*']) => {
+                region_only.get_or_insert(name);
+                continue;
+            }
+            None => continue,
         };
-        // Other qualified names (and wildcards) are not region names: ignore them.
-        if candidate.is_empty() || candidate.contains(['.', '*']) {
+        if labels.contains('*') {
             continue;
         }
-        match region {
-            None => region = Some(candidate),
-            Some(seen) if seen.eq_ignore_ascii_case(candidate) => {}
-            Some(_) => return None,
+        match labels.split_once('.') {
+            Some((instance, region)) if !instance.is_empty() && !region.contains('.') => {
+                let found = Slot::new(region, instance);
+                match &gateway {
+                    None => gateway = Some(found),
+                    Some(seen) if *seen == found => {}
+                    Some(_) => return CertName::Nothing,
+                }
+            }
+            None if !labels.is_empty() => {
+                region_only.get_or_insert(labels);
+            }
+            _ => {}
         }
     }
-    region.map(str::to_ascii_lowercase)
+    match (gateway, region_only) {
+        (Some(gateway), _) => CertName::Gateway(gateway),
+        (None, Some(region)) => CertName::RegionOnly(region),
+        (None, None) => CertName::Nothing,
+    }
 }
 
 #[cfg(test)]
@@ -183,38 +224,54 @@ mod tests {
     }
 
     #[test]
-    fn a_certificate_names_its_region_bare_or_qualified() {
+    fn a_certificate_names_its_gateway() {
         assert_eq!(
-            region_of_cert(&cert_with(&["us-east", "us-east.tollgate.internal"])).as_deref(),
-            Some("us-east")
+            name_of_cert(&cert_with(&["a.us-east.tollgate.internal"])),
+            CertName::Gateway(Slot::new("us-east", "a"))
         );
+        // Unrelated qualified names and wildcards are ignored.
         assert_eq!(
-            region_of_cert(&cert_with(&["eu-west.tollgate.internal"])).as_deref(),
-            Some("eu-west")
-        );
-        // Unrelated qualified names and wildcards are not regions.
-        assert_eq!(
-            region_of_cert(&cert_with(&[
-                "ap-south",
+            name_of_cert(&cert_with(&[
                 "gw.example.com",
-                "*.tollgate.internal"
-            ]))
-            .as_deref(),
-            Some("ap-south")
+                "*.eu-west.tollgate.internal",
+                "b.eu-west.tollgate.internal"
+            ])),
+            CertName::Gateway(Slot::new("eu-west", "b"))
         );
     }
 
     #[test]
-    fn two_regions_or_none_name_no_region() {
-        assert_eq!(region_of_cert(&cert_with(&["us-east", "eu-west"])), None);
+    fn region_certificates_of_earlier_versions_are_recognised() {
         assert_eq!(
-            region_of_cert(&cert_with(&["us-east", "eu-west.tollgate.internal"])),
-            None
+            name_of_cert(&cert_with(&["us-east", "us-east.tollgate.internal"])),
+            CertName::RegionOnly("us-east".to_owned())
         );
-        assert_eq!(region_of_cert(&cert_with(&["gw.example.com"])), None);
         assert_eq!(
-            region_of_cert(&CertificateDer::from(vec![0x30, 0x03, 1, 2])),
-            None
+            name_of_cert(&cert_with(&["eu-west.tollgate.internal"])),
+            CertName::RegionOnly("eu-west".to_owned())
+        );
+    }
+
+    #[test]
+    fn two_gateways_or_none_name_nothing() {
+        assert_eq!(
+            name_of_cert(&cert_with(&[
+                "a.us-east.tollgate.internal",
+                "b.us-east.tollgate.internal"
+            ])),
+            CertName::Nothing
+        );
+        assert_eq!(
+            name_of_cert(&cert_with(&["gw.example.com"])),
+            CertName::Nothing
+        );
+        assert_eq!(
+            name_of_cert(&cert_with(&["x.a.us-east.tollgate.internal"])),
+            CertName::Nothing
+        );
+        assert_eq!(
+            name_of_cert(&CertificateDer::from(vec![0x30, 0x03, 1, 2])),
+            CertName::Nothing
         );
     }
 }

@@ -669,11 +669,24 @@ fn hostile_input_is_dropped_without_panicking() {
         },
     );
     assert_eq!(g.peer_status()[0].status, PeerStatus::BadHello);
+    // Issue #13, finding 2: an incarnation far in the future was accepted, and would have
+    // shut the genuine process (whose incarnation is its start time) out for good.
+    let refused = g.stats().refused_hello;
     g.handle(
         T0,
         PeerId(1),
         Message::Hello {
             actor: slots()[1].actor(u64::MAX),
+            config_digest: DIGEST,
+        },
+    );
+    assert_eq!(g.peer_status()[0].status, PeerStatus::BadHello);
+    assert_eq!(g.stats().refused_hello, refused + 1);
+    g.handle(
+        T0,
+        PeerId(1),
+        Message::Hello {
+            actor: slots()[1].actor(T0 + MAX_INCARNATION_SKEW_US),
             config_digest: DIGEST,
         },
     );
@@ -988,3 +1001,5 @@ fn a_new_incarnation_admits_eventual_only_once_it_learned_the_counts() {
     assert!(!alone.is_learning(later));
     assert!(alone.try_admit_eventual(SHORT, "k", 1, SHORT_LIMIT, later));
 }
+
+mod hello;
