@@ -233,7 +233,27 @@ impl Harness {
                 self.settle();
             }
             Step::Raw { peer, message } => self.deliver(peer_id(*peer), message.clone()),
-            Step::Hello { peer, restart } => self.hello(*peer, *restart),
+            Step::Hello { peer, restart } => {
+                let (from, hello) = self.peer_hello(*peer, *restart);
+                self.deliver(from, hello);
+            }
+            Step::Accept { peer, restart } => {
+                let (from, hello) = self.peer_hello(*peer, *restart);
+                if let Message::Hello {
+                    actor,
+                    config_digest,
+                } = &hello
+                    && self
+                        .gossip
+                        .vet_hello(self.now, from, actor, *config_digest)
+                        .is_ok()
+                {
+                    self.gossip.on_connected(from, self.now);
+                    self.deliver(from, hello);
+                } else {
+                    self.settle();
+                }
+            }
             Step::HandOver { peer } => self.hand_over(*peer),
             Step::Ask { peer, key: k, want } => {
                 let p = self.peer_slot(*peer);
@@ -398,23 +418,26 @@ impl Harness {
         }
     }
 
-    fn hello(&mut self, peer: u8, restart: u8) {
+    /// `peer`'s `Hello`. Incarnations are start times: a restart is a newer one, now.
+    fn peer_hello(&mut self, peer: u8, restart: u8) -> (PeerId, Message) {
         let p = self.peer_slot(peer);
+        let now = self.now;
         let model = &mut self.peers[p];
         if model.incarnation == 0 || restart > 0 {
-            // A restart: a new incarnation starts with an empty usage table.
-            model.incarnation = model.incarnation.saturating_add(u64::from(restart.max(1)));
+            // A new incarnation starts with an empty usage table.
+            let started = now.saturating_sub(u64::from(restart) * 10 * MS);
+            model.incarnation = started.max(model.incarnation.saturating_add(1));
             model.version = 0;
             model.usage.clear();
         }
         let actor = slots()[p].actor(model.incarnation);
-        self.deliver(
+        (
             PeerId(slot_u16(p)),
             Message::Hello {
                 actor,
                 config_digest: DIGEST,
             },
-        );
+        )
     }
 
     /// An honest peer's announce and settled handover, listing what it exchanged with us.

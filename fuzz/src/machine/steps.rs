@@ -26,8 +26,12 @@ pub enum Step {
     Disconnect { peer: u8 },
     /// `peer` sends `message` (in the input: bincode, as in a frame's payload).
     Raw { peer: u8, message: Message },
-    /// `peer` sends a valid `Hello`; `restart > 0` makes it a newer incarnation.
+    /// `peer` sends a valid `Hello` on the current connection; `restart > 0` makes it a
+    /// newer incarnation (which a live connection refuses: a restart comes on a new one).
     Hello { peer: u8, restart: u8 },
+    /// `peer` dials us: a new connection whose first message is its valid `Hello`, vetted
+    /// before it replaces the live link, as the driver does; `restart` as in `Hello`.
+    Accept { peer: u8, restart: u8 },
     /// `peer` announces itself (no handover wanted) and hands over to us, settled and empty,
     /// as a peer that never exchanged rights with our slot does.
     HandOver { peer: u8 },
@@ -62,7 +66,7 @@ pub enum Step {
     Inspect { policy: u8, key: u8 },
 }
 
-const OPCODES: u8 = 16;
+const OPCODES: u8 = 17;
 
 struct Reader<'a> {
     bytes: &'a [u8],
@@ -141,9 +145,13 @@ fn next(r: &mut Reader<'_>) -> Option<Step> {
         },
         13 => Step::Timeout,
         14 => Step::Retire,
-        _ => Step::Inspect {
+        15 => Step::Inspect {
             policy: r.byte()?,
             key: r.byte()?,
+        },
+        _ => Step::Accept {
+            peer: r.byte()?,
+            restart: r.byte()?,
         },
     };
     Some(step)
@@ -190,6 +198,7 @@ impl Step {
             Step::Timeout => out.push(13),
             Step::Retire => out.push(14),
             Step::Inspect { policy, key } => out.extend([15, *policy, *key]),
+            Step::Accept { peer, restart } => out.extend([16, *peer, *restart]),
         }
     }
 }
