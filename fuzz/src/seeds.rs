@@ -18,6 +18,9 @@ use crate::machine::{
 };
 
 const MS: u64 = 1_000;
+/// The incarnation of the peers of the written seeds: their synthetic `Hello`s, sent at
+/// [`T0`], make them processes started then.
+const PEER_INCARNATION: u64 = T0;
 
 /// A recorded exchange between the harness (slot `me`) and real peers in the other slots.
 struct Recorder {
@@ -422,7 +425,7 @@ fn written() -> Vec<Seed> {
             policy: STRICT,
             key: key(0),
             from: 1,
-            from_incarnation: 1,
+            from_incarnation: PEER_INCARNATION,
             to: 0,
             given: Col {
                 total: 1,
@@ -442,7 +445,7 @@ fn written() -> Vec<Seed> {
         peer: 2,
         message: Message::Handover(Handover {
             from: 2,
-            from_incarnation: 1,
+            from_incarnation: PEER_INCARNATION,
             to: 0,
             to_incarnation: MY_INCARNATION + 1,
             settled: true,
@@ -461,7 +464,7 @@ fn written() -> Vec<Seed> {
             policy: STRICT,
             key: key(0),
             from: 1,
-            from_incarnation: 1,
+            from_incarnation: PEER_INCARNATION,
             to: 0,
             given: Col {
                 total: u64::MAX,
@@ -524,7 +527,7 @@ fn written() -> Vec<Seed> {
     let mut s = handshake(0);
     s.push(Step::Raw {
         peer: 1,
-        message: forged(vec![Actor::new("r1", "i0", 1)], u64::MAX),
+        message: forged(vec![Actor::new("r1", "i0", PEER_INCARNATION)], u64::MAX),
     });
     s.push(Step::Advance { ticks: 10 });
     s.push(Step::AdmitEventual {

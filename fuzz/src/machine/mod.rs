@@ -13,7 +13,8 @@
 //!   and frames and decodes back to itself with the real codec;
 //! - once drained, `has_output` is false; timers make progress (after `handle_timeout(t)`
 //!   the next timeout is later than `t`);
-//! - usage and strict keys never outnumber the keyed items fed plus our own calls;
+//! - usage and strict keys never outnumber the keyed items fed plus our own calls, and the
+//!   eventual rule counts at most the peers' current and few retired incarnations;
 //! - refunds return at most what was asked; a retired machine holds and admits nothing;
 //!
 //! and the optional invariants of [`Checks`].
@@ -612,6 +613,11 @@ impl Harness {
             usage_keys <= bound && strict_keys <= bound,
             "{usage_keys} usage and {strict_keys} strict keys from {bound} keyed inputs"
         );
+        // Our peers' current incarnations and the few retired ones each (finding 4: every
+        // rising incarnation used to be kept).
+        let most = 1 + (SLOTS - 1) * (1 + tollgate::gossip::proto::MAX_RETIRED);
+        let actors = usize::try_from(g.eventual().acks().n_actors()).unwrap_or(usize::MAX);
+        assert!(actors <= most, "the eventual rule counts {actors} actors");
         if self.retired {
             for k in &self.followed {
                 assert_eq!(
