@@ -19,9 +19,7 @@ fn write(dir: &Path, seeds: &[seeds::Seed]) -> std::io::Result<()> {
 
 /// Runs `input` with only `checks` on; the panic message if it failed.
 fn trips(input: &[u8], checks: Checks) -> Option<String> {
-    let Some((&me, program)) = input.split_first() else {
-        return None;
-    };
+    let (&me, program) = input.split_first()?;
     panic::catch_unwind(|| {
         let mut harness = machine::Harness::new(me, checks);
         for step in machine::steps::parse(program) {
