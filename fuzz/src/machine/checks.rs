@@ -13,6 +13,10 @@ pub struct Checks {
     /// Strict: rights held (available plus live consumption) never exceed the quota, since
     /// no peer can have given more than it held (finding 5: `Transfer { total: u64::MAX }`).
     pub quota: bool,
+    /// Strict, the property when every peer may lie: rights held never exceed the
+    /// quota plus the other slots' shares (each liar adds at most its own share). Implied
+    /// by `quota`; for a fix that bounds columns by shares rather than by what was given.
+    pub quota_share: bool,
     /// Strict: no peer message makes us superseded; only our own slot's newer incarnation
     /// can, and no peer speaks for it (finding 3: a `Transfer`/`Handover` with a future
     /// `to_inc`).
@@ -31,8 +35,9 @@ pub struct Checks {
 }
 
 /// Every optional check, by the name `TOLLGATE_FUZZ_CHECKS` uses.
-pub const CHECKS: [&str; 6] = [
+pub const CHECKS: [&str; 7] = [
     "quota",
+    "quota-share",
     "superseded",
     "actors",
     "own-cells",
@@ -54,6 +59,7 @@ impl Checks {
                 "all" => {
                     checks = Checks {
                         quota: true,
+                        quota_share: true,
                         superseded: true,
                         actors: true,
                         own_cells: true,
@@ -62,6 +68,7 @@ impl Checks {
                     }
                 }
                 "quota" => checks.quota = true,
+                "quota-share" => checks.quota_share = true,
                 "superseded" => checks.superseded = true,
                 "actors" => checks.actors = true,
                 "own-cells" => checks.own_cells = true,

@@ -630,13 +630,22 @@ impl Harness {
         if self.checks.superseded {
             assert!(!g.strict().is_superseded(), "a peer made us superseded");
         }
-        if self.checks.quota {
+        if self.checks.quota || self.checks.quota_share {
+            let others: u64 = (0..SLOTS)
+                .filter(|&s| s != self.me)
+                .map(|s| tollgate::crdt::bounded::initial_share(STRICT_QUOTA, SLOTS, s))
+                .sum();
+            let most = if self.checks.quota {
+                STRICT_QUOTA
+            } else {
+                STRICT_QUOTA + others
+            };
             for k in &self.followed {
                 let available = g.remaining_strict(STRICT, k, now);
                 let held = available.saturating_add(g.strict().live_consumed(STRICT, k, now));
                 assert!(
-                    held <= STRICT_QUOTA,
-                    "we hold {held} rights on {k:?} (available {available}), quota {STRICT_QUOTA}"
+                    held <= most,
+                    "we hold {held} rights on {k:?} (available {available}), at most {most}"
                 );
             }
         }
