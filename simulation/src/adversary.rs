@@ -361,6 +361,8 @@ impl Byzantine {
                     settled: true,
                     chunk: 0,
                     chunks: 1,
+                    // Claims nothing about closed epochs: the forgery is in the open one.
+                    floor: 0,
                     entries,
                 })
             };
@@ -368,6 +370,7 @@ impl Byzantine {
                 total: u64::MAX,
                 to_inc,
                 base: 0,
+                epoch: 0,
             };
             match self.strategy {
                 Strategy::TransferTotalMax => msgs.push(transfer(huge(their_inc))),
@@ -376,6 +379,7 @@ impl Byzantine {
                         total: 0,
                         to_inc: their_inc,
                         base: 0,
+                        epoch: 0,
                     });
                     msgs.push(transfer(Col {
                         total: real.total.saturating_add(share_of(out.from)),
@@ -386,6 +390,7 @@ impl Byzantine {
                     total: 1,
                     to_inc: their_inc.saturating_add(1),
                     base: 0,
+                    epoch: 0,
                 })),
                 Strategy::HandoverGaveHuge => msgs.push(handover(
                     their_inc,

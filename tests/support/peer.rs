@@ -608,6 +608,7 @@ impl Session {
                             settled: true,
                             chunk: 0,
                             chunks: 1,
+                            floor: 0,
                             entries: Vec::new(),
                         })));
                     }

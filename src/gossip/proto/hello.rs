@@ -120,6 +120,9 @@ impl Gossip {
         }
         self.stats.duplicate_identity += 1;
         self.identity_conflict = Some(self.identity_conflict.unwrap_or(0).max(incarnation));
+        // The newer process holds our slot's strict share from now on: we give nothing and
+        // admit nothing more (the bounded counter's zombie state).
+        self.bounded.on_own_newer_incarnation(incarnation);
         OwnIdentity::StoodDown
     }
 

@@ -142,9 +142,11 @@ fn a_newer_process_with_our_identity_makes_us_stand_down() {
         OwnIdentity::Refused
     );
     assert_eq!(g.identity_conflict(), None);
+    assert!(!g.strict().is_superseded());
     assert_eq!(
         g.on_own_identity(T0 + SEC, T0 + SEC),
         OwnIdentity::StoodDown
     );
     assert_eq!(g.identity_conflict(), Some(T0 + SEC));
+    assert!(g.strict().is_superseded());
 }
