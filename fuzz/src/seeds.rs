@@ -431,6 +431,7 @@ fn written() -> Vec<Seed> {
                 total: 1,
                 to_inc: MY_INCARNATION + 1,
                 base: 0,
+                epoch: 0,
             },
         }),
     });
@@ -452,6 +453,7 @@ fn written() -> Vec<Seed> {
             chunk: 0,
             chunks: 1,
             entries: Vec::new(),
+            floor: 0,
         }),
     });
     seeds.push(("hostile-handover-supersedes".into(), program(0, s)));
@@ -470,6 +472,7 @@ fn written() -> Vec<Seed> {
                 total: u64::MAX,
                 to_inc: MY_INCARNATION,
                 base: 0,
+                epoch: 0,
             },
         }),
     });
@@ -668,6 +671,7 @@ fn variant(m: &Message) -> &'static str {
         Message::Digest { .. } => "Digest",
         Message::KeepAlive => "KeepAlive",
         Message::Links(_) => "Links",
+        Message::Settled(_) => "Settled",
     }
 }
 
@@ -686,6 +690,14 @@ pub fn every_variant() -> Vec<Message> {
         },
         Message::KeepAlive,
         Message::Links(0b101),
+        Message::Settled(tollgate::crdt::bounded::Settled {
+            policy: STRICT,
+            key: "ip:10.0.0.1".into(),
+            from: 1,
+            from_incarnation: 1,
+            to: 0,
+            epoch: 1,
+        }),
         Message::Handover(Handover {
             from: 1,
             from_incarnation: 1,
@@ -702,8 +714,10 @@ pub fn every_variant() -> Vec<Message> {
                     total: 3,
                     to_inc: 1,
                     base: 0,
+                    epoch: 0,
                 },
             }],
+            floor: 0,
         }),
     ]
 }

@@ -26,8 +26,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use tollgate::crdt::bounded::{HandoverEntry, StrictPolicy};
 use tollgate::crdt::{
-    Ack, ActorIdx, Announce, Ask, Col, Delta, DeltaEntry, Handover, PolicyDelta, PolicyId, Slot,
-    Transfer, WindowSpec,
+    Ack, ActorIdx, Announce, Ask, Col, Delta, DeltaEntry, EventualPolicy, Handover, PolicyDelta,
+    PolicyId, Slot, Transfer, WindowSpec,
 };
 use tollgate::gossip::codec::{self, DEFAULT_MAX_FRAME, Decoder};
 use tollgate::gossip::proto::{Gossip, GossipConfig, Message, PeerId, Policies};
@@ -97,6 +97,10 @@ pub fn config() -> GossipConfig {
 }
 
 /// The window of each policy (the strict one's too, for usage steps naming it).
+/// The eventual policies' registered quota: the largest limit a step can ask for (a byte),
+/// so every admission the harness makes is one an honest gateway could make.
+pub const EVENTUAL_QUOTA: u64 = 255;
+
 pub fn spec(policy: PolicyId) -> WindowSpec {
     let (window, subs) = match policy {
         LONG => (60 * SEC, 10),
@@ -108,7 +112,22 @@ pub fn spec(policy: PolicyId) -> WindowSpec {
 
 pub fn policies() -> Policies {
     Policies {
-        eventual: vec![(LONG, spec(LONG)), (SHORT, spec(SHORT))],
+        eventual: vec![
+            (
+                LONG,
+                EventualPolicy {
+                    quota: EVENTUAL_QUOTA,
+                    spec: spec(LONG),
+                },
+            ),
+            (
+                SHORT,
+                EventualPolicy {
+                    quota: EVENTUAL_QUOTA,
+                    spec: spec(SHORT),
+                },
+            ),
+        ],
         strict: vec![(
             STRICT,
             StrictPolicy {
@@ -478,6 +497,7 @@ impl Harness {
             chunk: 0,
             chunks: 1,
             entries,
+            floor: 0,
         };
         self.deliver(PeerId(from), Message::Handover(handover));
     }
@@ -488,6 +508,7 @@ impl Harness {
             total,
             to_inc: if total > 0 { MY_INCARNATION } else { 0 },
             base: 0,
+            epoch: 0,
         }
     }
 
