@@ -939,9 +939,15 @@ async fn read_loop(
     shared: Arc<Shared>,
     events: mpsc::Sender<Event>,
 ) {
+    let mut budget = InputBudget::new(Instant::now());
     loop {
         match recv.recv::<Message>().await {
             Ok(Some(msg)) => {
+                if let Some(wait) = budget.take(Instant::now()) {
+                    // Over budget: stop reading for a while; QUIC's flow control then holds
+                    // the flood at the sender instead of in our memory or under our lock.
+                    tokio::time::sleep(wait).await;
+                }
                 let mut g = shared.lock();
                 let current = shared
                     .generations
@@ -964,6 +970,52 @@ async fn read_loop(
     }
     // Fails only when the driver has stopped.
     let _ = events.send(Event::Down { peer, generation }).await;
+}
+
+/// Messages one connection may have handled per second, sustained, and at once after a
+/// quiet spell. An honest peer sends a few hundred a second (deltas in chunks, acks, and at
+/// most one `Ask` per hot key and interval); a flood beyond this waits, so the machine's
+/// lock, which every request takes, is never held for a peer more than a bounded share of
+/// the time.
+const MESSAGES_PER_SECOND: u32 = 20_000;
+
+/// A token bucket over one connection's messages (see [`MESSAGES_PER_SECOND`]).
+struct InputBudget {
+    tokens: u32,
+    refilled: Instant,
+}
+
+impl InputBudget {
+    fn new(now: Instant) -> Self {
+        Self {
+            tokens: MESSAGES_PER_SECOND,
+            refilled: now,
+        }
+    }
+
+    /// Takes one message's token; `Some(wait)` when the bucket is empty and the reader must
+    /// pause that long first (the token is then taken for it).
+    fn take(&mut self, now: Instant) -> Option<Duration> {
+        let per_token = Duration::from_secs(1) / MESSAGES_PER_SECOND;
+        let elapsed = now.saturating_duration_since(self.refilled);
+        let earned = elapsed.as_nanos() / per_token.as_nanos().max(1);
+        if earned > 0 {
+            let earned = u32::try_from(earned).unwrap_or(u32::MAX);
+            self.tokens = self.tokens.saturating_add(earned).min(MESSAGES_PER_SECOND);
+            self.refilled = if self.tokens == MESSAGES_PER_SECOND {
+                now
+            } else {
+                self.refilled + per_token * earned
+            };
+        }
+        if self.tokens > 0 {
+            self.tokens -= 1;
+            None
+        } else {
+            self.refilled += per_token;
+            Some(self.refilled.saturating_duration_since(now))
+        }
+    }
 }
 
 /// Writes queued frames to the peer. Ends (and reports) on a write error; finishes the
@@ -1152,4 +1204,29 @@ async fn answer_own_probe(
             incarnation: actor.incarnation,
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_input_budget_allows_its_rate_and_no_more() {
+        let start = Instant::now();
+        let mut budget = InputBudget::new(start);
+        for _ in 0..MESSAGES_PER_SECOND {
+            assert_eq!(budget.take(start), None);
+        }
+        // Empty: the next message waits one token's time, the one after two.
+        let per_token = Duration::from_secs(1) / MESSAGES_PER_SECOND;
+        assert_eq!(budget.take(start), Some(per_token));
+        assert_eq!(budget.take(start), Some(per_token * 2));
+        // A second later (after the two paid waits) a full second's worth is back, no more.
+        let later = start + Duration::from_secs(1) + per_token * 2;
+        let mut allowed = 0;
+        while budget.take(later).is_none() {
+            allowed += 1;
+        }
+        assert_eq!(allowed, MESSAGES_PER_SECOND);
+    }
 }
