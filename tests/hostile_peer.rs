@@ -617,9 +617,10 @@ async fn an_ask_flood_holds_bounded_state() {
         strict_keys <= 65_536,
         "{strict_keys} strict keys after the flood"
     );
-    // 65,536 open pairs and the allocator's slack; the unbounded table took 75 MB.
+    // 65,536 open pairs (about 35 MB measured) and the allocator's slack; the unbounded
+    // table took 73 MB more for these 200,000 keys.
     assert!(
-        rss_after < rss_before + 48 * 1024,
+        rss_after < rss_before + 64 * 1024,
         "RSS grew from {rss_before} to {rss_after} KiB"
     );
     d.assert_serving(VICTIM).await;
