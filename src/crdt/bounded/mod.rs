@@ -134,8 +134,6 @@ mod messages;
 mod settle;
 #[cfg(test)]
 mod tests;
-#[cfg(test)]
-mod tests_hostile;
 
 use std::collections::BTreeMap;
 

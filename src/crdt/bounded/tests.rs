@@ -1,6 +1,8 @@
 use super::*;
 use proptest::prelude::*;
 
+mod hostile;
+
 const W: u64 = 10_000;
 
 fn spec() -> WindowSpec {

@@ -3,32 +3,6 @@
 
 use super::*;
 
-const W: u64 = 10_000;
-
-fn spec() -> WindowSpec {
-    WindowSpec::new(W, 5).unwrap()
-}
-
-fn slots(n: usize) -> Vec<Slot> {
-    (0..n).map(|i| Slot::new(format!("r{i}"), "i0")).collect()
-}
-
-fn node(n: usize, i: usize, inc: u64, quota: u64, now: u64) -> BoundedTable {
-    BoundedTable::new(
-        slots(n),
-        &slots(n)[i].actor(inc),
-        [(
-            1,
-            StrictPolicy {
-                quota,
-                spec: spec(),
-            },
-        )],
-        now,
-    )
-    .unwrap()
-}
-
 /// Every node of `nodes` reclaimed at `now` (handovers delivered both ways).
 fn reclaimed(n: usize, quota: u64) -> (Vec<BoundedTable>, u64) {
     let t0 = 1_000_000;
