@@ -43,13 +43,16 @@ impl ConcurrencyLimit {
         if let Ok(permit) = self.slots.clone().try_acquire_owned() {
             return Ok(permit);
         }
-        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.queue_size {
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
+        // The place in the queue is given back by a guard, not after the await: a client that
+        // goes away while it waits drops this future mid-await, and a decrement written after
+        // the await would never run, leaving the queue a place shorter for good.
+        let place = QueuePlace::take(&self.waiting);
+        if place.position >= self.queue_size {
             return Err(Refused::QueueFull);
         }
         let result =
             tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned()).await;
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        drop(place);
         match result {
             Ok(Ok(permit)) => Ok(permit),
             // The semaphore is never closed; a closed one would mean no slot ever again.
@@ -65,6 +68,26 @@ impl ConcurrencyLimit {
     /// Slots free now.
     pub fn available(&self) -> usize {
         self.slots.available_permits()
+    }
+}
+
+/// One place in the wait queue, held while a request waits and given back on drop.
+struct QueuePlace<'a> {
+    waiting: &'a AtomicUsize,
+    /// How many were waiting before this one.
+    position: usize,
+}
+
+impl<'a> QueuePlace<'a> {
+    fn take(waiting: &'a AtomicUsize) -> Self {
+        let position = waiting.fetch_add(1, Ordering::AcqRel);
+        Self { waiting, position }
+    }
+}
+
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -97,5 +120,33 @@ mod tests {
             Err(Refused::QueueTimeout)
         );
         assert_eq!(limit.waiting(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_that_goes_away_gives_its_place_back() {
+        let limit = Arc::new(ConcurrencyLimit::new(1, 1, Duration::from_secs(60)));
+        let held = limit.acquire().await.unwrap();
+        let abandoned = tokio::spawn({
+            let limit = limit.clone();
+            async move { limit.acquire().await.map(|_| ()) }
+        });
+        while limit.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The client disconnects: hyper drops the request's future while it waits.
+        abandoned.abort();
+        assert!(abandoned.await.unwrap_err().is_cancelled());
+        assert_eq!(limit.waiting(), 0);
+
+        // The queue's one place is free again: the next request waits instead of being refused.
+        let next = tokio::spawn({
+            let limit = limit.clone();
+            async move { limit.acquire().await.map(|_| ()) }
+        });
+        while limit.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        assert_eq!(next.await.unwrap(), Ok(()));
     }
 }
