@@ -35,7 +35,8 @@
 //! it ([`Gossip::vet_hello`]) *before* the driver touches the peer's live link: only a
 //! validated `Hello` of a newer incarnation replaces a live connection. A connection from a
 //! slot we dial ourselves, without a `Hello` in time, or whose `Hello` is refused, is closed
-//! and counted. Connections waiting for their `Hello` are bounded per gateway
+//! and counted, and logged at most once a minute per reason and address (then in a summary
+//! with the count), so a peer reconnecting in a loop cannot flood the log. Connections waiting for their `Hello` are bounded per gateway
 //! ([`MAX_PENDING_PER_GATEWAY`]) and in all, so a peer opening connections in a loop cannot
 //! grow the driver's memory.
 //!

@@ -5,6 +5,7 @@
 pub mod clock;
 pub mod codec;
 pub mod driver;
+pub mod log_limit;
 pub mod proto;
 pub mod quic;
 pub mod tls;

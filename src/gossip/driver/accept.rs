@@ -5,6 +5,7 @@
 //! anything reaches the machine.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -18,6 +19,7 @@ use super::{
     PeerAddress, handle::Shared,
 };
 use crate::crdt::Slot;
+use crate::gossip::log_limit::LogVerdict;
 use crate::gossip::proto::{HelloRefusal, Message, PeerId};
 use crate::gossip::quic::{self, FrameStream, GossipEndpoint};
 
@@ -45,12 +47,12 @@ pub(super) async fn accept_loop(
                 let connection = accepted.connection;
                 let own = my_gateway.as_ref() == Some(&gateway);
                 let peer = by_gateway.get(&gateway).copied();
-                let refuse = |reason: &str| {
+                let refuse = |reason: &'static str| {
                     connection.close(CLOSE_UNEXPECTED_PEER, b"unexpected peer");
                     metrics::counter!(quic::REFUSED_PEERS_TOTAL, "reason" => "unexpected-peer")
                         .increment(1);
                     let error = DriverError::Accept { gateway: gateway.clone(), reason: reason.to_owned() };
-                    tracing::warn!(%error, "gossip peer refused");
+                    log_refusal(&shared, reason, connection.remote_address(), &error, false);
                 };
                 match peer {
                     None if !own => {
@@ -104,7 +106,7 @@ pub(super) async fn accept_loop(
                             metrics::counter!(quic::REFUSED_PEERS_TOTAL, "reason" => "no-hello")
                                 .increment(1);
                             let error = DriverError::Accept { gateway, reason };
-                            tracing::warn!(%error, "gossip peer refused");
+                            log_refusal(&shared, "no-hello", connection.remote_address(), &error, false);
                         }
                     }
                 });
@@ -112,6 +114,34 @@ pub(super) async fn accept_loop(
             // Reap finished handshakes so the set does not grow with connection churn.
             Some(_) = handshakes.join_next() => {}
         }
+    }
+}
+
+/// Logs a refused connection at most once per `(reason, address)` per
+/// [`crate::gossip::log_limit::REFUSAL_LOG_EVERY_US`]: a peer that reconnects in a loop is logged once, then in a
+/// summary line whose `suppressed` says how many refusals went unlogged since (every one is
+/// still counted in the metrics). `serious` logs at error level rather than warn.
+pub(super) fn log_refusal(
+    shared: &Shared,
+    reason: &'static str,
+    addr: SocketAddr,
+    error: &DriverError,
+    serious: bool,
+) {
+    let suppressed = match shared.refusal_verdict(reason, addr.ip()) {
+        LogVerdict::Suppress => return,
+        LogVerdict::Log => 0,
+        LogVerdict::Summary { suppressed } => suppressed,
+    };
+    if serious {
+        tracing::error!(
+            %error,
+            %addr,
+            suppressed,
+            "two processes claim one gateway identity: the older is refused; stop one of them"
+        );
+    } else {
+        tracing::warn!(%error, %addr, suppressed, "gossip peer refused");
     }
 }
 

@@ -4,6 +4,7 @@
 //! Separate because this is the only driver code on the request path: every call is one
 //! short critical section, and the rules for waking the driver loop live here.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -11,6 +12,7 @@ use tokio::sync::Notify;
 
 use crate::crdt::PolicyId;
 use crate::gossip::clock::now_us;
+use crate::gossip::log_limit::{LogLimiter, LogVerdict, MAX_LOGGED_KINDS, REFUSAL_LOG_EVERY_US};
 use crate::gossip::proto::{Gossip, GossipStats, Inspection, PeerId, PeerReport};
 use crate::limit::policy::GlobalMode;
 
@@ -36,6 +38,8 @@ pub(super) struct Shared {
     /// it under the same lock, so a reader of a replaced connection never feeds the machine
     /// after its successor took over; a connection that goes withdraws only itself.
     generations: Vec<AtomicU64>,
+    /// Which refused connections are logged (see [`super::accept::log_refusal`]).
+    refusal_log: Mutex<LogLimiter<(&'static str, IpAddr)>>,
 }
 
 impl Shared {
@@ -48,6 +52,7 @@ impl Shared {
             armed_until: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             generations: (0..slots).map(|_| AtomicU64::new(NO_CONNECTION)).collect(),
+            refusal_log: Mutex::new(LogLimiter::new(REFUSAL_LOG_EVERY_US, MAX_LOGGED_KINDS)),
         }
     }
 
@@ -86,6 +91,16 @@ impl Shared {
                 Ordering::Acquire,
             );
         }
+    }
+
+    /// The verdict for logging a refusal of `reason` from `addr` now.
+    pub(super) fn refusal_verdict(&self, reason: &'static str, addr: IpAddr) -> LogVerdict {
+        // A panic while holding this lock cannot leave the limiter inconsistent.
+        let mut log = self
+            .refusal_log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        log.check((reason, addr), now_us())
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, Gossip> {

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::accept::refusal_reason;
+use super::accept::{log_refusal, refusal_reason};
 use super::{
     CLOSE_BAD_HELLO, CLOSE_REPLACED, Driver, DriverError, Event, HELLOS_REFUSED_TOTAL, PEER_QUEUE,
     handle::Shared,
@@ -113,16 +113,16 @@ impl Driver {
                     gateway: actor.slot(),
                     refusal,
                 };
+                let addr = connection.remote_address();
                 match refusal {
                     // The genuine process reconnecting before its old link timed out.
                     HelloRefusal::AlreadyConnected => {
                         tracing::debug!(%error, "gossip peer refused")
                     }
-                    HelloRefusal::Stale { .. } => tracing::error!(
-                        %error,
-                        "two processes claim one gateway identity: the older is refused; stop one of them"
-                    ),
-                    _ => tracing::warn!(%error, "gossip peer refused"),
+                    HelloRefusal::Stale { .. } => {
+                        log_refusal(&self.shared, refusal_reason(refusal), addr, &error, true)
+                    }
+                    _ => log_refusal(&self.shared, refusal_reason(refusal), addr, &error, false),
                 }
                 return;
             }
