@@ -26,6 +26,16 @@
 //!   bounded counter, with the eventual admission rule.
 //! - [`gossip`]: the pure gossip state machine ([`gossip::proto`]), its frame codec, and the
 //!   QUIC transport with mutual TLS and the thin driver that runs the machine over it.
+//!   - `gossip/proto.rs` (pure): the machine's state; its children `message` (wire
+//!     vocabulary), `config`, `peer` (per-peer state, the connection's as a value),
+//!     `links` (connection lifecycle), `hello` (handshake), `identity` (a second process
+//!     with our identity), `input`, `sync` (deltas, full states, anti-entropy), `admit`
+//!     (the limiter-facing API), `timers` (output and periodic work), `retire` (graceful
+//!     shutdown), `report` (stats, inspection) and `rng`.
+//!   - `gossip/driver.rs`: the driver loop; its children `handle` (the request path's
+//!     side), `link` (one connection, owned by the connection table), `accept` (accepted
+//!     connections and their `Hello`) and `identity` (the self-probe); `gossip/clock.rs`
+//!     is the clock both feed the machine.
 //! - [`global`]: global policies → gossip policy ids and config digest; starting and
 //!   retiring a gateway's gossip.
 

@@ -13,8 +13,9 @@
 //! and a region certificate of an earlier version is refused with a hint to reissue. Every
 //! refusal is closed (an application error code when the handshake completed), counted
 //! ([`GossipEndpoint::refused_peers`] and the `tollgate_gossip_refused_peers_total{reason}`
-//! metric) and logged once per peer address, so a misconfigured peer retrying forever cannot
-//! flood the log.
+//! metric) and logged at most once a minute per reason and peer address, the repeats in a
+//! summary with their count ([`super::log_limit`]), so a misconfigured peer retrying forever
+//! cannot flood the log.
 //!
 //! Handshakes in flight are bounded in all (`MAX_PENDING_HANDSHAKES`) and per source
 //! address (`MAX_PENDING_PER_ADDRESS`), so one host opening connections as fast as it can
@@ -41,7 +42,9 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
+use super::clock::now_us;
 use super::codec::{self, CodecError, Decoder};
+use super::log_limit::{LogLimiter, LogVerdict, MAX_LOGGED_KINDS, REFUSAL_LOG_EVERY_US};
 use super::tls::{self, CertName, PeerTls, TlsError};
 use crate::crdt::Slot;
 
@@ -70,9 +73,6 @@ const MAX_PENDING_HANDSHAKES: usize = 64;
 /// Handshakes in flight from one source address (IP): a deployment has at most
 /// [`crate::config::MAX_PEERS`] gateways and each dials once per backoff.
 const MAX_PENDING_PER_ADDRESS: usize = 4;
-/// Peer addresses remembered for log de-duplication; beyond this, refusals are still counted
-/// but no longer logged (the set must not grow without bound under a flood).
-const MAX_LOGGED_PEERS: usize = 4096;
 /// Largest chunk read from a stream at once.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -177,25 +177,48 @@ pub struct PeerConnection {
     pub connection: Connection,
 }
 
-/// Counters and log de-duplication shared with the accept task.
-#[derive(Debug, Default)]
+/// Counters and log rate limiting shared with the accept task.
+#[derive(Debug)]
 struct Refusals {
     count: AtomicU64,
-    logged: Mutex<HashSet<SocketAddr>>,
+    logged: Mutex<LogLimiter<(&'static str, IpAddr)>>,
+}
+
+impl Default for Refusals {
+    fn default() -> Self {
+        Self {
+            count: AtomicU64::new(0),
+            logged: Mutex::new(LogLimiter::new(REFUSAL_LOG_EVERY_US, MAX_LOGGED_KINDS)),
+        }
+    }
 }
 
 impl Refusals {
     fn record(&self, peer: SocketAddr, reason: &'static str, detail: &dyn std::fmt::Display) {
+        self.record_at(peer, reason, detail, now_us());
+    }
+
+    fn record_at(
+        &self,
+        peer: SocketAddr,
+        reason: &'static str,
+        detail: &dyn std::fmt::Display,
+        now_us: u64,
+    ) -> LogVerdict {
         self.count.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(REFUSED_PEERS_TOTAL, "reason" => reason).increment(1);
-        let first = {
-            // A panic while holding this lock cannot leave the set inconsistent.
+        let verdict = {
+            // A panic while holding this lock cannot leave the limiter inconsistent.
             let mut logged = self.logged.lock().unwrap_or_else(PoisonError::into_inner);
-            logged.len() < MAX_LOGGED_PEERS && logged.insert(peer)
+            logged.check((reason, peer.ip()), now_us)
         };
-        if first {
-            tracing::warn!(%peer, reason, %detail, "refused gossip peer (logged once per address)");
-        }
+        let suppressed = match verdict {
+            LogVerdict::Suppress => return verdict,
+            LogVerdict::Log => 0,
+            LogVerdict::Summary { suppressed } => suppressed,
+        };
+        tracing::warn!(%peer, reason, %detail, suppressed, "refused gossip peer");
+        verdict
     }
 }
 
@@ -570,18 +593,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn refusals_are_counted_every_time_and_logged_once_per_address() {
+    fn refusals_are_counted_every_time_and_logged_once_per_reason_and_address() {
         let refusals = Refusals::default();
         let peer: SocketAddr = "192.0.2.1:4433".parse().unwrap();
         let other: SocketAddr = "192.0.2.2:4433".parse().unwrap();
-        for _ in 0..3 {
-            refusals.record(peer, "tls", &"unknown CA");
-        }
-        refusals.record(other, "region_not_allowed", &"region \"x\"");
+        let verdicts: Vec<LogVerdict> = (0..3)
+            .map(|i| refusals.record_at(peer, "tls", &"unknown CA", 1_000 + i))
+            .collect();
+        assert_eq!(
+            verdicts,
+            [LogVerdict::Log, LogVerdict::Suppress, LogVerdict::Suppress]
+        );
+        let verdict = refusals.record_at(other, "region_not_allowed", &"region \"x\"", 1_000);
+        assert_eq!(verdict, LogVerdict::Log);
         assert_eq!(refusals.count.load(Ordering::Relaxed), 4);
-        let logged = refusals.logged.lock().unwrap();
-        assert_eq!(logged.len(), 2);
-        assert!(logged.contains(&peer) && logged.contains(&other));
+        // A minute later the looping peer gets one summary line with the count.
+        let later = refusals.record_at(peer, "tls", &"unknown CA", 1_000 + REFUSAL_LOG_EVERY_US);
+        assert_eq!(later, LogVerdict::Summary { suppressed: 2 });
     }
 
     #[test]

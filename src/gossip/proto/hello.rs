@@ -40,19 +40,6 @@ pub const MAX_RETIRED: usize = 4;
 /// restart takes longer, and a flood of rising incarnations is thereby one per second.
 pub const MIN_RESTART_INTERVAL_US: u64 = 1_000_000;
 
-/// What a `Hello` of our own gateway, from a process presenting our certificate, told us.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OwnIdentity {
-    /// Our own incarnation: we reached ourselves.
-    Ourselves,
-    /// An older process with our identity: it stands down when it learns of us.
-    OlderProcess,
-    /// A newer process with our identity: we stopped serving global policies.
-    StoodDown,
-    /// Malformed, or an incarnation beyond the allowed skew: ignored.
-    Refused,
-}
-
 /// Why a `Hello` was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum HelloRefusal {
@@ -99,37 +86,6 @@ impl Gossip {
     /// The configuration digest our `Hello` carries.
     pub fn config_digest(&self) -> u64 {
         self.config_digest
-    }
-
-    /// A process that presented our own certificate (authenticated by the transport as our
-    /// gateway, so not a peer's word) announced `incarnation`. If it is newer, that process
-    /// is our slot's current incarnation and we are the stale one: we stop admitting global
-    /// requests for good (both would otherwise spend the slot's share), and strict rights
-    /// are left to it.
-    pub fn on_own_identity(&mut self, incarnation: u64, now_us: u64) -> OwnIdentity {
-        let mine = self.me.incarnation;
-        if incarnation == 0 || incarnation.saturating_sub(now_us) > MAX_INCARNATION_SKEW_US {
-            return OwnIdentity::Refused;
-        }
-        if incarnation == mine {
-            return OwnIdentity::Ourselves;
-        }
-        if incarnation < mine {
-            self.stats.duplicate_identity += 1;
-            return OwnIdentity::OlderProcess;
-        }
-        self.stats.duplicate_identity += 1;
-        self.identity_conflict = Some(self.identity_conflict.unwrap_or(0).max(incarnation));
-        // The newer process holds our slot's strict share from now on: we give nothing and
-        // admit nothing more (the bounded counter's zombie state).
-        self.bounded.on_own_newer_incarnation(incarnation);
-        OwnIdentity::StoodDown
-    }
-
-    /// The newer incarnation of our own gateway that made us stand down, if any: while set,
-    /// nothing global is admitted here.
-    pub fn identity_conflict(&self) -> Option<u64> {
-        self.identity_conflict
     }
 
     /// Whether a `Hello` that arrived as the first message of a *new* connection from `from`
@@ -183,7 +139,7 @@ impl Gossip {
             if new_connection && live && !newer {
                 return Err(HelloRefusal::AlreadyConnected);
             }
-            if !new_connection && p.accepted && newer {
+            if !new_connection && p.conn.accepted && newer {
                 return Err(HelloRefusal::IncarnationChanged);
             }
             if newer
@@ -222,7 +178,7 @@ impl Gossip {
         if let Err(refusal) = result {
             // The live connection's state is left alone unless this connection was the one
             // speaking (an accepted peer does not lose its status to a refused resend).
-            if !p.accepted {
+            if !p.conn.accepted {
                 p.status = match refusal {
                     HelloRefusal::ConfigMismatch { theirs } => {
                         PeerStatus::ConfigMismatch { theirs }
@@ -256,8 +212,8 @@ impl Gossip {
             }
         }
         p.status = PeerStatus::Ok;
-        let first = !p.accepted;
-        p.accepted = true;
+        let first = !p.conn.accepted;
+        p.conn.accepted = true;
         if peers_changed {
             self.node.set_peers(super::eventual_peers(&self.peers));
         }

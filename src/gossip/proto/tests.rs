@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 use crate::crdt::bounded::StrictPolicy;
-use crate::crdt::{Col, WindowSpec};
+use crate::crdt::{Ack, Announce, Ask, Col, Delta, EventualPolicy, Handover, Transfer, WindowSpec};
 use crate::gossip::codec::{self, DEFAULT_MAX_FRAME, Decoder};
 
 /// A realistic wall-clock start (2025), so sub-window numbers look like production ones.

@@ -1,0 +1,291 @@
+//! The limiter's side of the driver: the machine behind its lock, and the calls the request
+//! path makes on it.
+//!
+//! Separate because this is the only driver code on the request path: every call is one
+//! short critical section, and the rules for waking the driver loop live here.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::Notify;
+
+use crate::crdt::PolicyId;
+use crate::gossip::clock::now_us;
+use crate::gossip::log_limit::{LogLimiter, LogVerdict, MAX_LOGGED_KINDS, REFUSAL_LOG_EVERY_US};
+use crate::gossip::proto::{Gossip, GossipStats, Inspection, PeerId, PeerReport};
+use crate::limit::policy::GlobalMode;
+
+/// [`Shared::generations`] of a peer without a current connection.
+const NO_CONNECTION: u64 = u64::MAX;
+
+/// What the request path, the driver loop and the connection readers share.
+pub(super) struct Shared {
+    gossip: Mutex<Gossip>,
+    /// Wakes the driver loop: the machine may have something to send or a new deadline.
+    pub(super) wake: Notify,
+    /// The instant (µs) the driver sleeps until, set under the machine's lock as it goes to
+    /// sleep (`u64::MAX`: no deadline). A request that changes the machine wakes the driver
+    /// only if there is output now or the next deadline moved before this one: admissions
+    /// come by the ten thousand per second and most change nothing the driver must act on
+    /// before its next delta, so waking it for each cost a task wake-up, a lock and a new
+    /// timer per request.
+    pub(super) armed_until: AtomicU64,
+    /// Frames dropped because a peer's queue was full (or it had no connection).
+    pub(super) dropped: AtomicU64,
+    /// The generation of each peer's current connection ([`NO_CONNECTION`]: none), indexed
+    /// by slot. A new connection becomes current under the machine's lock, and readers check
+    /// it under the same lock, so a reader of a replaced connection never feeds the machine
+    /// after its successor took over; a connection that goes withdraws only itself.
+    generations: Vec<AtomicU64>,
+    /// Which refused connections are logged (see [`super::accept::log_refusal`]).
+    refusal_log: Mutex<LogLimiter<(&'static str, IpAddr)>>,
+}
+
+impl Shared {
+    pub(super) fn new(gossip: Gossip) -> Self {
+        let slots = gossip.strict().slots().len();
+        Self {
+            gossip: Mutex::new(gossip),
+            wake: Notify::new(),
+            // Until the driver first goes to sleep, every change wakes it.
+            armed_until: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            generations: (0..slots).map(|_| AtomicU64::new(NO_CONNECTION)).collect(),
+            refusal_log: Mutex::new(LogLimiter::new(REFUSAL_LOG_EVERY_US, MAX_LOGGED_KINDS)),
+        }
+    }
+
+    /// Wakes the driver if what changed in `g` needs it before its armed deadline.
+    pub(super) fn nudge(&self, g: &Gossip) {
+        let due = g.poll_timeout().unwrap_or(u64::MAX);
+        if g.has_output() || due < self.armed_until.load(Ordering::Acquire) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Whether `generation` is the peer's current connection (ask under the machine's lock,
+    /// then act on the answer before releasing it).
+    pub(super) fn is_current(&self, peer: PeerId, generation: u64) -> bool {
+        self.generations
+            .get(usize::from(peer.0))
+            .is_some_and(|g| g.load(Ordering::Acquire) == generation)
+    }
+
+    /// Makes `generation` the peer's current connection (see [`super::link::Link::new`]).
+    pub(super) fn make_current(&self, peer: PeerId, generation: u64) {
+        if let Some(current) = self.generations.get(usize::from(peer.0)) {
+            current.store(generation, Ordering::Release);
+        }
+    }
+
+    /// The connection `generation` is gone: unless a successor took over, the peer has no
+    /// current connection.
+    pub(super) fn withdraw(&self, peer: PeerId, generation: u64) {
+        if let Some(current) = self.generations.get(usize::from(peer.0)) {
+            // Fails only when a successor is current, which must stay so.
+            let _ = current.compare_exchange(
+                generation,
+                NO_CONNECTION,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+    }
+
+    /// The verdict for logging a refusal of `reason` from `addr` now.
+    pub(super) fn refusal_verdict(&self, reason: &'static str, addr: IpAddr) -> LogVerdict {
+        // A panic while holding this lock cannot leave the limiter inconsistent.
+        let mut log = self
+            .refusal_log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        log.check((reason, addr), now_us())
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, Gossip> {
+        // The machine does not panic on any input (see `proto`); if a bug made it panic
+        // anyway, its state is still a valid CRDT state, so keep serving rather than
+        // propagate the poison to every request.
+        self.gossip.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The limiter's view of the gossip machine: cheap to clone, every call is one short
+/// critical section, and calls that change state wake the driver so gossip goes out.
+#[derive(Clone)]
+pub struct GossipHandle {
+    pub(super) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for GossipHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GossipHandle").finish_non_exhaustive()
+    }
+}
+
+impl GossipHandle {
+    /// See [`Gossip::try_admit_eventual`].
+    pub fn try_admit_eventual(&self, policy: PolicyId, key: &str, cost: u64, limit: u64) -> bool {
+        let mut g = self.shared.lock();
+        let ok = g.try_admit_eventual(policy, key, cost, limit, now_us());
+        self.shared.nudge(&g);
+        ok
+    }
+
+    /// See [`Gossip::try_admit_strict`] (may queue `Ask`s, hence the wake-up).
+    pub fn try_admit_strict(&self, policy: PolicyId, key: &str, cost: u64) -> bool {
+        let mut g = self.shared.lock();
+        let ok = g.try_admit_strict(policy, key, cost, now_us());
+        self.shared.nudge(&g);
+        ok
+    }
+
+    /// Decides the request's global policies together under one lock: all admitted, or none
+    /// (what was taken is given back). Returns the outcome per check, with the instant of
+    /// the decision for [`GossipHandle::refund`]. Never waits for another region: the
+    /// decision is local, from the rights and counts gossip has brought so far.
+    pub fn admit(&self, checks: &[GlobalCheck<'_>]) -> (Vec<GlobalOutcome>, u64) {
+        let now = now_us();
+        let mut outcomes = Vec::with_capacity(checks.len());
+        {
+            let mut g = self.shared.lock();
+            if g.identity_conflict().is_some() {
+                // A newer process with our identity serves the slot: spending its share
+                // here too would admit it twice (see the module docs).
+                let refused = GlobalOutcome {
+                    admitted: false,
+                    remaining: 0,
+                };
+                return (vec![refused; checks.len()], now);
+            }
+            for check in checks {
+                let admitted = match check.mode {
+                    GlobalMode::Eventual => {
+                        g.try_admit_eventual(check.policy, check.key, check.cost, check.quota, now)
+                    }
+                    GlobalMode::Strict => {
+                        g.try_admit_strict(check.policy, check.key, check.cost, now)
+                    }
+                };
+                outcomes.push(GlobalOutcome {
+                    admitted,
+                    remaining: 0,
+                });
+            }
+            // All or nothing: a policy that admitted is refunded when another refused (its
+            // outcome still says it admitted, so the caller names only the refusing ones).
+            if outcomes.iter().any(|o| !o.admitted) {
+                for (check, outcome) in checks.iter().zip(&outcomes) {
+                    if outcome.admitted {
+                        refund_one(&mut g, check, now, now);
+                    }
+                }
+            }
+            for (check, outcome) in checks.iter().zip(&mut outcomes) {
+                outcome.remaining = match check.mode {
+                    GlobalMode::Eventual => {
+                        g.remaining_eventual(check.policy, check.key, check.quota, now)
+                    }
+                    GlobalMode::Strict => g.remaining_strict(check.policy, check.key, now),
+                };
+            }
+            self.shared.nudge(&g);
+        }
+        (outcomes, now)
+    }
+
+    /// Gives back what [`GossipHandle::admit`] took at `admitted_at_us` for a request that
+    /// was then refused by another policy.
+    pub fn refund(&self, checks: &[GlobalCheck<'_>], admitted_at_us: u64) {
+        let now = now_us();
+        let mut g = self.shared.lock();
+        for check in checks {
+            refund_one(&mut g, check, admitted_at_us, now);
+        }
+        self.shared.nudge(&g);
+    }
+
+    /// See [`Gossip::is_learning`].
+    pub fn is_learning(&self) -> bool {
+        self.shared.lock().is_learning(now_us())
+    }
+
+    /// See [`Gossip::inspect`].
+    pub fn inspect(&self, policy: PolicyId, key: &str) -> Inspection {
+        self.shared.lock().inspect(policy, key, now_us())
+    }
+
+    /// See [`Gossip::count`].
+    pub fn count(&self, policy: PolicyId, key: &str) -> u64 {
+        self.shared.lock().count(policy, key, now_us())
+    }
+
+    /// See [`Gossip::peer_status`].
+    pub fn peer_status(&self) -> Vec<PeerReport> {
+        self.shared.lock().peer_status()
+    }
+
+    /// See [`Gossip::stats`].
+    pub fn stats(&self) -> GossipStats {
+        self.shared.lock().stats()
+    }
+
+    /// Frames dropped by the driver: a peer's queue was full, or it had no connection.
+    pub fn dropped_frames(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// See [`Gossip::identity_conflict`]: the newer incarnation of our own gateway that made
+    /// this process stop serving global policies, if any.
+    pub fn identity_conflict(&self) -> Option<u64> {
+        self.shared.lock().identity_conflict()
+    }
+
+    /// Keys held in the eventual and strict tables (for the `tollgate_global_keys` gauge).
+    pub fn key_counts(&self) -> (usize, usize) {
+        let g = self.shared.lock();
+        (g.eventual().table().key_count(), g.strict().key_count())
+    }
+}
+
+/// One global policy of one request, for [`GossipHandle::admit`].
+#[derive(Debug, Clone, Copy)]
+pub struct GlobalCheck<'a> {
+    /// The policy's id in the gossip state.
+    pub policy: PolicyId,
+    /// Its mode.
+    pub mode: GlobalMode,
+    /// The client key.
+    pub key: &'a str,
+    /// The request's cost.
+    pub cost: u64,
+    /// The global quota per window (eventual mode; strict quotas are part of the state).
+    pub quota: u64,
+}
+
+/// How one [`GlobalCheck`] fared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GlobalOutcome {
+    /// Whether this policy had room (the request is admitted only if all had).
+    pub admitted: bool,
+    /// What is left after the decision: rights held here (strict), or the quota minus the
+    /// merged global count (eventual).
+    pub remaining: u64,
+}
+
+pub(super) fn refund_one(
+    g: &mut Gossip,
+    check: &GlobalCheck<'_>,
+    admitted_at_us: u64,
+    now_us: u64,
+) {
+    match check.mode {
+        GlobalMode::Eventual => {
+            g.refund(check.policy, check.key, admitted_at_us, check.cost, now_us);
+        }
+        GlobalMode::Strict => {
+            g.refund_strict(check.policy, check.key, admitted_at_us, check.cost, now_us);
+        }
+    }
+}
