@@ -6,6 +6,7 @@
 //! replaced or lost connection is left to be cleared by hand.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use quinn::{Connection, SendStream};
@@ -16,7 +17,7 @@ use tokio::time::Instant;
 use super::accept::{log_refusal, refusal_reason};
 use super::{
     CLOSE_BAD_HELLO, CLOSE_REPLACED, Driver, DriverError, Event, HELLOS_REFUSED_TOTAL, PEER_QUEUE,
-    handle::Shared,
+    PEER_QUEUE_BYTES, handle::Shared,
 };
 use crate::gossip::clock::now_us;
 use crate::gossip::proto::{HelloRefusal, Message, PeerId};
@@ -31,6 +32,8 @@ pub(super) struct Link {
     pub(super) connection: Connection,
     /// The writer's queue; `None` once handed back so the writer finishes (shutdown).
     pub(super) frames: Option<mpsc::Sender<Vec<u8>>>,
+    /// Bytes in `frames` (and the one being written), shared with the writer.
+    queued_bytes: Arc<AtomicUsize>,
     pub(super) writer: JoinHandle<()>,
     peer: PeerId,
     shared: Arc<Shared>,
@@ -45,6 +48,7 @@ impl Link {
         generation: u64,
         connection: Connection,
         frames: mpsc::Sender<Vec<u8>>,
+        queued_bytes: Arc<AtomicUsize>,
         writer: JoinHandle<()>,
         shared: Arc<Shared>,
     ) -> Self {
@@ -53,6 +57,7 @@ impl Link {
             generation,
             connection,
             frames: Some(frames),
+            queued_bytes,
             writer,
             peer,
             shared,
@@ -65,12 +70,26 @@ impl Link {
         self.close_with = (code, reason);
     }
 
-    /// Queues a frame for the writer; `false` when the queue is full or gone (the frame is
-    /// dropped and the protocol repairs the loss).
+    /// Queues a frame for the writer; `false` when the queue is full (in frames or in
+    /// bytes) or gone: the frame is dropped and the protocol repairs the loss. A frame alone
+    /// in the queue is taken whatever its size (it is at most `max_frame`).
     pub(super) fn try_send(&self, frame: Vec<u8>) -> bool {
-        self.frames
-            .as_ref()
-            .is_some_and(|frames| frames.try_send(frame).is_ok())
+        let Some(frames) = self.frames.as_ref() else {
+            return false;
+        };
+        let len = frame.len();
+        let queued = self.queued_bytes.load(Ordering::Acquire);
+        if queued > 0 && queued.saturating_add(len) > PEER_QUEUE_BYTES {
+            return false;
+        }
+        // Counted before the send so the writer's decrement can never come first.
+        self.queued_bytes.fetch_add(len, Ordering::AcqRel);
+        if frames.try_send(frame).is_ok() {
+            true
+        } else {
+            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            false
+        }
     }
 }
 
@@ -130,12 +149,13 @@ impl Driver {
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1);
         let (frames_tx, frames_rx) = mpsc::channel(PEER_QUEUE);
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
         let writer = tokio::spawn(write_loop(
             peer,
             generation,
             connection.clone(),
             send,
-            frames_rx,
+            (frames_rx, queued_bytes.clone()),
             events.clone(),
         ));
         let mut g = self.shared.lock();
@@ -144,6 +164,7 @@ impl Driver {
             generation,
             connection,
             frames_tx,
+            queued_bytes,
             writer,
             self.shared.clone(),
         );
@@ -256,11 +277,13 @@ pub(super) async fn write_loop(
     generation: u64,
     connection: Connection,
     mut send: SendStream,
-    mut frames: mpsc::Receiver<Vec<u8>>,
+    (mut frames, queued_bytes): (mpsc::Receiver<Vec<u8>>, Arc<AtomicUsize>),
     events: mpsc::Sender<Event>,
 ) {
     while let Some(frame) = frames.recv().await {
-        if let Err(error) = quic::send_frame(&mut send, &frame).await {
+        let written = quic::send_frame(&mut send, &frame).await;
+        queued_bytes.fetch_sub(frame.len(), Ordering::AcqRel);
+        if let Err(error) = written {
             tracing::debug!(?peer, %error, "gossip write failed");
             connection.close(CLOSE_PROTOCOL_ERROR, b"write failed");
             // Fails only when the driver has stopped.
