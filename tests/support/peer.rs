@@ -21,8 +21,8 @@ use tollgate::gossip::codec;
 use tollgate::gossip::proto::Message;
 use tollgate::gossip::quic::{self, GossipEndpoint};
 
-pub use super::cluster::{DEADLINE, Role};
 use super::cluster::{Cluster, Node, Setup, hex_sha256};
+pub use super::cluster::{DEADLINE, Role};
 
 /// The strict policy: short, so that a cold start reclaims within about two seconds.
 pub const STRICT_QUOTA: u64 = 10;
@@ -121,7 +121,10 @@ impl Deployment {
     pub async fn wait_reclaimed(&self, i: usize) {
         self.until(
             &format!("gateway {i} to reclaim its strict share"),
-            || async { self.reclaimed(i, STRICT, &format!("key:{}", CLIENTS[0])).await },
+            || async {
+                self.reclaimed(i, STRICT, &format!("key:{}", CLIENTS[0]))
+                    .await
+            },
         )
         .await;
     }
