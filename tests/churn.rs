@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use support::cluster::{Cluster, Role, Setup};
+use support::cluster::{Cluster, Role, Setup, global_policy};
 use support::prom_value;
 
 /// Each mode's keys come in rounds, each round's keys new: 10^5 distinct keys per mode, what
@@ -56,22 +56,17 @@ const RSS_DEADLINE: Duration = Duration::from_secs(10);
 const SAMPLE_EVERY: Duration = Duration::from_millis(200);
 
 fn tables() -> String {
-    format!(
-        r#"[policies.{STRICT}]
-routes = ["/strict"]
-key = ["header:{KEY_HEADER}"]
-rate = "{STRICT_QUOTA}/{WINDOW_S}s"
-scope = "global"
-mode = "strict"
-
-[policies.{EVENTUAL}]
-routes = ["/eventual"]
-key = ["header:{KEY_HEADER}"]
-rate = "{EVENTUAL_QUOTA}/{WINDOW_S}s"
-scope = "global"
-mode = "eventual"
-"#
-    )
+    let by = [format!("header:{KEY_HEADER}")];
+    let by: Vec<&str> = by.iter().map(String::as_str).collect();
+    let rate = |quota: u64| format!("{quota}/{WINDOW_S}s");
+    global_policy(STRICT, "/strict", &by, &rate(STRICT_QUOTA), "strict")
+        + &global_policy(
+            EVENTUAL,
+            "/eventual",
+            &by,
+            &rate(EVENTUAL_QUOTA),
+            "eventual",
+        )
 }
 
 /// One global mode's churn.
@@ -105,9 +100,14 @@ struct Gauges {
 }
 
 impl Gauges {
+    /// One sample: peaks, and the latest reading as "after" until the round is over.
     fn note(&mut self, keys: Option<u64>, rss_kib: u64) {
-        self.keys_peak = self.keys_peak.max(keys.unwrap_or(0));
+        if let Some(keys) = keys {
+            self.keys_peak = self.keys_peak.max(keys);
+            self.keys_after = keys;
+        }
         self.rss_peak_kib = self.rss_peak_kib.max(rss_kib);
+        self.rss_after_kib = rss_kib;
     }
 }
 
@@ -220,33 +220,40 @@ async fn churn(d: &Cluster, mode: Mode, round: &str) -> Vec<Gauges> {
     let (tally, ()) = tokio::join!(run, sampler);
     let took = started.elapsed();
 
-    let idle_from = Instant::now();
-    d.until_within(
-        RETURN_DEADLINE,
-        &format!("every {} table back at its baseline", mode.label),
-        || async {
-            let mut back = true;
-            for i in 0..gateways {
-                let held = sample(i).await;
-                back &= held.is_some_and(|held| held <= gauges.borrow()[i].keys_before);
-            }
-            back
-        },
-    )
-    .await;
-    let returned = idle_from.elapsed();
-
-    let mut gauges = gauges.into_inner();
     let admitted = tally.admitted.load(Ordering::Relaxed);
     let refused = tally.refused.load(Ordering::Relaxed);
     eprintln!(
         "{} {round}: {KEYS_PER_ROUND} keys in {:.1} s ({:.0} requests/s; {admitted} admitted, \
-         {refused} refused); tables back at baseline {:.1} s after",
+         {refused} refused)",
         mode.label,
         took.as_secs_f64(),
         KEYS_PER_ROUND as f64 / took.as_secs_f64(),
-        returned.as_secs_f64(),
     );
+
+    let idle_from = Instant::now();
+    let held_now = || {
+        let held: Vec<u64> = gauges.borrow().iter().map(|g| g.keys_after).collect();
+        format!(
+            "every {} table back at its baseline (held: {held:?})",
+            mode.label
+        )
+    };
+    d.until_within(RETURN_DEADLINE, &held_now, || async {
+        let mut back = true;
+        for i in 0..gateways {
+            let held = sample(i).await;
+            back &= held.is_some_and(|held| held <= gauges.borrow()[i].keys_before);
+        }
+        back
+    })
+    .await;
+    eprintln!(
+        "{} {round}: tables back at baseline {:.1} s after the round",
+        mode.label,
+        idle_from.elapsed().as_secs_f64(),
+    );
+
+    let mut gauges = gauges.into_inner();
     for (i, g) in gauges.iter_mut().enumerate() {
         g.keys_after = keys_held(d, i, mode)
             .await
@@ -287,7 +294,11 @@ fn mib(kib: u64) -> f64 {
 
 /// Waits until every gateway's RSS is at most `bound_kib[i]`.
 async fn until_rss_within(d: &Cluster, what: &str, bound_kib: &[u64]) {
-    d.until_within(RSS_DEADLINE, what, || async {
+    let rss_now = || {
+        let rss: Vec<u64> = (0..bound_kib.len()).map(|i| d.rss_kib(i)).collect();
+        format!("{what} (RSS now {rss:?} KiB)")
+    };
+    d.until_within(RSS_DEADLINE, &rss_now, || async {
         bound_kib
             .iter()
             .enumerate()

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use support::cluster::{Cluster, DEADLINE, Role, Setup, hex_sha256};
+use support::cluster::{Cluster, DEADLINE, Role, Setup, global_policy, hex_sha256};
 use support::parse_prometheus;
 
 /// The policies' window: a cold start waits it plus a sub-window before strict admits.
@@ -29,28 +29,24 @@ const KEY: &str = "key:hopper";
 
 /// The identity and policies of every gateway.
 fn tables() -> String {
+    let by = ["api_key", "ip"];
     format!(
-        r#"[[identity.api_keys]]
-name = "hopper"
-sha256 = "{sha}"
-
-[policies.hop-strict]
-routes = ["/strict"]
-key = ["api_key", "ip"]
-rate = "{STRICT_QUOTA}/{window}s"
-scope = "global"
-mode = "strict"
-
-[policies.hop-eventual]
-routes = ["/eventual"]
-key = ["api_key", "ip"]
-rate = "{EVENTUAL_QUOTA}/{eventual_window}s"
-scope = "global"
-mode = "eventual"
-"#,
-        sha = hex_sha256(API_KEY),
-        window = WINDOW.as_secs(),
-        eventual_window = EVENTUAL_WINDOW.as_secs(),
+        "[[identity.api_keys]]\nname = \"hopper\"\nsha256 = \"{}\"\n{}{}",
+        hex_sha256(API_KEY),
+        global_policy(
+            "hop-strict",
+            "/strict",
+            &by,
+            &format!("{STRICT_QUOTA}/{}s", WINDOW.as_secs()),
+            "strict"
+        ),
+        global_policy(
+            "hop-eventual",
+            "/eventual",
+            &by,
+            &format!("{EVENTUAL_QUOTA}/{}s", EVENTUAL_WINDOW.as_secs()),
+            "eventual"
+        ),
     )
 }
 

@@ -70,6 +70,17 @@ pub struct Cluster {
     pub http: reqwest::Client,
 }
 
+/// The TOML of one global `[policies.NAME]` table: `rate` is `"N/W"`, `key` its key
+/// sources, `mode` "strict" or "eventual".
+pub fn global_policy(name: &str, route: &str, key: &[&str], rate: &str, mode: &str) -> String {
+    let key: Vec<String> = key.iter().map(|k| format!("\"{k}\"")).collect();
+    format!(
+        "\n[policies.{name}]\nroutes = [\"{route}\"]\nkey = [{}]\nrate = \"{rate}\"\n\
+         scope = \"global\"\nmode = \"{mode}\"\n",
+        key.join(", ")
+    )
+}
+
 /// Lower-case hex SHA-256 of `text` (API keys are configured by their digest).
 pub fn hex_sha256(text: &str) -> String {
     Sha256::digest(text.as_bytes())
@@ -259,19 +270,25 @@ impl Cluster {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
-        self.until_within(DEADLINE, what, check).await;
+        self.until_within(DEADLINE, &|| what.to_owned(), check)
+            .await;
     }
 
-    /// [`Cluster::until`] with another deadline.
-    pub async fn until_within<F, Fut>(&self, deadline: Duration, what: &str, mut check: F)
-    where
+    /// [`Cluster::until`] with another deadline, and what it waited for said at the
+    /// deadline (so it can tell how far things got).
+    pub async fn until_within<F, Fut>(
+        &self,
+        deadline: Duration,
+        what: &dyn Fn() -> String,
+        mut check: F,
+    ) where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
         let start = Instant::now();
         while !check().await {
             if start.elapsed() > deadline {
-                panic!("timed out waiting for {what}\n{}", self.logs());
+                panic!("timed out waiting for {}\n{}", what(), self.logs());
             }
             tokio::time::sleep(POLL).await;
         }

@@ -21,7 +21,7 @@ use tollgate::gossip::codec;
 use tollgate::gossip::proto::Message;
 use tollgate::gossip::quic::{self, GossipEndpoint};
 
-use super::cluster::{Cluster, Node, Setup, hex_sha256};
+use super::cluster::{Cluster, Node, Setup, global_policy, hex_sha256};
 pub use super::cluster::{DEADLINE, Role};
 
 /// The strict policy: short, so that a cold start reclaims within about two seconds.
@@ -69,29 +69,27 @@ fn tables() -> String {
             hex_sha256(&format!("secret-{name}"))
         ));
     }
-    text.push_str(&format!(
-        r#"
-[policies.{STRICT}]
-routes = ["/strict"]
-key = ["api_key", "ip"]
-rate = "{STRICT_QUOTA}/{STRICT_WINDOW_S}s"
-scope = "global"
-mode = "strict"
-
-[policies.{EVENTUAL}]
-routes = ["/eventual"]
-key = ["api_key", "ip"]
-rate = "{EVENTUAL_QUOTA}/{EVENTUAL_WINDOW_S}s"
-scope = "global"
-mode = "eventual"
-
-[policies.{OPEN}]
-routes = ["/open"]
-key = ["api_key", "ip"]
-rate = "100000000/60s"
-scope = "global"
-mode = "eventual"
-"#
+    let by = ["api_key", "ip"];
+    text.push_str(&global_policy(
+        STRICT,
+        "/strict",
+        &by,
+        &format!("{STRICT_QUOTA}/{STRICT_WINDOW_S}s"),
+        "strict",
+    ));
+    text.push_str(&global_policy(
+        EVENTUAL,
+        "/eventual",
+        &by,
+        &format!("{EVENTUAL_QUOTA}/{EVENTUAL_WINDOW_S}s"),
+        "eventual",
+    ));
+    text.push_str(&global_policy(
+        OPEN,
+        "/open",
+        &by,
+        "100000000/60s",
+        "eventual",
     ));
     text
 }
