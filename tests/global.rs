@@ -7,19 +7,15 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
-use support::{client, free_port, parse_prometheus, serve};
+use support::cluster::{Cluster, DEADLINE, Role, Setup, global_policy, hex_sha256};
+use support::parse_prometheus;
 
-const DEADLINE: Duration = Duration::from_secs(40);
 /// The policies' window: a cold start waits it plus a sub-window before strict admits.
 const WINDOW: Duration = Duration::from_secs(8);
 const STRICT_QUOTA: u64 = 20;
@@ -31,236 +27,58 @@ const API_KEY: &str = "hopper-secret";
 /// The policies' key for that API key.
 const KEY: &str = "key:hopper";
 
-struct Node {
-    region: String,
-    instance: String,
-    listen: u16,
-    admin: u16,
-    gossip: u16,
-    config: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
+/// The identity and policies of every gateway.
+fn tables() -> String {
+    let by = ["api_key", "ip"];
+    format!(
+        "[[identity.api_keys]]\nname = \"hopper\"\nsha256 = \"{}\"\n{}{}",
+        hex_sha256(API_KEY),
+        global_policy(
+            "hop-strict",
+            "/strict",
+            &by,
+            &format!("{STRICT_QUOTA}/{}s", WINDOW.as_secs()),
+            "strict"
+        ),
+        global_policy(
+            "hop-eventual",
+            "/eventual",
+            &by,
+            &format!("{EVENTUAL_QUOTA}/{}s", EVENTUAL_WINDOW.as_secs()),
+            "eventual"
+        ),
+    )
 }
 
-/// Gateway processes sharing one deployment (certificates, peer list, policies).
-struct Deployment {
-    dir: tempfile::TempDir,
-    nodes: Vec<Node>,
-    http: reqwest::Client,
-}
-
-fn config_text(node: &Node, slots: &[Node], upstream: SocketAddr) -> String {
-    let sha = hex_sha256(API_KEY);
-    let mut text = format!(
-        r#"region = "{region}"
-listen = "127.0.0.1:{listen}"
-admin_listen = "127.0.0.1:{admin}"
-drain_timeout = "2s"
-
-[services.echo]
-routes = ["/"]
-instances = ["http://{upstream}"]
-
-[[identity.api_keys]]
-name = "hopper"
-sha256 = "{sha}"
-
-[policies.hop-strict]
-routes = ["/strict"]
-key = ["api_key", "ip"]
-rate = "{STRICT_QUOTA}/{window}s"
-scope = "global"
-mode = "strict"
-
-[policies.hop-eventual]
-routes = ["/eventual"]
-key = ["api_key", "ip"]
-rate = "{EVENTUAL_QUOTA}/{eventual_window}s"
-scope = "global"
-mode = "eventual"
-
-[gossip]
-listen = "127.0.0.1:{gossip}"
-instance = "{instance}"
-ca = "certs/ca.pem"
-cert = "certs/{region}.{{instance}}.pem"
-key = "certs/{region}.{{instance}}.key"
-interval = "50ms"
-backoff_cap = "500ms"
-"#,
-        region = node.region,
-        instance = node.instance,
-        listen = node.listen,
-        admin = node.admin,
-        gossip = node.gossip,
-        window = WINDOW.as_secs(),
-        eventual_window = EVENTUAL_WINDOW.as_secs(),
-    );
-    for peer in slots {
-        text.push_str(&format!(
-            "\n[[gossip.peers]]\nregion = \"{}\"\ninstance = \"{}\"\naddr = \"127.0.0.1:{}\"\n",
-            peer.region, peer.instance, peer.gossip
-        ));
-    }
-    text
-}
-
-fn hex_sha256(text: &str) -> String {
-    Sha256::digest(text.as_bytes())
+/// Starts one gateway process per `(region, instance)` and waits until every one is
+/// connected to every other and holds its strict share.
+async fn start(slots: &[(&str, &str)]) -> Cluster {
+    let slots: Vec<(&str, &str, Role)> = slots
         .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+        .map(|&(region, instance)| (region, instance, Role::Process))
+        .collect();
+    let tables = tables();
+    let setup = Setup {
+        drain_timeout: "2s",
+        tables: &tables,
+    };
+    let d = Cluster::start(&slots, &setup).await;
+    for i in 0..d.nodes.len() {
+        wait_settled(&d, i).await;
+    }
+    d
 }
 
-impl Deployment {
-    /// Starts one gateway per `(region, instance)` and waits until every one is connected to
-    /// every other and holds its strict share.
-    async fn start(slots: &[(&str, &str)]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let gateways: Vec<tollgate::certs::Gateway> = slots
-            .iter()
-            .map(|(r, i)| tollgate::certs::Gateway::new(r, i).unwrap())
-            .collect();
-        tollgate::certs::generate(&dir.path().join("certs"), &gateways, false).unwrap();
-        let upstream = serve(axum::Router::new().fallback(|| async { "ok" })).await;
-        let mut nodes: Vec<Node> = slots
-            .iter()
-            .enumerate()
-            .map(|(i, (region, instance))| Node {
-                region: region.to_string(),
-                instance: instance.to_string(),
-                listen: free_port(),
-                admin: free_port(),
-                gossip: free_port(),
-                config: dir.path().join(format!("gateway-{i}.toml")),
-                log: dir.path().join(format!("gateway-{i}.log")),
-                child: None,
-            })
-            .collect();
-        for node in &nodes {
-            std::fs::write(&node.config, config_text(node, &nodes, upstream)).unwrap();
-        }
-        for node in &mut nodes {
-            spawn(node);
-        }
-        let deployment = Self {
-            dir,
-            nodes,
-            http: client(),
+/// Waits until gateway `i` is ready, sees every peer, and holds its strict share.
+async fn wait_settled(d: &Cluster, i: usize) {
+    let peers = d.nodes.len() - 1;
+    d.until(&format!("gateway {i} to settle"), || async {
+        let Some(ready) = d.ready(i).await else {
+            return false;
         };
-        for i in 0..deployment.nodes.len() {
-            deployment.wait_settled(i).await;
-        }
-        deployment
-    }
-
-    fn url(&self, i: usize, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.nodes[i].listen)
-    }
-
-    fn admin(&self, i: usize, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.nodes[i].admin)
-    }
-
-    async fn json(&self, url: &str) -> Option<Value> {
-        let response = self.http.get(url).send().await.ok()?;
-        response.json().await.ok()
-    }
-
-    async fn limits(&self, i: usize, policy: &str) -> Option<Value> {
-        self.json(&self.admin(i, &format!("/limits/{policy}?key={KEY}")))
-            .await
-    }
-
-    /// Polls until `check` holds, failing with `what` and the logs at the deadline.
-    async fn until<F, Fut>(&self, what: &str, mut check: F)
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = bool>,
-    {
-        let start = Instant::now();
-        while !check().await {
-            if start.elapsed() > DEADLINE {
-                panic!("timed out waiting for {what}\n{}", self.logs());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Waits until gateway `i` is ready, sees every peer, and holds its strict share.
-    async fn wait_settled(&self, i: usize) {
-        let peers = self.nodes.len() - 1;
-        self.until(&format!("gateway {i} to settle"), || async {
-            let Some(ready) = self.json(&self.admin(i, "/ready")).await else {
-                return false;
-            };
-            let Some(limits) = self.limits(i, "hop-strict").await else {
-                return false;
-            };
-            ready["gossip"]["peers_connected"] == peers
-                && limits["tiers"][0]["strict"]["share_reclaimed"] == true
-        })
-        .await;
-    }
-
-    /// Signals gateway `i` and reaps it.
-    fn signal(&mut self, i: usize, signal: Signal) -> std::process::ExitStatus {
-        let mut child = self.nodes[i].child.take().expect("gateway is running");
-        kill(Pid::from_raw(child.id() as i32), signal).unwrap();
-        let start = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(start.elapsed() < DEADLINE, "gateway {i} did not exit");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn logs(&self) -> String {
-        self.nodes
-            .iter()
-            .map(|n| {
-                let text = std::fs::read_to_string(&n.log).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(30).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                format!("--- {}/{} ---\n{}", n.region, n.instance, tail.join("\n"))
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    fn certs(&self) -> PathBuf {
-        self.dir.path().join("certs")
-    }
-}
-
-impl Drop for Deployment {
-    fn drop(&mut self) {
-        for node in &mut self.nodes {
-            if let Some(mut child) = node.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-}
-
-fn spawn(node: &mut Node) {
-    let log = std::fs::File::create(&node.log).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["gateway", "--config"])
-        .arg(&node.config)
-        .env("RUST_LOG", "info")
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .env_remove("TOLLGATE_INSTANCE")
-        .env_remove("TOLLGATE_GOSSIP_PEERS")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    node.child = Some(child);
+        ready["gossip"]["peers_connected"] == peers && d.reclaimed(i, "hop-strict", KEY).await
+    })
+    .await;
 }
 
 /// Admitted and refused counts.
@@ -271,7 +89,7 @@ struct Tally {
 }
 
 /// Three concurrent clients hop over `gateways` on `path` as fast as they can for `span`.
-async fn hop(d: &Deployment, gateways: &[usize], path: &str, span: Duration) -> (u64, u64) {
+async fn hop(d: &Cluster, gateways: &[usize], path: &str, span: Duration) -> (u64, u64) {
     let tally = Arc::new(Tally::default());
     let urls: Vec<String> = gateways.iter().map(|&i| d.url(i, path)).collect();
     let stop = Instant::now() + span;
@@ -317,7 +135,7 @@ fn rights(limits: &Value) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_hopping_over_three_regions_is_held_to_the_global_limit() {
-    let d = Deployment::start(&[("us-east", "a"), ("eu-west", "a"), ("ap-south", "a")]).await;
+    let d = start(&[("us-east", "a"), ("eu-west", "a"), ("ap-south", "a")]).await;
     let all = [0, 1, 2];
     let span = WINDOW / 3;
     let (strict, strict_refused) = hop(&d, &all, "/strict", span).await;
@@ -342,7 +160,7 @@ async fn a_client_hopping_over_three_regions_is_held_to_the_global_limit() {
     d.until("the eventual counts to converge", || async {
         let mut counts = Vec::new();
         for i in all {
-            counts.push(d.limits(i, "hop-eventual").await.map(|l| merged(&l)));
+            counts.push(d.limits(i, "hop-eventual", KEY).await.map(|l| merged(&l)));
         }
         counts.iter().all(|c| *c == Some(eventual))
     })
@@ -351,7 +169,7 @@ async fn a_client_hopping_over_three_regions_is_held_to_the_global_limit() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_gateways_of_one_region_are_held_to_one_limit() {
-    let d = Deployment::start(&[("us-east", "a"), ("us-east", "b")]).await;
+    let d = start(&[("us-east", "a"), ("us-east", "b")]).await;
     let (strict, _) = hop(&d, &[0, 1], "/strict", WINDOW / 3).await;
     let (eventual, _) = hop(&d, &[0, 1], "/eventual", WINDOW / 3).await;
     assert!(strict <= STRICT_QUOTA, "strict admitted {strict}");
@@ -361,14 +179,14 @@ async fn two_gateways_of_one_region_are_held_to_one_limit() {
         "eventual admitted {eventual}"
     );
     // Each knows the other by its instance, though both present the region's certificate.
-    let ready = d.json(&d.admin(0, "/ready")).await.unwrap();
+    let ready = d.ready(0).await.unwrap();
     assert_eq!(ready["gossip"]["peers"][0]["peer"], "us-east/b");
     assert_eq!(ready["gossip"]["peers"][0]["status"], "ok");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_region_loses_at_most_one_interval_and_strict_never_exceeds_the_limit() {
-    let mut d = Deployment::start(&[("us-east", "a"), ("eu-west", "a"), ("ap-south", "a")]).await;
+    let mut d = start(&[("us-east", "a"), ("eu-west", "a"), ("ap-south", "a")]).await;
 
     // Eventual: 60 admissions at eu-west, 10 ms apart, then SIGKILL at once.
     let mut pace = tokio::time::interval(Duration::from_millis(10));
@@ -390,19 +208,19 @@ async fn a_killed_region_loses_at_most_one_interval_and_strict_never_exceeds_the
     // What us-east learned of eu-west's 60: all but the last gossip interval (50 ms, five
     // requests; ten allowed for scheduling).
     d.until("us-east to hold eu-west's admissions", || async {
-        d.limits(0, "hop-eventual")
+        d.limits(0, "hop-eventual", KEY)
             .await
             .is_some_and(|l| merged(&l) >= 50)
     })
     .await;
-    let seen = merged(&d.limits(0, "hop-eventual").await.unwrap());
+    let seen = merged(&d.limits(0, "hop-eventual", KEY).await.unwrap());
     assert!((50..=60).contains(&seen), "us-east holds {seen} of 60");
 
     // Restart: a new incarnation, with nothing of its own until its predecessor's
     // admissions expire; the client keeps hopping over all three meanwhile.
-    spawn(&mut d.nodes[1]);
+    d.spawn(1);
     d.until("eu-west's new incarnation to connect", || async {
-        d.json(&d.admin(0, "/ready")).await.is_some_and(|r| {
+        d.ready(0).await.is_some_and(|r| {
             r["gossip"]["peers"][0]["connected"] == true && r["gossip"]["peers_connected"] == 2
         })
     })
@@ -428,7 +246,7 @@ async fn a_killed_region_loses_at_most_one_interval_and_strict_never_exceeds_the
     d.until("every region to agree on the count", || async {
         let mut counts = Vec::new();
         for i in 0..3 {
-            counts.push(d.limits(i, "hop-eventual").await.map(|l| merged(&l)));
+            counts.push(d.limits(i, "hop-eventual", KEY).await.map(|l| merged(&l)));
         }
         counts
             .iter()
@@ -439,7 +257,7 @@ async fn a_killed_region_loses_at_most_one_interval_and_strict_never_exceeds_the
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_sends_the_last_usage_and_hands_the_rights_over() {
-    let mut d = Deployment::start(&[("us-east", "a"), ("eu-west", "a"), ("ap-south", "a")]).await;
+    let mut d = start(&[("us-east", "a"), ("eu-west", "a"), ("ap-south", "a")]).await;
     // A few strict admissions at eu-west, so it holds state for the key.
     for _ in 0..2 {
         let response = d
@@ -454,7 +272,7 @@ async fn sigterm_sends_the_last_usage_and_hands_the_rights_over() {
     let held: Vec<u64> = {
         let mut v = Vec::new();
         for i in 0..3 {
-            v.push(rights(&d.limits(i, "hop-strict").await.unwrap()));
+            v.push(rights(&d.limits(i, "hop-strict", KEY).await.unwrap()));
         }
         v
     };
@@ -476,7 +294,7 @@ async fn sigterm_sends_the_last_usage_and_hands_the_rights_over() {
     d.until("eu-west's rights to reach a peer", || async {
         let mut sum = 0;
         for i in [0, 2] {
-            match d.limits(i, "hop-strict").await {
+            match d.limits(i, "hop-strict", KEY).await {
                 Some(l) => sum += rights(&l),
                 None => return false,
             }
@@ -488,7 +306,7 @@ async fn sigterm_sends_the_last_usage_and_hands_the_rights_over() {
     d.until("eu-west's last usage at both survivors", || async {
         let mut merged_counts = Vec::new();
         for i in [0, 2] {
-            merged_counts.push(d.limits(i, "hop-eventual").await.map(|l| merged(&l)));
+            merged_counts.push(d.limits(i, "hop-eventual", KEY).await.map(|l| merged(&l)));
         }
         merged_counts.iter().all(|count| *count == Some(5))
     })
@@ -497,7 +315,7 @@ async fn sigterm_sends_the_last_usage_and_hands_the_rights_over() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_peer_with_a_certificate_from_another_ca_is_refused() {
-    let d = Deployment::start(&[("us-east", "a"), ("eu-west", "a")]).await;
+    let d = start(&[("us-east", "a"), ("eu-west", "a")]).await;
     // A peer presenting an eu-west certificate from another CA (trusting the real one).
     let foreign = tempfile::tempdir().unwrap();
     let eu_west = tollgate::certs::Gateway::new("eu-west", "a").unwrap();
@@ -541,7 +359,7 @@ async fn a_peer_with_a_certificate_from_another_ca_is_refused() {
     .await;
     // The real peer is undisturbed (polled: on a loaded machine a link may be redialled).
     d.until("the real peer to stay connected", || async {
-        d.json(&d.admin(0, "/ready"))
+        d.ready(0)
             .await
             .is_some_and(|r| r["gossip"]["peers_connected"] == 1)
     })

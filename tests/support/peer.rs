@@ -1,32 +1,29 @@
 //! Hostile-peer harness: gateway processes of the built binary, and gossip peers played by
 //! the test itself with a valid certificate of a configured gateway.
 //!
-//! A [`Deployment`] issues one certificate per slot and writes one config file per slot; the
-//! slots marked [`Role::Process`] run as real gateways, the others are only configured (the
-//! test plays them, or nobody does). A [`Session`] is one gossip connection the test dialled
-//! with any slot's certificate: it speaks the handshake honestly (Hello, an empty full state,
-//! settled handovers for the victim's announcements, keep-alives and acks), so the victim
-//! reclaims its strict share and counts the session as a peer, and on top of that it sends
-//! whatever the test wants.
+//! A [`Deployment`] is a [`Cluster`] with the hostile-peer policies: the slots marked
+//! [`Role::Process`] run as real gateways, the others are only configured (the test plays
+//! them, or nobody does). A [`Session`] is one gossip connection the test dialled with any
+//! slot's certificate: it speaks the handshake honestly (Hello, an empty full state, settled
+//! handovers for the victim's announcements, keep-alives and acks), so the victim reclaims
+//! its strict share and counts the session as a peer, and on top of that it sends whatever
+//! the test wants.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, SendStream};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use tollgate::crdt::{Ack, Actor, Delta, Handover, Slot};
 use tollgate::gossip::codec;
 use tollgate::gossip::proto::Message;
 use tollgate::gossip::quic::{self, GossipEndpoint};
 
-use super::{PromSample, client, free_port, parse_prometheus, serve};
+use super::cluster::{Cluster, Node, Setup, global_policy, hex_sha256};
+pub use super::cluster::{DEADLINE, Role};
 
-/// Generous bound for anything that should happen promptly, even on a loaded 2-core machine.
-pub const DEADLINE: Duration = Duration::from_secs(30);
 /// The strict policy: short, so that a cold start reclaims within about two seconds.
 pub const STRICT_QUOTA: u64 = 10;
 pub const STRICT_WINDOW_S: u64 = 2;
@@ -45,208 +42,77 @@ pub const MAX_FRAME: usize = codec::DEFAULT_MAX_FRAME;
 /// API keys the gateways know: `secret-<name>` is the key `key:<name>` of the policies.
 pub const CLIENTS: [&str; 8] = ["k1", "k2", "k3", "k4", "k5", "k6", "k7", "k8"];
 
-/// Who runs a slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// A gateway process of the built binary.
-    Process,
-    /// Only configured: the test plays it (or nobody does).
-    Test,
+/// A [`Cluster`] with the hostile-peer policies, and what the test needs to play a slot.
+pub struct Deployment {
+    cluster: Cluster,
 }
 
-pub struct Node {
-    pub region: String,
-    pub instance: String,
-    pub role: Role,
-    pub listen: u16,
-    pub admin: u16,
-    pub gossip: u16,
-    config: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Node {
-    pub fn slot(&self) -> Slot {
-        Slot::new(self.region.clone(), self.instance.clone())
+impl Deref for Deployment {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.cluster
     }
 }
 
-pub struct Deployment {
-    dir: tempfile::TempDir,
-    pub nodes: Vec<Node>,
-    pub http: reqwest::Client,
+impl DerefMut for Deployment {
+    fn deref_mut(&mut self) -> &mut Cluster {
+        &mut self.cluster
+    }
 }
 
-fn hex_sha256(text: &str) -> String {
-    Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-fn config_text(node: &Node, slots: &[Node], upstream: SocketAddr) -> String {
-    let mut text = format!(
-        r#"region = "{region}"
-listen = "127.0.0.1:{listen}"
-admin_listen = "127.0.0.1:{admin}"
-drain_timeout = "1s"
-
-[services.echo]
-routes = ["/"]
-instances = ["http://{upstream}"]
-"#,
-        region = node.region,
-        listen = node.listen,
-        admin = node.admin,
-    );
+/// The identities and policies of every gateway.
+fn tables() -> String {
+    let mut text = String::new();
     for name in CLIENTS {
         text.push_str(&format!(
             "\n[[identity.api_keys]]\nname = \"{name}\"\nsha256 = \"{}\"\n",
             hex_sha256(&format!("secret-{name}"))
         ));
     }
-    text.push_str(&format!(
-        r#"
-[policies.{STRICT}]
-routes = ["/strict"]
-key = ["api_key", "ip"]
-rate = "{STRICT_QUOTA}/{STRICT_WINDOW_S}s"
-scope = "global"
-mode = "strict"
-
-[policies.{EVENTUAL}]
-routes = ["/eventual"]
-key = ["api_key", "ip"]
-rate = "{EVENTUAL_QUOTA}/{EVENTUAL_WINDOW_S}s"
-scope = "global"
-mode = "eventual"
-
-[policies.{OPEN}]
-routes = ["/open"]
-key = ["api_key", "ip"]
-rate = "100000000/60s"
-scope = "global"
-mode = "eventual"
-
-[gossip]
-listen = "127.0.0.1:{gossip}"
-instance = "{instance}"
-ca = "certs/ca.pem"
-cert = "certs/{region}.{{instance}}.pem"
-key = "certs/{region}.{{instance}}.key"
-interval = "50ms"
-backoff_cap = "500ms"
-"#,
-        region = node.region,
-        instance = node.instance,
-        gossip = node.gossip,
+    let by = ["api_key", "ip"];
+    text.push_str(&global_policy(
+        STRICT,
+        "/strict",
+        &by,
+        &format!("{STRICT_QUOTA}/{STRICT_WINDOW_S}s"),
+        "strict",
     ));
-    for peer in slots {
-        text.push_str(&format!(
-            "\n[[gossip.peers]]\nregion = \"{}\"\ninstance = \"{}\"\naddr = \"127.0.0.1:{}\"\n",
-            peer.region, peer.instance, peer.gossip
-        ));
-    }
+    text.push_str(&global_policy(
+        EVENTUAL,
+        "/eventual",
+        &by,
+        &format!("{EVENTUAL_QUOTA}/{EVENTUAL_WINDOW_S}s"),
+        "eventual",
+    ));
+    text.push_str(&global_policy(
+        OPEN,
+        "/open",
+        &by,
+        "100000000/60s",
+        "eventual",
+    ));
     text
 }
 
 impl Deployment {
     /// Issues certificates and configs for every slot and starts the [`Role::Process`] ones
-    /// (without waiting for them: see [`Deployment::wait_ready`]).
+    /// (without waiting for them: see [`Cluster::wait_connected`]).
     pub async fn start(slots: &[(&str, &str, Role)]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let gateways: Vec<tollgate::certs::Gateway> = slots
-            .iter()
-            .map(|(r, i, _)| tollgate::certs::Gateway::new(r, i).unwrap())
-            .collect();
-        tollgate::certs::generate(&dir.path().join("certs"), &gateways, false).unwrap();
-        let upstream = serve(axum::Router::new().fallback(|| async { "ok" })).await;
-        let mut nodes: Vec<Node> = slots
-            .iter()
-            .enumerate()
-            .map(|(i, (region, instance, role))| Node {
-                region: region.to_string(),
-                instance: instance.to_string(),
-                role: *role,
-                listen: free_port(),
-                admin: free_port(),
-                gossip: free_port(),
-                config: dir.path().join(format!("gateway-{i}.toml")),
-                log: dir.path().join(format!("gateway-{i}.log")),
-                child: None,
-            })
-            .collect();
-        for node in &nodes {
-            std::fs::write(&node.config, config_text(node, &nodes, upstream)).unwrap();
-        }
-        for node in nodes.iter_mut().filter(|n| n.role == Role::Process) {
-            spawn(node);
-        }
+        let tables = tables();
+        let setup = Setup {
+            drain_timeout: "1s",
+            tables: &tables,
+        };
         Self {
-            dir,
-            nodes,
-            http: client(),
+            cluster: Cluster::start(slots, &setup).await,
         }
-    }
-
-    pub fn url(&self, i: usize, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.nodes[i].listen)
-    }
-
-    pub fn admin(&self, i: usize, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.nodes[i].admin)
-    }
-
-    pub fn gossip_addr(&self, i: usize) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.nodes[i].gossip))
-    }
-
-    pub async fn json(&self, url: &str) -> Option<Value> {
-        let response = self.http.get(url).send().await.ok()?;
-        response.json().await.ok()
     }
 
     /// `/limits/{policy}?key=key:{client}` of gateway `i`.
     pub async fn limits(&self, i: usize, policy: &str, client: &str) -> Option<Value> {
-        self.json(&self.admin(i, &format!("/limits/{policy}?key=key:{client}")))
+        self.cluster
+            .limits(i, policy, &format!("key:{client}"))
             .await
-    }
-
-    pub async fn ready(&self, i: usize) -> Option<Value> {
-        self.json(&self.admin(i, "/ready")).await
-    }
-
-    pub async fn metrics(&self, i: usize) -> Vec<PromSample> {
-        let Ok(response) = self.http.get(self.admin(i, "/metrics")).send().await else {
-            return Vec::new();
-        };
-        parse_prometheus(&response.text().await.unwrap_or_default())
-    }
-
-    /// Polls until `check` holds, failing with `what` and the logs at the deadline.
-    pub async fn until<F, Fut>(&self, what: &str, mut check: F)
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = bool>,
-    {
-        let start = Instant::now();
-        while !check().await {
-            if start.elapsed() > DEADLINE {
-                panic!("timed out waiting for {what}\n{}", self.logs());
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    /// Waits until gateway `i` answers `/ready` with `peers` peers connected.
-    pub async fn wait_connected(&self, i: usize, peers: usize) {
-        self.until(&format!("gateway {i} to see {peers} peers"), || async {
-            self.ready(i)
-                .await
-                .is_some_and(|r| r["gossip"]["peers_connected"] == peers)
-        })
-        .await;
     }
 
     /// Waits until gateway `i` holds its strict share.
@@ -254,9 +120,8 @@ impl Deployment {
         self.until(
             &format!("gateway {i} to reclaim its strict share"),
             || async {
-                self.limits(i, STRICT, CLIENTS[0])
+                self.reclaimed(i, STRICT, &format!("key:{}", CLIENTS[0]))
                     .await
-                    .is_some_and(|l| l["tiers"][0]["strict"]["share_reclaimed"] == true)
             },
         )
         .await;
@@ -309,14 +174,12 @@ impl Deployment {
     /// Asserts gateway `i` still serves: alive, `/ready` answers, a proxied request without
     /// a policy and one through the open global policy are answered 200.
     pub async fn assert_serving(&mut self, i: usize) {
-        if let Some(child) = self.nodes[i].child.as_mut() {
-            let status = child.try_wait().unwrap();
-            assert!(
-                status.is_none(),
-                "gateway {i} exited with {status:?}\n{}",
-                self.logs()
-            );
-        }
+        let status = self.exited(i);
+        assert!(
+            status.is_none(),
+            "gateway {i} exited with {status:?}\n{}",
+            self.logs()
+        );
         assert!(
             self.ready(i).await.is_some(),
             "gateway {i}: /ready unanswered\n{}",
@@ -335,48 +198,6 @@ impl Deployment {
         }
     }
 
-    /// The process id of gateway `i`.
-    pub fn pid(&self, i: usize) -> u32 {
-        self.nodes[i]
-            .child
-            .as_ref()
-            .expect("gateway is running")
-            .id()
-    }
-
-    /// Gateway `i`'s resident set size in KiB (`VmRSS` of `/proc/<pid>/status`).
-    pub fn rss_kib(&self, i: usize) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid(i))).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS in /proc/<pid>/status")
-    }
-
-    /// Kills gateway `i` (SIGKILL) and starts it again: a new incarnation.
-    pub fn restart(&mut self, i: usize) {
-        if let Some(mut child) = self.nodes[i].child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        spawn(&mut self.nodes[i]);
-    }
-
-    pub fn logs(&self) -> String {
-        self.nodes
-            .iter()
-            .filter(|n| n.role == Role::Process)
-            .map(|n| {
-                let text = std::fs::read_to_string(&n.log).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(25).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                format!("--- {}/{} ---\n{}", n.region, n.instance, tail.join("\n"))
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
     /// The configuration digest every Hello must carry, computed as the gateways do.
     pub fn config_digest(&self) -> u64 {
         let config = self.config(0);
@@ -393,15 +214,11 @@ impl Deployment {
             .id
     }
 
-    fn config(&self, i: usize) -> tollgate::config::RegionConfig {
-        tollgate::config::RegionConfig::load_with_env(&self.nodes[i].config, |_| None).unwrap()
-    }
-
     /// A gossip endpoint presenting slot `i`'s certificate, bound to slot `i`'s configured
     /// address (`at_own_address`, to accept the dials meant for it) or to an ephemeral port
     /// (a second copy of a certificate that a running gateway uses too).
     pub fn endpoint(&self, i: usize, at_own_address: bool) -> GossipEndpoint {
-        let certs = self.dir.path().join("certs");
+        let certs = self.certs();
         let gateway =
             tollgate::certs::Gateway::new(&self.nodes[i].region, &self.nodes[i].instance).unwrap();
         let tls = tollgate::gossip::tls::PeerTls::load(
@@ -430,34 +247,6 @@ impl Deployment {
             digest: self.config_digest(),
         }
     }
-}
-
-impl Drop for Deployment {
-    fn drop(&mut self) {
-        for node in &mut self.nodes {
-            if let Some(mut child) = node.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-}
-
-fn spawn(node: &mut Node) {
-    let log = std::fs::File::create(&node.log).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["gateway", "--config"])
-        .arg(&node.config)
-        .env("RUST_LOG", "info")
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .env_remove("TOLLGATE_INSTANCE")
-        .env_remove("TOLLGATE_GOSSIP_PEERS")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    node.child = Some(child);
 }
 
 /// The gossip clock of the gateways: wall-clock microseconds (incarnations are start times).
