@@ -38,14 +38,15 @@ fn within_its_share(strategy: Strategy) -> Vec<CaseSeed> {
     for (case, r) in &runs {
         assert!(
             r.over_shares <= 1.0,
-            "{} {} seed {}: the honest gateways admitted {} in one window, {:.2} shares of {} \
-             beyond the quota {LIMIT}",
+            "{} {} among {} seed {}: the honest gateways admitted {} in one window, {:.2} shares \
+             of {} beyond the quota {LIMIT}",
             case.name(),
             case.mode_name(),
+            case.gateways,
             r.seed,
             r.max_honest,
             r.over_shares,
-            fair_share()
+            fair_share(case.gateways)
         );
     }
     runs.into_iter().map(|(_, r)| r).collect()
@@ -54,7 +55,13 @@ fn within_its_share(strategy: Strategy) -> Vec<CaseSeed> {
 fn keeps_honest_serving(strategy: Strategy) -> Vec<CaseSeed> {
     let runs = seeds(strategy);
     for (case, r) in &runs {
-        let at = format!("{} {} seed {}", case.name(), case.mode_name(), r.seed);
+        let at = format!(
+            "{} {} among {} seed {}",
+            case.name(),
+            case.mode_name(),
+            case.gateways,
+            r.seed
+        );
         assert!(
             r.honest_links_up,
             "{at}: the honest link is down at the end"
@@ -85,7 +92,7 @@ fn a_greedy_gateway_over_admits_only_its_own_traffic() {
     for ((_, c), g) in control.iter().zip(&greedy) {
         // It serves all it is offered (a third of 3x the limit's rate: the quota per window
         // by itself), so the total goes well past the quota ...
-        assert!(g.max_all >= LIMIT + fair_share(), "{g:?}");
+        assert!(g.max_all >= LIMIT + fair_share(3), "{g:?}");
         // ... while the honest gateways, whose messages it leaves alone, decide exactly as
         // they do next to an honest peer (its books, and so its gossip, are honest).
         assert_eq!(g.honest_admitted, c.honest_admitted, "{g:?}");
@@ -125,7 +132,7 @@ fn a_byzantine_violation_names_the_strategy_mode_and_seed() {
         admitted: 100,
         honest_admitted: 100,
         max_all: 400,
-        max_honest: LIMIT + 2 * fair_share(),
+        max_honest: LIMIT + 2 * fair_share(3),
         over_shares: 2.0,
         false_reject_pct: 0.0,
         starved: vec![0],
