@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 
-use tollgate::crdt::bounded::{HandoverEntry, initial_share};
+use tollgate::crdt::bounded::{HandoverEntry, gift_bound, initial_share};
 use tollgate::crdt::usage::{DeltaEntry, PolicyDelta};
 use tollgate::crdt::{Actor, Announce, Ask, Col, Delta, Handover, Transfer};
 use tollgate::gossip::proto::Message;
@@ -93,9 +93,9 @@ pub enum Strategy {
     ForgeActors,
     /// Transfers whose column says it gave `u64::MAX` rights.
     TransferTotalMax,
-    /// Gives its whole share to every peer on top of what it really gave (every transfer's
-    /// total raised by the share, one forged transfer to start): a double spend, the most
-    /// "its own share" can mean.
+    /// Gives every peer all a receiver believes of it (its gift bound: its whole share among
+    /// three gateways) on top of what it really gave (every transfer's total raised by it,
+    /// one forged transfer to start): a double spend, the most "its own share" can mean.
     TransferShareToEach,
     /// Transfers addressed to an incarnation of the receiver newer than the receiver.
     TransferFutureIncarnation,
@@ -182,7 +182,7 @@ impl Strategy {
             }
             Strategy::TransferTotalMax => "transfers with total = u64::MAX",
             Strategy::TransferShareToEach => {
-                "gives its whole share to every peer on top of what it gave (double spend)"
+                "gives every peer all it believes (its share among 3) on top of what it gave (double spend)"
             }
             Strategy::TransferFutureIncarnation => "transfers with to_inc = receiver's + 1",
             Strategy::HandoverGaveHuge => "handovers: i_gave_you.total = u64::MAX",
@@ -382,9 +382,7 @@ impl Byzantine {
                         epoch: 0,
                     });
                     msgs.push(transfer(Col {
-                        total: real
-                            .total
-                            .saturating_add(share_of(out.actors.len(), out.from)),
+                        total: real.total.saturating_add(believed(out)),
                         ..real
                     }));
                 }
@@ -463,10 +461,7 @@ impl Adversary for Byzantine {
             // overtook the forged one would otherwise erase it.
             let seen = self.real_given.entry(out.to).or_default();
             seen.join(&t.given);
-            t.given.total = t
-                .given
-                .total
-                .saturating_add(share_of(out.actors.len(), out.from));
+            t.given.total = t.given.total.saturating_add(believed(out));
         }
         let mut msgs = vec![msg];
         let forges = matches!(
@@ -497,6 +492,13 @@ impl Adversary for Byzantine {
 /// more).
 pub fn share_of(n: usize, r: usize) -> u64 {
     initial_share(LIMIT, n, r)
+}
+
+/// The most a receiver believes the byzantine gateway gave it net: its gift bound (its
+/// share among three gateways; see `tollgate::crdt::bounded`, "Peer input"). More would be
+/// refused whole, so a double spend gives each peer exactly this.
+fn believed(out: &Outgoing<'_>) -> u64 {
+    gift_bound(LIMIT, out.actors.len(), out.from)
 }
 
 /// The slot index of gateway `r` (the world's slot list is its gateways, in order).
