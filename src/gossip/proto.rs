@@ -278,7 +278,8 @@ pub struct GossipStats {
     /// `Hello`s of an incarnation older than the one known for the slot: a second process
     /// with the peer's identity, or its clock set back.
     pub duplicate_identity: u64,
-    /// Strict-mode messages whose claimed sender is not the connection's peer.
+    /// Strict-mode messages whose claimed sender (slot and incarnation) is not the
+    /// connection's peer as its vetted `Hello` named it.
     pub misattributed: u64,
     /// Usage entries or counts the CRDT refused (malformed, impossible or over a limit: see
     /// [`MergeReport::refusals`]).
@@ -796,7 +797,7 @@ impl Gossip {
                 self.on_digest(now_us, from, &actor, digest, version)
             }
             Message::Announce(a) => {
-                if a.slot != from.0 {
+                if (a.slot, a.incarnation) != (from.0, actor.incarnation) {
                     self.stats.misattributed += 1;
                     return;
                 }
@@ -807,7 +808,7 @@ impl Gossip {
                 self.send_strict_outgoing(now_us);
             }
             Message::Ask(ask) => {
-                if ask.slot != from.0 {
+                if (ask.slot, ask.incarnation) != (from.0, actor.incarnation) {
                     self.stats.misattributed += 1;
                     return;
                 }
@@ -817,7 +818,7 @@ impl Gossip {
                 self.send_strict_outgoing(now_us);
             }
             Message::Transfer(t) => {
-                if t.from != from.0 {
+                if (t.from, t.from_incarnation) != (from.0, actor.incarnation) {
                     self.stats.misattributed += 1;
                     return;
                 }
@@ -827,7 +828,7 @@ impl Gossip {
                 self.send_strict_outgoing(now_us);
             }
             Message::Handover(h) => {
-                if h.from != from.0 {
+                if (h.from, h.from_incarnation) != (from.0, actor.incarnation) {
                     self.stats.misattributed += 1;
                     return;
                 }
@@ -835,7 +836,7 @@ impl Gossip {
                 self.send_strict_outgoing(now_us);
             }
             Message::Settled(s) => {
-                if s.from != from.0 {
+                if (s.from, s.from_incarnation) != (from.0, actor.incarnation) {
                     self.stats.misattributed += 1;
                     return;
                 }
