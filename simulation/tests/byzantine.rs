@@ -8,6 +8,9 @@
 //!   error), the honest gateways' link is up at the end, and no honest gateway, offered at
 //!   least its share in a window, admits less than half of it.
 //!
+//! Strict strategies run among three, four and five gateways (the bound on what one gateway
+//! may give another depends on the count: see `tollgate::crdt::bounded`, "Peer input").
+//!
 //! Every test but six failed before #13's validation of peer input (the figures are in the
 //! simulator's byzantine table, `--byzantine`). The six ignored ones state what eventual
 //! mode does not promise: it believes each gateway's counts up to the quota per sub-window,
@@ -20,6 +23,7 @@ use std::process::Command;
 use tollgate_simulation::adversary::Strategy;
 use tollgate_simulation::byzantine::{self, CSV_HEADER, CaseSeed, fair_share};
 use tollgate_simulation::scenario::LIMIT;
+use tollgate_simulation::world::GlobalMode;
 
 /// Seeds every case runs with here.
 const SEEDS: u64 = 3;
@@ -108,6 +112,38 @@ fn a_double_spent_share_reaches_the_honest_gateways_and_stays_within_it() {
     assert!(runs.iter().any(|r| r.max_honest > LIMIT), "{runs:?}");
 }
 
+/// Among four gateways (the shipped deployment) the liar shows each of the three honest ones
+/// the books of a giver that gave only to it. With its share believed by each, they admitted
+/// 277 in one window (1.54 shares beyond the quota; among five 2.45); with the gift bound
+/// (two thirds of the share among four, half among five) at most the quota plus one share.
+#[test]
+fn among_four_and_five_a_double_spent_share_stays_within_one_share() {
+    for n in [4, 5] {
+        let case = byzantine::case(Strategy::TransferShareToEach, GlobalMode::Strict, n);
+        for seed in 1..=SEEDS {
+            let r = byzantine::run_seed(case, seed).expect("runs");
+            assert!(r.over_shares <= 1.0, "among {n}, seed {seed}: {r:?}");
+            assert!(r.max_honest > LIMIT, "the forged gifts are believed: {r:?}");
+            assert!(r.starved.is_empty(), "among {n}, seed {seed}: {r:?}");
+        }
+    }
+}
+
+/// An Announce naming the liar's incarnation + 1000 made its peers take every real message of
+/// it for a predecessor's: its transfers were refused, and the honest gateways refused 67% of
+/// their requests while its rights sat idle. The gossip layer now holds strict messages to
+/// the incarnation of the connection's vetted Hello.
+#[test]
+fn a_future_announce_does_not_make_the_honest_gateways_refuse() {
+    for n in [3, 4] {
+        let case = byzantine::case(Strategy::AnnounceFutureIncarnation, GlobalMode::Strict, n);
+        for seed in 1..=SEEDS {
+            let r = byzantine::run_seed(case, seed).expect("runs");
+            assert!(r.false_reject_pct < 5.0, "among {n}, seed {seed}: {r:?}");
+        }
+    }
+}
+
 #[test]
 fn the_same_seed_gives_the_same_byzantine_table() {
     let cases: Vec<_> = ["byz-honest", "byz-forge-actors", "byz-transfer-total-max"]
@@ -178,8 +214,21 @@ fn the_command_line_runs_the_byzantine_family_and_writes_its_csv() {
     );
     let text = std::fs::read_to_string(&csv).expect("csv written");
     assert_eq!(text.lines().next(), Some(CSV_HEADER));
-    // One row per mode the control runs in.
-    assert_eq!(text.lines().count(), 3);
+    // One row per mode the control runs in among three gateways, and strict among four and
+    // five.
+    assert_eq!(text.lines().count(), 5);
+    let four = Command::new(bin)
+        .args(["--byzantine", "--list", "--gateways", "4"])
+        .output()
+        .expect("runs");
+    let listed = String::from_utf8_lossy(&four.stdout);
+    assert!(four.status.success(), "{four:?}");
+    assert!(
+        listed
+            .lines()
+            .all(|l| l.contains(" strict ") && l.contains(" 4 ")),
+        "{listed}"
+    );
     let unknown = Command::new(bin)
         .args(["--byzantine", "--scenario", "byz-nothing"])
         .output()
