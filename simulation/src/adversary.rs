@@ -15,12 +15,12 @@
 
 use std::collections::BTreeMap;
 
-use tollgate::crdt::bounded::HandoverEntry;
+use tollgate::crdt::bounded::{HandoverEntry, gift_bound, initial_share};
 use tollgate::crdt::usage::{DeltaEntry, PolicyDelta};
 use tollgate::crdt::{Actor, Announce, Ask, Col, Delta, Handover, Transfer};
 use tollgate::gossip::proto::Message;
 
-use crate::net::{MS, N_REGIONS, REGIONS};
+use crate::net::MS;
 use crate::scenario::{EVENTUAL, LIMIT, STRICT, SUB_WINDOWS, WINDOW_US};
 use crate::world::{CONFIG_DIGEST, GlobalMode};
 
@@ -45,8 +45,8 @@ pub struct Outgoing<'a> {
     pub from: usize,
     /// The receiving region.
     pub to: usize,
-    /// Every region's current actor, by region index.
-    pub actors: &'a [Actor; N_REGIONS],
+    /// Every gateway's current actor, by gateway index.
+    pub actors: &'a [Actor],
     /// The client keys of the workload.
     pub keys: &'a [String],
 }
@@ -93,9 +93,9 @@ pub enum Strategy {
     ForgeActors,
     /// Transfers whose column says it gave `u64::MAX` rights.
     TransferTotalMax,
-    /// Gives its whole share to every peer on top of what it really gave (every transfer's
-    /// total raised by the share, one forged transfer to start): a double spend, the most
-    /// "its own share" can mean.
+    /// Gives every peer all a receiver believes of it (its gift bound: its whole share among
+    /// three gateways) on top of what it really gave (every transfer's total raised by it,
+    /// one forged transfer to start): a double spend, the most "its own share" can mean.
     TransferShareToEach,
     /// Transfers addressed to an incarnation of the receiver newer than the receiver.
     TransferFutureIncarnation,
@@ -182,7 +182,7 @@ impl Strategy {
             }
             Strategy::TransferTotalMax => "transfers with total = u64::MAX",
             Strategy::TransferShareToEach => {
-                "gives its whole share to every peer on top of what it gave (double spend)"
+                "gives every peer all it believes (its share among 3) on top of what it gave (double spend)"
             }
             Strategy::TransferFutureIncarnation => "transfers with to_inc = receiver's + 1",
             Strategy::HandoverGaveHuge => "handovers: i_gave_you.total = u64::MAX",
@@ -318,11 +318,11 @@ impl Byzantine {
                         // Every fourth a future incarnation of a configured gateway, the rest
                         // made-up regions.
                         let fake = if k.is_multiple_of(4) {
-                            let r = (k / 4) as usize % N_REGIONS;
+                            let a = &out.actors[(k / 4) as usize % out.actors.len()];
                             Actor::new(
-                                REGIONS[r],
-                                "i0",
-                                out.actors[r].incarnation.saturating_add(k),
+                                a.region.as_str(),
+                                a.instance.as_str(),
+                                a.incarnation.saturating_add(k),
                             )
                         } else {
                             Actor::new(format!("forged-{k}"), "i0", 1)
@@ -382,7 +382,7 @@ impl Byzantine {
                         epoch: 0,
                     });
                     msgs.push(transfer(Col {
-                        total: real.total.saturating_add(share_of(out.from)),
+                        total: real.total.saturating_add(believed(out)),
                         ..real
                     }));
                 }
@@ -427,7 +427,11 @@ impl Byzantine {
             // New every batch: the forged count of batches sent so far to this peer.
             let k = self.hellos.get(&out.to).copied().unwrap_or(0);
             msgs.push(Message::Hello {
-                actor: Actor::new(REGIONS[out.from], "i0", my_inc.saturating_add(k)),
+                actor: Actor::new(
+                    out.actors[out.from].region.as_str(),
+                    out.actors[out.from].instance.as_str(),
+                    my_inc.saturating_add(k),
+                ),
                 config_digest: CONFIG_DIGEST,
             });
         }
@@ -457,7 +461,7 @@ impl Adversary for Byzantine {
             // overtook the forged one would otherwise erase it.
             let seen = self.real_given.entry(out.to).or_default();
             seen.join(&t.given);
-            t.given.total = t.given.total.saturating_add(share_of(out.from));
+            t.given.total = t.given.total.saturating_add(believed(out));
         }
         let mut msgs = vec![msg];
         let forges = matches!(
@@ -484,15 +488,22 @@ impl Adversary for Byzantine {
     }
 }
 
-/// Region `r`'s strict share of the quota (the first `quota mod n` slots get one more).
-pub fn share_of(r: usize) -> u64 {
-    let n = N_REGIONS as u64;
-    LIMIT / n + u64::from((r as u64) < LIMIT % n)
+/// Gateway `r`'s strict share of the quota among `n` (the first `quota mod n` slots get one
+/// more).
+pub fn share_of(n: usize, r: usize) -> u64 {
+    initial_share(LIMIT, n, r)
 }
 
-/// The slot index of region `r` (the world's slot list is [`REGIONS`], in order).
+/// The most a receiver believes the byzantine gateway gave it net: its gift bound (its
+/// share among three gateways; see `tollgate::crdt::bounded`, "Peer input"). More would be
+/// refused whole, so a double spend gives each peer exactly this.
+fn believed(out: &Outgoing<'_>) -> u64 {
+    gift_bound(LIMIT, out.actors.len(), out.from)
+}
+
+/// The slot index of gateway `r` (the world's slot list is its gateways, in order).
 fn slot(r: usize) -> u16 {
-    // N_REGIONS is 3: every region index fits.
+    // At most MAX_GATEWAYS (5): every gateway index fits.
     r as u16
 }
 
@@ -564,8 +575,8 @@ mod tests {
     use super::*;
     use tollgate::crdt::Ack;
 
-    fn actors() -> [Actor; N_REGIONS] {
-        [0, 1, 2].map(|r| Actor::new(REGIONS[r], "i0", 1 + r as u64))
+    fn actors() -> [Actor; 3] {
+        [0, 1, 2].map(|r| Actor::new(crate::net::REGIONS[r], "i0", 1 + r as u64))
     }
 
     fn empty_delta() -> Message {
@@ -582,7 +593,7 @@ mod tests {
         }
     }
 
-    fn out<'a>(actors: &'a [Actor; N_REGIONS], keys: &'a [String], now_us: u64) -> Outgoing<'a> {
+    fn out<'a>(actors: &'a [Actor], keys: &'a [String], now_us: u64) -> Outgoing<'a> {
         Outgoing {
             now_us,
             local_us: 25 * WINDOW_US,

@@ -1,10 +1,11 @@
 //! The byzantine scenario family: one gateway (eu-west) lies, the two others are honest.
 //!
 //! Every case runs the same workload, 3x the limit's rate on one key spread evenly over the
-//! three regions (so that the honest gateways alone are offered twice the quota per window
-//! and an over-admission has room to show), on the default network, with one
-//! [`Strategy`] applied to eu-west's outgoing messages from the start of traffic (it is
-//! honest during the cold start, so every strict share is reclaimed first).
+//! gateways (three by default, so that the honest gateways alone are offered twice the quota
+//! per window and an over-admission has room to show; four and five for the larger meshes
+//! of [`GATEWAY_COUNTS`]), on the default network, with one [`Strategy`] applied to
+//! eu-west's outgoing messages from the start of traffic (it is honest during the cold
+//! start, so every strict share is reclaimed first).
 //!
 //! What a row shows, worst seed unless said otherwise:
 //!
@@ -12,10 +13,11 @@
 //!   byzantine gateway's own included: unbounded for a greedy one);
 //! - `max_hon`: the same, the honest gateways' admissions only;
 //! - `over_sh`: `(max_hon − quota) / share`, in units of the byzantine gateway's fair share
-//!   (`share`, its strict share of the quota, 67 of 200), 0 when not above the quota;
+//!   (`share`, its strict share of the quota: 67 of 200 among three, 50 among four, 40
+//!   among five), 0 when not above the quota;
 //! - `falsrej%`: requests the honest gateways refused while the true usage (everyone's
 //!   admissions in the last window and sub-window, the longest any admission is counted)
-//!   was below the quota (below 198 of 200: see [`room_below`]), as % of what the honest
+//!   was below the quota (below 198 of 200 for three: see [`room_below`]), as % of what the honest
 //!   gateways were offered;
 //! - `starved`: honest gateways that, in one of the four 10 s windows of traffic, were
 //!   offered at least their share and admitted less than half of it (the quantitative
@@ -33,11 +35,11 @@ use std::fmt::Write as _;
 
 use crate::adversary::{Byzantine, Strategy, share_of};
 use crate::metrics::max_in_window;
-use crate::net::{N_REGIONS, NetParams, REGIONS};
+use crate::net::{N_REGIONS, NetParams, gateway_name};
 use crate::runner::{Mode, Violation};
 use crate::scenario::{
-    DEFAULT_SKEW_US, Kind, LIMIT, LIMIT_RATE, Request, SUB_WINDOWS, Scenario, TRAFFIC_START_US,
-    TRAFFIC_US, WINDOW_US, Workload,
+    Kind, LIMIT, LIMIT_RATE, Request, SUB_WINDOWS, Scenario, TRAFFIC_START_US, TRAFFIC_US,
+    WINDOW_US, Workload, default_skew,
 };
 use crate::world::{self, Admission, GlobalMode, SimError};
 
@@ -53,35 +55,42 @@ pub const LOAD: f64 = 3.0;
 /// The scenario name every case's [`Scenario`] carries.
 pub const SCENARIO_NAME: &str = "byzantine";
 
-/// The byzantine gateway's fair share: its strict share of the quota (the first
+/// The mesh sizes the family runs: the three regions of the main tables, the shipped
+/// deployment's four gateways (two in us-east), and five. Strict mode's bound depends on
+/// the count (see `tollgate::crdt::bounded`, "Peer input"): the larger meshes run its rows.
+pub const GATEWAY_COUNTS: [usize; 3] = [3, 4, 5];
+
+/// The byzantine gateway's fair share among `n`: its strict share of the quota (the first
 /// `quota mod n` slots get one more).
-pub fn fair_share() -> u64 {
-    share_of(BYZANTINE_REGION)
+pub fn fair_share(n: usize) -> u64 {
+    share_of(n, BYZANTINE_REGION)
 }
 
-/// The workload, network and clocks every case shares.
-pub fn scenario() -> Scenario {
+/// The workload, network and clocks every case of `n` gateways shares.
+pub fn scenario(n: usize) -> Scenario {
     Scenario {
         name: SCENARIO_NAME,
-        about: "3x the limit's rate on one key spread over 3 regions; eu-west lies",
+        about: "3x the limit's rate on one key spread over the gateways; eu-west lies",
         kind: Kind::Steady,
         workload: Workload::Spread {
             rate: LOAD * LIMIT_RATE,
-            regions: (0..N_REGIONS).collect(),
+            regions: (0..n).collect(),
         },
         net: NetParams::default(),
-        skew_us: DEFAULT_SKEW_US,
+        skew_us: default_skew(n),
         actions: Vec::new(),
     }
 }
 
-/// One row of the family: a strategy in one global mode.
+/// One row of the family: a strategy in one global mode among some gateways.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Case {
     /// What the byzantine gateway does.
     pub strategy: Strategy,
     /// The global mode the key runs in.
     pub mode: GlobalMode,
+    /// How many gateways (one of them byzantine).
+    pub gateways: usize,
 }
 
 impl Case {
@@ -103,22 +112,39 @@ fn runner_mode(mode: GlobalMode) -> Mode {
     }
 }
 
-/// Every case, in table order.
+/// Every case, in table order: every strategy among three gateways, then the strict ones
+/// among four and five.
 pub fn cases() -> Vec<Case> {
-    Strategy::ALL
+    GATEWAY_COUNTS
         .iter()
-        .flat_map(|&strategy| {
-            strategy
-                .modes()
-                .iter()
-                .map(move |&mode| Case { strategy, mode })
+        .flat_map(|&gateways| {
+            Strategy::ALL.iter().flat_map(move |&strategy| {
+                strategy
+                    .modes()
+                    .iter()
+                    .filter(move |&&mode| gateways == N_REGIONS || mode == GlobalMode::Strict)
+                    .map(move |&mode| Case {
+                        strategy,
+                        mode,
+                        gateways,
+                    })
+            })
         })
         .collect()
 }
 
-/// The cases of the strategy called `name` (one per mode it applies to).
+/// The cases of the strategy called `name` (one per mode and mesh size it applies to).
 pub fn by_name(name: &str) -> Vec<Case> {
     cases().into_iter().filter(|c| c.name() == name).collect()
+}
+
+/// The case of `strategy` in `mode` among `gateways`.
+pub fn case(strategy: Strategy, mode: GlobalMode, gateways: usize) -> Case {
+    Case {
+        strategy,
+        mode,
+        gateways,
+    }
 }
 
 /// One seed of one case.
@@ -155,7 +181,8 @@ fn honest(region: usize) -> bool {
 
 /// Runs `case` on `seed`.
 pub fn run_seed(case: Case, seed: u64) -> Result<CaseSeed, SimError> {
-    let scenario = scenario();
+    let n = case.gateways;
+    let scenario = scenario(n);
     let requests = scenario.requests(seed);
     let adversary = Box::new(Byzantine::new(case.strategy, ATTACK_START_US));
     let run = world::run_with(
@@ -174,13 +201,13 @@ pub fn run_seed(case: Case, seed: u64) -> Result<CaseSeed, SimError> {
     let max_all = max_in_window(&run.admissions, WINDOW_US);
     let max_honest = max_in_window(&honest_adm, WINDOW_US);
     let honest_offered = requests.iter().filter(|r| honest(r.region)).count() as u64;
-    let false_rejects = false_rejections(&run.admissions, &run.refusals);
-    let honest_links_up = (0..N_REGIONS).filter(|r| honest(*r)).all(|r| {
-        (0..N_REGIONS)
+    let false_rejects = false_rejections(n, &run.admissions, &run.refusals);
+    let honest_links_up = (0..n).filter(|r| honest(*r)).all(|r| {
+        (0..n)
             .filter(|p| *p != r && honest(*p))
             .all(|p| run.links_up_at_end.contains(&(r, p)))
     });
-    let honest_actors = (0..N_REGIONS)
+    let honest_actors = (0..n)
         .filter(|r| honest(*r))
         .map(|r| run.actors_at_end[r])
         .max()
@@ -192,30 +219,30 @@ pub fn run_seed(case: Case, seed: u64) -> Result<CaseSeed, SimError> {
         honest_admitted: honest_adm.len() as u64,
         max_all,
         max_honest,
-        over_shares: max_honest.saturating_sub(LIMIT) as f64 / fair_share() as f64,
+        over_shares: max_honest.saturating_sub(LIMIT) as f64 / fair_share(n) as f64,
         false_reject_pct: if honest_offered == 0 {
             0.0
         } else {
             false_rejects as f64 * 100.0 / honest_offered as f64
         },
-        starved: starved(&requests, &honest_adm),
+        starved: starved(n, &requests, &honest_adm),
         honest_links_up,
         honest_actors,
     })
 }
 
-/// The true usage below which an honest refusal is false: the highest count the eventual
-/// rule can reach, `quota − (N − 1)` (once the headroom is below `N` no actor can take a
-/// whole unit, see `tollgate::crdt::eventual`). Without that slack every refusal of a
-/// saturated key sitting at 198 or 199 of 200 would count as false.
-pub fn room_below() -> u64 {
-    LIMIT - (N_REGIONS as u64 - 1)
+/// The true usage below which an honest refusal is false among `n` gateways: the highest
+/// count the eventual rule can reach, `quota − (n − 1)` (once the headroom is below `n` no
+/// actor can take a whole unit, see `tollgate::crdt::eventual`). Without that slack every
+/// refusal of a saturated key sitting at 198 or 199 of 200 would count as false.
+pub fn room_below(n: usize) -> u64 {
+    LIMIT - (n as u64 - 1)
 }
 
 /// Honest refusals of a request that fitted: fewer than [`room_below`] admissions of its key
 /// (every region's) in the window and sub-window before it (the longest any admission is
 /// counted).
-fn false_rejections(admissions: &[Admission], refusals: &[Admission]) -> u64 {
+fn false_rejections(n: usize, admissions: &[Admission], refusals: &[Admission]) -> u64 {
     let mut by_key: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
     for a in admissions {
         by_key.entry(a.key).or_default().push(a.at_us);
@@ -231,32 +258,32 @@ fn false_rejections(admissions: &[Admission], refusals: &[Admission]) -> u64 {
             let times = by_key.get(&r.key).map_or(&[][..], Vec::as_slice);
             let lo = times.partition_point(|&t| t.saturating_add(counted_for) <= r.at_us);
             let hi = times.partition_point(|&t| t <= r.at_us);
-            ((hi - lo) as u64) < room_below()
+            ((hi - lo) as u64) < room_below(n)
         })
         .count() as u64
 }
 
 /// Honest regions with a 10 s window of traffic in which they were offered at least their
 /// share of the quota and admitted less than half of it.
-fn starved(requests: &[Request], honest_adm: &[Admission]) -> Vec<usize> {
+fn starved(n: usize, requests: &[Request], honest_adm: &[Admission]) -> Vec<usize> {
     let windows = usize::try_from(TRAFFIC_US / WINDOW_US).unwrap_or(1).max(1);
     let window_of = |t: u64| {
         usize::try_from(t.saturating_sub(TRAFFIC_START_US) / WINDOW_US)
             .unwrap_or(usize::MAX)
             .min(windows - 1)
     };
-    let mut offered = vec![[0u64; N_REGIONS]; windows];
-    let mut admitted = vec![[0u64; N_REGIONS]; windows];
+    let mut offered = vec![vec![0u64; n]; windows];
+    let mut admitted = vec![vec![0u64; n]; windows];
     for r in requests {
         offered[window_of(r.at_us)][r.region] += 1;
     }
     for a in honest_adm {
         admitted[window_of(a.at_us)][a.region] += 1;
     }
-    (0..N_REGIONS)
+    (0..n)
         .filter(|r| honest(*r))
         .filter(|&r| {
-            let share = share_of(r);
+            let share = share_of(n, r);
             (0..windows).any(|w| offered[w][r] >= share && 2 * admitted[w][r] < share)
         })
         .collect()
@@ -270,7 +297,7 @@ pub fn check(case: Case, r: &CaseSeed) -> Vec<Violation> {
             scenario: case.name(),
             mode: runner_mode(case.mode),
             seed: r.seed,
-            what,
+            what: format!("among {} gateways: {what}", case.gateways),
         })
     };
     if r.over_shares > 1.0 {
@@ -279,11 +306,11 @@ pub fn check(case: Case, r: &CaseSeed) -> Vec<Violation> {
              the quota {LIMIT}; at most 1",
             r.max_honest,
             r.over_shares,
-            fair_share()
+            fair_share(case.gateways)
         ));
     }
     if !r.starved.is_empty() {
-        let names: Vec<&str> = r.starved.iter().map(|&i| REGIONS[i]).collect();
+        let names: Vec<String> = r.starved.iter().map(|&i| gateway_name(i)).collect();
         push(format!(
             "honest gateway(s) {} admitted less than half their share in a window while \
              offered at least their share (honest false rejections {:.2}%)",
@@ -372,7 +399,7 @@ pub fn run(cases: &[Case], seed_start: u64, seeds: u64) -> Result<Report, SimErr
 }
 
 /// The CSV header of the family's table.
-pub const CSV_HEADER: &str = "scenario,mode,seeds,quota,share,offered,admitted,honest_admitted,\
+pub const CSV_HEADER: &str = "scenario,mode,gateways,seeds,quota,share,offered,admitted,honest_admitted,\
 max_all,max_honest,over_shares,false_reject_pct,starved,honest_links_up,honest_actors";
 
 /// The family's rows as CSV.
@@ -383,11 +410,12 @@ pub fn csv(rows: &[Row]) -> String {
     for r in rows {
         let _ = writeln!(
             s,
-            "{},{},{},{LIMIT},{},{:.1},{:.1},{:.1},{},{},{:.2},{:.2},{},{},{}",
+            "{},{},{},{},{LIMIT},{},{:.1},{:.1},{:.1},{},{},{:.2},{:.2},{},{},{}",
             r.case.name(),
             r.case.mode_name(),
+            r.case.gateways,
             r.seeds,
-            fair_share(),
+            fair_share(r.case.gateways),
             r.offered,
             r.admitted,
             r.honest_admitted,
@@ -408,10 +436,11 @@ pub fn table(rows: &[Row]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<24} {:<8} {:>5} {:>5} {:>5} {:>7} {:>8} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>5} \
-         {:>6}",
+        "{:<24} {:<8} {:>2} {:>5} {:>5} {:>5} {:>7} {:>8} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} \
+         {:>5} {:>6}",
         "scenario",
         "mode",
+        "gw",
         "seeds",
         "quota",
         "share",
@@ -429,13 +458,14 @@ pub fn table(rows: &[Row]) -> String {
     for r in rows {
         let _ = writeln!(
             s,
-            "{:<24} {:<8} {:>5} {:>5} {:>5} {:>7.1} {:>8.1} {:>7.1} {:>7} {:>7} {:>7.2} {:>8.2} \
-             {:>7} {:>5} {:>6}",
+            "{:<24} {:<8} {:>2} {:>5} {:>5} {:>5} {:>7.1} {:>8.1} {:>7.1} {:>7} {:>7} {:>7.2} \
+             {:>8.2} {:>7} {:>5} {:>6}",
             r.case.name(),
             r.case.mode_name(),
+            r.case.gateways,
             r.seeds,
             LIMIT,
-            fair_share(),
+            fair_share(r.case.gateways),
             r.offered,
             r.admitted,
             r.honest_admitted,
@@ -465,21 +495,23 @@ mod tests {
 
     #[test]
     fn the_share_is_eu_west_s_strict_share() {
-        // 200 over 3: 67/67/66, eu-west is the second slot.
-        assert_eq!(fair_share(), 67);
+        // 200 over 3: 67/67/66, eu-west is the second slot; over 4: 50 each; over 5: 40.
+        assert_eq!(fair_share(3), 67);
+        assert_eq!(fair_share(4), 50);
+        assert_eq!(fair_share(5), 40);
     }
 
     #[test]
     fn a_refusal_is_false_only_with_room_under_the_quota() {
-        let full: Vec<Admission> = (0..room_below()).map(|i| adm(i, 1)).collect();
+        let full: Vec<Admission> = (0..room_below(3)).map(|i| adm(i, 1)).collect();
         // Right after the quota was used (as far as the eventual rule can): a true refusal.
-        assert_eq!(false_rejections(&full, &[adm(LIMIT, 0)]), 0);
-        assert_eq!(false_rejections(&full[1..], &[adm(LIMIT, 0)]), 1);
+        assert_eq!(false_rejections(3, &full, &[adm(LIMIT, 0)]), 0);
+        assert_eq!(false_rejections(3, &full[1..], &[adm(LIMIT, 0)]), 1);
         // A window and a sub-window later it all expired: a false one.
         let later = LIMIT + WINDOW_US + WINDOW_US / u64::from(SUB_WINDOWS);
-        assert_eq!(false_rejections(&full, &[adm(later, 0)]), 1);
+        assert_eq!(false_rejections(3, &full, &[adm(later, 0)]), 1);
         // The byzantine gateway's own refusals are not counted.
-        assert_eq!(false_rejections(&[], &[adm(5, BYZANTINE_REGION)]), 0);
+        assert_eq!(false_rejections(3, &[], &[adm(5, BYZANTINE_REGION)]), 0);
     }
 
     #[test]
@@ -502,13 +534,13 @@ mod tests {
                 .flat_map(|w| (0..n).flat_map(move |_| [adm(t(w), 0), adm(t(w), 2)]))
                 .collect()
         };
-        assert!(starved(&requests, &served(34)).is_empty());
-        assert_eq!(starved(&requests, &served(33)), vec![0]);
-        assert_eq!(starved(&requests, &served(32)), vec![0, 2]);
+        assert!(starved(3, &requests, &served(34)).is_empty());
+        assert_eq!(starved(3, &requests, &served(33)), vec![0]);
+        assert_eq!(starved(3, &requests, &served(32)), vec![0, 2]);
         // One bad window is enough.
         let gap: Vec<_> = served(40).into_iter().filter(|a| a.at_us != t(2)).collect();
-        assert_eq!(starved(&requests, &gap), vec![0, 2]);
+        assert_eq!(starved(3, &requests, &gap), vec![0, 2]);
         // Offered less than its share, a gateway admitting little is not starved.
-        assert!(starved(&requests[..60], &[]).is_empty());
+        assert!(starved(3, &requests[..60], &[]).is_empty());
     }
 }

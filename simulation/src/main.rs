@@ -35,6 +35,9 @@ struct Args {
     /// Run the byzantine gateway family (one gateway forges what it sends) instead.
     #[arg(long)]
     byzantine: bool,
+    /// With --byzantine: only the cases among this many gateways (3, 4 or 5).
+    #[arg(long)]
+    gateways: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -95,18 +98,20 @@ fn run_byzantine(args: &Args) -> ExitCode {
         eprintln!("--plot draws the main scenarios only, not --byzantine");
         return ExitCode::from(2);
     }
+    let among = |c: &byzantine::Case| args.gateways.is_none_or(|n| c.gateways == n);
     if args.list {
-        for c in byzantine::cases() {
+        for c in byzantine::cases().iter().filter(|c| among(c)) {
             println!(
-                "{:<24} {:<8} {}",
+                "{:<24} {:<8} {:>2} {}",
                 c.name(),
                 c.mode_name(),
+                c.gateways,
                 c.strategy.about()
             );
         }
         return ExitCode::SUCCESS;
     }
-    let cases = match &args.scenario {
+    let cases: Vec<byzantine::Case> = match &args.scenario {
         Some(name) => {
             let cases = byzantine::by_name(name);
             if cases.is_empty() {
@@ -117,6 +122,14 @@ fn run_byzantine(args: &Args) -> ExitCode {
         }
         None => byzantine::cases(),
     };
+    let cases: Vec<byzantine::Case> = cases.into_iter().filter(|c| among(c)).collect();
+    if cases.is_empty() {
+        eprintln!(
+            "no byzantine case among {:?} gateways (see --byzantine --list)",
+            args.gateways
+        );
+        return ExitCode::from(2);
+    }
     let report = match byzantine::run(&cases, args.seed_start, args.seeds) {
         Ok(r) => r,
         Err(e) => {

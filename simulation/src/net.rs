@@ -16,28 +16,58 @@ pub const MS: u64 = 1_000;
 /// Microseconds per second.
 pub const SEC: u64 = 1_000_000;
 
-/// The simulated regions, in slot order (the configured slot list every region shares).
+/// The simulated regions of the main tables, in slot order (the configured slot list every
+/// region shares).
 pub const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
 
-/// Number of regions.
+/// Number of regions of the main tables.
 pub const N_REGIONS: usize = REGIONS.len();
 
-/// Default round trips between regions, from real inter-region measurements: us-east to
-/// eu-west about 75 ms, eu-west to ap-south about 120 ms, us-east to ap-south about 200 ms.
-pub const DEFAULT_RTT_US: [[u64; N_REGIONS]; N_REGIONS] = [
-    [0, 75 * MS, 200 * MS],
-    [75 * MS, 0, 120 * MS],
-    [200 * MS, 120 * MS, 0],
+/// The most gateways a world can have: the main tables' three regions, then a second
+/// instance in us-east (the shipped deployment has two there, four gateways in all) and
+/// sa-east, for the byzantine family's larger meshes.
+pub const MAX_GATEWAYS: usize = 5;
+
+/// Every gateway a world may have, as `(region, instance)`, in slot order: a world of `n`
+/// gateways runs the first `n`.
+pub const GATEWAYS: [(&str, &str); MAX_GATEWAYS] = [
+    ("us-east", "i0"),
+    ("eu-west", "i0"),
+    ("ap-south", "i0"),
+    ("us-east", "i1"),
+    ("sa-east", "i0"),
 ];
 
-/// The largest round trip of [`DEFAULT_RTT_US`].
+/// Gateway `g`'s name as tables print it: its region, with the instance when the region
+/// has several.
+pub fn gateway_name(g: usize) -> String {
+    match GATEWAYS.get(g) {
+        Some((region, "i0")) => (*region).to_owned(),
+        Some((region, instance)) => format!("{region}/{instance}"),
+        None => format!("gateway-{g}"),
+    }
+}
+
+/// Default round trips between gateways, from real inter-region measurements: us-east to
+/// eu-west about 75 ms, eu-west to ap-south about 120 ms, us-east to ap-south about 200 ms;
+/// the two us-east instances 1 ms apart; sa-east 115 ms from us-east, 190 ms from eu-west and
+/// 300 ms from ap-south.
+pub const DEFAULT_RTT_US: [[u64; MAX_GATEWAYS]; MAX_GATEWAYS] = [
+    [0, 75 * MS, 200 * MS, MS, 115 * MS],
+    [75 * MS, 0, 120 * MS, 75 * MS, 190 * MS],
+    [200 * MS, 120 * MS, 0, 200 * MS, 300 * MS],
+    [MS, 75 * MS, 200 * MS, 0, 115 * MS],
+    [115 * MS, 190 * MS, 300 * MS, 115 * MS, 0],
+];
+
+/// The largest round trip between the main tables' regions.
 pub const MAX_RTT_US: u64 = 200 * MS;
 
 /// How a network behaves, per message.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct NetParams {
-    /// Round trip per pair of regions.
-    pub rtt_us: [[u64; N_REGIONS]; N_REGIONS],
+    /// Round trip per pair of gateways (a world of `n` uses the first `n` rows).
+    pub rtt_us: [[u64; MAX_GATEWAYS]; MAX_GATEWAYS],
     /// Jitter as a fraction of the one-way delay, drawn uniformly in `[-j, +j]`.
     pub jitter: f64,
     /// Extra delay drawn uniformly in `[0, reorder_us]` (lets messages overtake each other).

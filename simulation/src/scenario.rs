@@ -12,7 +12,7 @@ use tollgate::crdt::{EventualPolicy, WindowSpec};
 use tollgate::crdt::{PolicyId, window::WindowError};
 use tollgate::gossip::proto::{Policies, SplitMix64};
 
-use crate::net::{MS, N_REGIONS, NetParams, SEC, unit};
+use crate::net::{MAX_GATEWAYS, MS, N_REGIONS, NetParams, SEC, unit};
 
 /// The limit `q` of every policy (the demo's premium tier: `rate = "200/10s"`).
 pub const LIMIT: u64 = 200;
@@ -170,15 +170,21 @@ pub struct Scenario {
     pub workload: Workload,
     /// The network.
     pub net: NetParams,
-    /// Per-region clock offset: a region's clock reads virtual time plus this.
-    pub skew_us: [i64; N_REGIONS],
+    /// Per-gateway clock offset: a gateway's clock reads virtual time plus this. Its length
+    /// is the number of gateways (see [`Scenario::gateways`]).
+    pub skew_us: Vec<i64>,
     /// Faults and repairs, in time order.
     pub actions: Vec<(u64, Action)>,
 }
 
 /// Small clock offsets every scenario has unless it says otherwise: what NTP keeps regions
-/// within (a few milliseconds).
-pub const DEFAULT_SKEW_US: [i64; N_REGIONS] = [0, 1_000, -2_000];
+/// within (a few milliseconds), per gateway of [`crate::net::GATEWAYS`].
+pub const DEFAULT_SKEW_US: [i64; MAX_GATEWAYS] = [0, 1_000, -2_000, 1_500, -500];
+
+/// The default clock offsets of a world of `n` gateways (at most [`MAX_GATEWAYS`]).
+pub fn default_skew(n: usize) -> Vec<i64> {
+    DEFAULT_SKEW_US[..n.min(MAX_GATEWAYS)].to_vec()
+}
 
 /// When partitions start and heal, and when a region crashes and restarts.
 const FAULT_AT_US: u64 = TRAFFIC_START_US + 10 * SEC;
@@ -192,7 +198,7 @@ fn steady(name: &'static str, about: &'static str, workload: Workload, kind: Kin
         kind,
         workload,
         net: NetParams::default(),
-        skew_us: DEFAULT_SKEW_US,
+        skew_us: default_skew(N_REGIONS),
         actions: Vec::new(),
     }
 }
@@ -323,7 +329,7 @@ pub fn all() -> Vec<Scenario> {
             )
         },
         Scenario {
-            skew_us: [0, 400_000, -300_000],
+            skew_us: vec![0, 400_000, -300_000],
             ..steady(
                 "skew-400ms",
                 "1.5x spread; eu-west's clock 400 ms ahead, ap-south's 300 ms behind",
@@ -364,8 +370,14 @@ impl Scenario {
         }
     }
 
+    /// Number of gateways: one per clock offset.
+    pub fn gateways(&self) -> usize {
+        self.skew_us.len()
+    }
+
     /// The offered requests for `seed`, in time order (the same for every mode).
     pub fn requests(&self, seed: u64) -> Vec<Request> {
+        let n = self.gateways().max(2);
         let mut rng = SplitMix64::new(seed ^ 0x5eed_0fc1_1e47);
         let (start, end) = (TRAFFIC_START_US, END_US);
         let mut out = Vec::new();
@@ -373,9 +385,9 @@ impl Scenario {
             Workload::Spread { rate, regions } => {
                 let mut times = Vec::new();
                 poisson(&mut rng, *rate, start, end, &mut times);
-                let n = regions.len().max(1) as u64;
+                let spread = regions.len().max(1) as u64;
                 for at_us in times {
-                    let i = rng.up_to(n - 1) as usize;
+                    let i = rng.up_to(spread - 1) as usize;
                     out.push(Request {
                         at_us,
                         region: regions.get(i).copied().unwrap_or(0),
@@ -407,14 +419,14 @@ impl Scenario {
                     let key = cdf.partition_point(|c| *c < u).min(cdf.len() - 1);
                     out.push(Request {
                         at_us,
-                        region: rng.up_to(N_REGIONS as u64 - 1) as usize,
+                        region: rng.up_to(n as u64 - 1) as usize,
                         key: u32::try_from(key).unwrap_or(0),
                     });
                 }
             }
             Workload::Hop { rate, hop_us } => {
                 let step = (SEC as f64 / rate).max(1.0);
-                let mut region = rng.up_to(N_REGIONS as u64 - 1) as usize;
+                let mut region = rng.up_to(n as u64 - 1) as usize;
                 let mut hop_start = start;
                 let mut t = start as f64;
                 while (t as u64) < end {
@@ -422,8 +434,7 @@ impl Scenario {
                     if at_us >= hop_start + hop_us {
                         hop_start += hop_us;
                         // Always a different region: that is the attack.
-                        region =
-                            (region + 1 + rng.up_to(N_REGIONS as u64 - 2) as usize) % N_REGIONS;
+                        region = (region + 1 + rng.up_to(n as u64 - 2) as usize) % n;
                     }
                     out.push(Request {
                         at_us,
@@ -444,13 +455,13 @@ impl Scenario {
                 for at_us in times {
                     out.push(Request {
                         at_us,
-                        region: rng.up_to(N_REGIONS as u64 - 1) as usize,
+                        region: rng.up_to(n as u64 - 1) as usize,
                         key: 0,
                     });
                 }
                 let mut b = start + every_us / 2;
                 while b < end {
-                    let region = rng.up_to(N_REGIONS as u64 - 1) as usize;
+                    let region = rng.up_to(n as u64 - 1) as usize;
                     for _ in 0..*size {
                         out.push(Request {
                             at_us: b + rng.up_to(*spread_us),

@@ -35,7 +35,7 @@ use tollgate::gossip::proto::{
 };
 
 use crate::adversary::{Adversary, Outgoing};
-use crate::net::{MS, N_REGIONS, Network, REGIONS};
+use crate::net::{GATEWAYS, MAX_GATEWAYS, MS, Network};
 use crate::scenario::{
     Action, END_US, EVENTUAL, LIMIT, Request, STRICT, Scenario, TRAFFIC_START_US, key_name,
     policies,
@@ -104,7 +104,7 @@ pub struct RunOutput {
     /// to `p`.
     pub links_up_at_end: BTreeSet<(usize, usize)>,
     /// At the end: actors interned in each region's usage table (0 for a dead region).
-    pub actors_at_end: [usize; N_REGIONS],
+    pub actors_at_end: Vec<usize>,
 }
 
 /// Why a run could not complete.
@@ -119,6 +119,8 @@ pub enum SimError {
         /// Virtual time where it got stuck.
         at_us: u64,
     },
+    /// The scenario names fewer than 2 or more than [`MAX_GATEWAYS`] gateways.
+    Gateways(usize),
 }
 
 impl fmt::Display for SimError {
@@ -127,6 +129,7 @@ impl fmt::Display for SimError {
             Self::Gossip(e) => write!(f, "gossip: {e}"),
             Self::Window(e) => write!(f, "window: {e}"),
             Self::Livelock { at_us } => write!(f, "livelock at {at_us} us"),
+            Self::Gateways(n) => write!(f, "{n} gateways: the world runs 2 to {MAX_GATEWAYS}"),
         }
     }
 }
@@ -194,7 +197,7 @@ struct Conn {
     id: u64,
     open: bool,
     /// Incarnation of each end when it came up, indexed by region.
-    inc: [u64; N_REGIONS],
+    inc: [u64; MAX_GATEWAYS],
 }
 
 struct Region {
@@ -215,12 +218,22 @@ fn pair(a: usize, b: usize) -> (usize, usize) {
 }
 
 fn peer(i: usize) -> PeerId {
-    // N_REGIONS is 3: every region index fits.
+    // At most MAX_GATEWAYS (5): every gateway index fits.
     PeerId(i as u16)
 }
 
-fn slots() -> Vec<Slot> {
-    REGIONS.iter().map(|r| Slot::new(*r, "i0")).collect()
+/// The slot list of a world of `n` gateways.
+fn slots(n: usize) -> Vec<Slot> {
+    GATEWAYS[..n]
+        .iter()
+        .map(|(r, i)| Slot::new(*r, *i))
+        .collect()
+}
+
+/// Gateway `g`'s actor in incarnation `inc`.
+fn actor(g: usize, inc: u64) -> Actor {
+    let (region, instance) = GATEWAYS[g];
+    Actor::new(region, instance, inc)
 }
 
 /// The simulated world of one run.
@@ -239,6 +252,8 @@ struct World {
     byzantine: Option<(usize, Box<dyn Adversary>)>,
     /// The workload's client keys.
     keys: Vec<String>,
+    /// How many gateways the world runs (every one in the slot list from the start).
+    gateways: usize,
 }
 
 impl World {
@@ -260,7 +275,12 @@ impl World {
             out: RunOutput::default(),
             byzantine,
             keys: (0..scenario.keys()).map(key_name).collect(),
+            gateways: scenario.gateways(),
         };
+        if !(2..=MAX_GATEWAYS).contains(&scenario.gateways()) {
+            return Err(SimError::Gateways(scenario.gateways()));
+        }
+        w.out.actors_at_end = vec![0; scenario.gateways()];
         for (r, offset) in scenario.skew_us.iter().enumerate() {
             w.regions.push(Region {
                 gossip: None,
@@ -276,14 +296,14 @@ impl World {
     fn start(&mut self, r: usize) -> Result<(), SimError> {
         let inc = self.regions[r].inc;
         let now = self.local(r);
-        let me = Actor::new(REGIONS[r], "i0", inc);
+        let me = actor(r, inc);
         let seed = self
             .seed
             .wrapping_mul(0x9e37_79b9_7f4a_7c15)
             .wrapping_add((r as u64 + 1) << 32 | inc);
         self.regions[r].gossip = Some(Gossip::new(
             me,
-            slots(),
+            slots(self.gateways),
             gossip_config(),
             policies()?,
             CONFIG_DIGEST,
@@ -324,8 +344,9 @@ impl World {
         if let Some((b, adversary)) = self.byzantine.as_mut()
             && *b == r
         {
-            let actors: [Actor; N_REGIONS] =
-                std::array::from_fn(|i| Actor::new(REGIONS[i], "i0", self.regions[i].inc));
+            let actors: Vec<Actor> = (0..self.regions.len())
+                .map(|i| actor(i, self.regions[i].inc))
+                .collect();
             let mut lies = Vec::with_capacity(msgs.len());
             for (to, msg) in msgs {
                 let out = Outgoing {
@@ -452,7 +473,7 @@ impl World {
                     return;
                 }
                 self.next_conn += 1;
-                let mut incs = [0; N_REGIONS];
+                let mut incs = [0; MAX_GATEWAYS];
                 incs[from] = inc;
                 incs[to] = self.regions[to].inc;
                 let id = self.next_conn;
@@ -579,8 +600,8 @@ impl World {
     fn act(&mut self, action: Action) -> Result<(), SimError> {
         match action {
             Action::CutAll => {
-                for a in 0..N_REGIONS {
-                    for b in 0..N_REGIONS {
+                for a in 0..self.regions.len() {
+                    for b in 0..self.regions.len() {
                         if a != b {
                             self.net.cut_one_way(a, b);
                         }
@@ -588,7 +609,7 @@ impl World {
                 }
             }
             Action::Isolate(r) => {
-                for b in 0..N_REGIONS {
+                for b in 0..self.regions.len() {
                     if b != r {
                         self.net.cut(r, b);
                     }
@@ -611,7 +632,7 @@ impl World {
     }
 
     fn recovery(&mut self, action: Action) {
-        let alive: Vec<usize> = (0..N_REGIONS)
+        let alive: Vec<usize> = (0..self.regions.len())
             .filter(|r| self.regions[*r].gossip.is_some())
             .collect();
         let mut pending = BTreeSet::new();
@@ -666,7 +687,8 @@ pub fn run_with(
     let mut next_action = 0usize;
     let mut checked_reclaim = false;
     let mut spins = 0u32;
-    for r in 0..N_REGIONS {
+    let n = w.regions.len();
+    for r in 0..n {
         w.pump(r);
     }
     loop {
@@ -696,7 +718,7 @@ pub fn run_with(
         w.now = t;
         if !checked_reclaim && t >= TRAFFIC_START_US {
             checked_reclaim = true;
-            w.out.unreclaimed_at_start = (0..N_REGIONS)
+            w.out.unreclaimed_at_start = (0..n)
                 .filter(|r| {
                     w.regions[*r]
                         .gossip
@@ -719,7 +741,7 @@ pub fn run_with(
             let event = entry.remove();
             w.apply(event);
         }
-        for r in 0..N_REGIONS {
+        for r in 0..n {
             let now_r = w.local(r);
             let Some(g) = w.regions[r].gossip.as_mut() else {
                 continue;

@@ -8,6 +8,9 @@
 //!   error), the honest gateways' link is up at the end, and no honest gateway, offered at
 //!   least its share in a window, admits less than half of it.
 //!
+//! Strict strategies run among three, four and five gateways (the bound on what one gateway
+//! may give another depends on the count: see `tollgate::crdt::bounded`, "Peer input").
+//!
 //! Every test but six failed before #13's validation of peer input (the figures are in the
 //! simulator's byzantine table, `--byzantine`). The six ignored ones state what eventual
 //! mode does not promise: it believes each gateway's counts up to the quota per sub-window,
@@ -20,6 +23,7 @@ use std::process::Command;
 use tollgate_simulation::adversary::Strategy;
 use tollgate_simulation::byzantine::{self, CSV_HEADER, CaseSeed, fair_share};
 use tollgate_simulation::scenario::LIMIT;
+use tollgate_simulation::world::GlobalMode;
 
 /// Seeds every case runs with here.
 const SEEDS: u64 = 3;
@@ -38,14 +42,15 @@ fn within_its_share(strategy: Strategy) -> Vec<CaseSeed> {
     for (case, r) in &runs {
         assert!(
             r.over_shares <= 1.0,
-            "{} {} seed {}: the honest gateways admitted {} in one window, {:.2} shares of {} \
-             beyond the quota {LIMIT}",
+            "{} {} among {} seed {}: the honest gateways admitted {} in one window, {:.2} shares \
+             of {} beyond the quota {LIMIT}",
             case.name(),
             case.mode_name(),
+            case.gateways,
             r.seed,
             r.max_honest,
             r.over_shares,
-            fair_share()
+            fair_share(case.gateways)
         );
     }
     runs.into_iter().map(|(_, r)| r).collect()
@@ -54,7 +59,13 @@ fn within_its_share(strategy: Strategy) -> Vec<CaseSeed> {
 fn keeps_honest_serving(strategy: Strategy) -> Vec<CaseSeed> {
     let runs = seeds(strategy);
     for (case, r) in &runs {
-        let at = format!("{} {} seed {}", case.name(), case.mode_name(), r.seed);
+        let at = format!(
+            "{} {} among {} seed {}",
+            case.name(),
+            case.mode_name(),
+            case.gateways,
+            r.seed
+        );
         assert!(
             r.honest_links_up,
             "{at}: the honest link is down at the end"
@@ -85,7 +96,7 @@ fn a_greedy_gateway_over_admits_only_its_own_traffic() {
     for ((_, c), g) in control.iter().zip(&greedy) {
         // It serves all it is offered (a third of 3x the limit's rate: the quota per window
         // by itself), so the total goes well past the quota ...
-        assert!(g.max_all >= LIMIT + fair_share(), "{g:?}");
+        assert!(g.max_all >= LIMIT + fair_share(3), "{g:?}");
         // ... while the honest gateways, whose messages it leaves alone, decide exactly as
         // they do next to an honest peer (its books, and so its gossip, are honest).
         assert_eq!(g.honest_admitted, c.honest_admitted, "{g:?}");
@@ -99,6 +110,38 @@ fn a_double_spent_share_reaches_the_honest_gateways_and_stays_within_it() {
     // The forged gifts are believed (they are what an honest gift looks like): the honest
     // gateways go past the quota, which is what "its own share beyond the quota" allows.
     assert!(runs.iter().any(|r| r.max_honest > LIMIT), "{runs:?}");
+}
+
+/// Among four gateways (the shipped deployment) the liar shows each of the three honest ones
+/// the books of a giver that gave only to it. With its share believed by each, they admitted
+/// 277 in one window (1.54 shares beyond the quota; among five 2.45); with the gift bound
+/// (two thirds of the share among four, half among five) at most the quota plus one share.
+#[test]
+fn among_four_and_five_a_double_spent_share_stays_within_one_share() {
+    for n in [4, 5] {
+        let case = byzantine::case(Strategy::TransferShareToEach, GlobalMode::Strict, n);
+        for seed in 1..=SEEDS {
+            let r = byzantine::run_seed(case, seed).expect("runs");
+            assert!(r.over_shares <= 1.0, "among {n}, seed {seed}: {r:?}");
+            assert!(r.max_honest > LIMIT, "the forged gifts are believed: {r:?}");
+            assert!(r.starved.is_empty(), "among {n}, seed {seed}: {r:?}");
+        }
+    }
+}
+
+/// An Announce naming the liar's incarnation + 1000 made its peers take every real message of
+/// it for a predecessor's: its transfers were refused, and the honest gateways refused 67% of
+/// their requests while its rights sat idle. The gossip layer now holds strict messages to
+/// the incarnation of the connection's vetted Hello.
+#[test]
+fn a_future_announce_does_not_make_the_honest_gateways_refuse() {
+    for n in [3, 4] {
+        let case = byzantine::case(Strategy::AnnounceFutureIncarnation, GlobalMode::Strict, n);
+        for seed in 1..=SEEDS {
+            let r = byzantine::run_seed(case, seed).expect("runs");
+            assert!(r.false_reject_pct < 5.0, "among {n}, seed {seed}: {r:?}");
+        }
+    }
 }
 
 #[test]
@@ -125,7 +168,7 @@ fn a_byzantine_violation_names_the_strategy_mode_and_seed() {
         admitted: 100,
         honest_admitted: 100,
         max_all: 400,
-        max_honest: LIMIT + 2 * fair_share(),
+        max_honest: LIMIT + 2 * fair_share(3),
         over_shares: 2.0,
         false_reject_pct: 0.0,
         starved: vec![0],
@@ -171,8 +214,21 @@ fn the_command_line_runs_the_byzantine_family_and_writes_its_csv() {
     );
     let text = std::fs::read_to_string(&csv).expect("csv written");
     assert_eq!(text.lines().next(), Some(CSV_HEADER));
-    // One row per mode the control runs in.
-    assert_eq!(text.lines().count(), 3);
+    // One row per mode the control runs in among three gateways, and strict among four and
+    // five.
+    assert_eq!(text.lines().count(), 5);
+    let four = Command::new(bin)
+        .args(["--byzantine", "--list", "--gateways", "4"])
+        .output()
+        .expect("runs");
+    let listed = String::from_utf8_lossy(&four.stdout);
+    assert!(four.status.success(), "{four:?}");
+    assert!(
+        listed
+            .lines()
+            .all(|l| l.contains(" strict ") && l.contains(" 4 ")),
+        "{listed}"
+    );
     let unknown = Command::new(bin)
         .args(["--byzantine", "--scenario", "byz-nothing"])
         .output()

@@ -204,3 +204,25 @@ fn a_violated_bound_is_reported_with_scenario_and_seed() {
     );
     assert!(found[0].contains("over-admission") && found[1].contains("false rejections"));
 }
+
+/// The price of the gift bound (see `tollgate::crdt::bounded`, "Peer input"): among four
+/// gateways a key whose traffic all reaches one of them gets, per window, at most that
+/// gateway's share plus two thirds of each other's (200: 50 + 3 · 33 = 149); among three it
+/// still gets the whole quota.
+#[test]
+fn among_four_one_busy_gateway_gathers_its_share_and_two_thirds_of_each_other() {
+    let one_region = scenario::by_name("steady-one-region").expect("a scenario");
+    for (n, lo, hi) in [(3, LIMIT - 10, LIMIT), (4, 140, 149)] {
+        let s = scenario::Scenario {
+            skew_us: scenario::default_skew(n),
+            ..one_region.clone()
+        };
+        let requests = s.requests(1);
+        let run = world::run(&s, GlobalMode::Strict, 1, &requests).expect("runs");
+        let most = tollgate_simulation::metrics::max_in_window(
+            &run.admissions,
+            tollgate_simulation::metrics::window_us(),
+        );
+        assert!((lo..=hi).contains(&most), "among {n}: {most} in one window");
+    }
+}

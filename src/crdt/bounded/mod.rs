@@ -66,21 +66,42 @@
 //! The giver decides: asked for `want`, it gives `min(want, available / 2)`, keeping at least
 //! half of its idle rights for its own traffic. A node gives only once reclaimed (before that
 //! it does not know its own books).
-//! Its net gift to one slot in one epoch (`given − recv` of the pair) never exceeds its own
-//! share, which is what receivers check (next section).
+//! Its net gift to one slot in one epoch (`given − recv` of the pair) never exceeds its
+//! *gift bound* ([`gift_bound`]: its share among two or three slots, `2·share/(n − 1)`
+//! among more), which is what receivers check (next section).
 //!
 //! # Peer input: what a slot could honestly have given
 //!
 //! Authenticated is not honest. A column from slot `j` is accepted only while the pair stays
-//! within `recv[j].total ≤ given[j].total + share_j` (our net gain from `j` in this epoch is
-//! at most `j`'s initial share; `total = u64::MAX` or `base > total` never pass), a handover
-//! entry only if each side is within the other plus its giver's share, and before reclaiming
-//! a slot's gifts count up to its share. The bound is sound for an honest giver (it cuts its
+//! within `recv[j].total ≤ given[j].total + bound_j` (our net gain from `j` in this epoch is
+//! at most `j`'s gift bound; `total = u64::MAX` or `base > total` never pass), a handover
+//! entry only if each side is within the other plus its giver's bound, and before reclaiming
+//! a slot's gifts count up to its bound. The check is sound for an honest giver (it cuts its
 //! own gifts the same way, from its view of what we gave, which lags ours) and simple: no
-//! rate, no clock. With the honest slots' pairs conserving rights as above, a byzantine slot
-//! `b` can raise each honest slot's rights by at most `share_b` over its own, so the honest
-//! slots together hold, and admit in any window, at most `quota − share_b + (n − 1) · share_b
-//! = quota + (n − 2) · share_b`: the quota plus its share for three slots (property-tested).
+//! rate, no clock, no message. With the honest slots' pairs conserving rights, a byzantine
+//! slot `b` can raise each honest slot's rights by at most `bound_b` over its own, so the
+//! honest slots together hold, and admit in any window, at most
+//! `quota − share_b + (n − 1) · bound_b`. The bound is chosen so that this is at most
+//! `quota + share_b` for every `n` (the property of #13: a liar obtains for the others at
+//! most its own share beyond the quota), and exactly the quota for two slots:
+//!
+//! ```text
+//! bound_b = min(share_b, ⌊2 · share_b / (n − 1)⌋)
+//! honest slots hold ≤ quota − share_b + (n − 1) · bound_b ≤ quota + share_b
+//! ```
+//!
+//! (`n = 3`: `bound = share`; `n = 4`: two thirds of it; `n = 5`: half.) Each receiver only
+//! sees its own pair with `b`, and `b` can show each one the books of an honest `b` that
+//! gave only to it; so without waiting for the other receivers, what the `n − 1` of them
+//! accept from `b` at once is the sum of what each accepts alone, and holding that sum to
+//! `2 · share_b` leaves each `2 · share_b / (n − 1)`. The price is honest: among four or more
+//! slots one busy slot can gather at most `share_i + Σ_j bound_j` of a key's quota per window
+//! (200 over four: 50 + 3 · 33 = 149), as long as its peers' rights reach it only through
+//! gifts; two busy slots (two instances of a region) reach the whole quota. Lifting that
+//! needs the receivers to agree (a round among them before rights beyond the bound count),
+//! which this table does not do. Columns refused for exceeding the bound are counted per
+//! author ([`BoundedTable::unbounded_by_slot`]): a slot with a count there sent more than an
+//! honest one of this configuration can.
 //! A slot's incarnation is believed only for its own slot. What a byzantine peer *can* do is
 //! lower: claim in a handover that we gave it more than we did (a new incarnation cannot
 //! check that), which costs us rights on the keys it names, never the others any quota.
@@ -283,6 +304,8 @@ pub struct BoundedTable {
     cursor: Option<(PolicyId, Box<str>)>,
     outbox: Vec<Outgoing>,
     stats: StrictStats,
+    /// Per slot: its columns refused for exceeding its gift bound (see "Peer input").
+    unbounded_by_slot: Vec<u64>,
 }
 
 /// Slot `i`'s initial share of `quota` over `n` slots: `quota / n`, plus one for the first
@@ -291,6 +314,16 @@ pub fn initial_share(quota: u64, n: usize, i: usize) -> u64 {
     let n = n.max(1) as u64;
     let i = i as u64;
     quota / n + u64::from(i < quota % n)
+}
+
+/// The most rights slot `i` of `n` may give one other slot net in one pair epoch, and so the
+/// most a receiver believes of it: `min(share_i, ⌊2 · share_i / (n − 1)⌋)`, its share among
+/// two or three slots. Among `n` slots the others then hold at most the quota plus `i`'s
+/// share however `i` lies (see "Peer input" in the module docs).
+pub fn gift_bound(quota: u64, n: usize, i: usize) -> u64 {
+    let share = initial_share(quota, n, i);
+    let receivers = n.saturating_sub(1).max(1) as u64;
+    share.min(share.saturating_mul(2) / receivers)
 }
 
 /// Open pairs allowed per peer: at most the default, and together at most half the key cap.
@@ -357,6 +390,7 @@ impl BoundedTable {
             cursor: None,
             outbox: Vec::new(),
             stats: StrictStats::default(),
+            unbounded_by_slot: vec![0; n],
         })
     }
 
@@ -411,6 +445,21 @@ impl BoundedTable {
     /// Refusal counters.
     pub fn stats(&self) -> StrictStats {
         self.stats
+    }
+
+    /// Per slot, in slot order: columns it authored that claimed more than its gift bound
+    /// allows ([`StrictStats::unbounded`], split by author). An honest slot of the same
+    /// configuration never gets here; a non-zero entry names a peer whose gifts exceed what
+    /// it could hold: byzantine, or configured with other policies or another slot list.
+    pub fn unbounded_by_slot(&self) -> &[u64] {
+        &self.unbounded_by_slot
+    }
+
+    fn count_unbounded(&mut self, slot: usize) {
+        self.stats.unbounded += 1;
+        if let Some(c) = self.unbounded_by_slot.get_mut(slot) {
+            *c = c.saturating_add(1);
+        }
     }
 
     /// Number of keys held.
@@ -504,10 +553,11 @@ impl BoundedTable {
             .ok_or(BoundedError::TableFull)
     }
 
-    fn share_of(&self, policy: PolicyId, slot: usize) -> u64 {
+    /// Slot `slot`'s [`gift_bound`] on `policy` (0 for an unknown policy).
+    fn bound_of(&self, policy: PolicyId, slot: usize) -> u64 {
         self.policies
             .get(&policy)
-            .map_or(0, |p| initial_share(p.quota, self.slots.len(), slot))
+            .map_or(0, |p| gift_bound(p.quota, self.slots.len(), slot))
     }
 
     /// Our live consumption of `(policy, key)` at `now_us` (our clock).
@@ -552,14 +602,14 @@ impl BoundedTable {
                     .map(|c| i128::from(c.total))
                     .sum::<i128>()
         } else {
-            // Before we know our books, what a slot gave us is bounded by its share alone
+            // Before we know our books, what a slot gave us is bounded by its gift bound alone
             // (we gave nothing yet): a byzantine slot cannot claim to have given us more.
             kr.recv_all()
                 .iter()
                 .enumerate()
                 .map(|(j, c)| {
-                    let share = initial_share(quota, self.slots.len(), j);
-                    i128::from(c.addressed_to(self.inc).min(share))
+                    let bound = gift_bound(quota, self.slots.len(), j);
+                    i128::from(c.addressed_to(self.inc).min(bound))
                 })
                 .sum()
         }
@@ -679,7 +729,7 @@ impl BoundedTable {
     /// Records a gift of up to `amount` rights to incarnation `to_inc` of slot `to` in our
     /// column (before anything is sent, as the module docs require) and returns the
     /// transfer. The gift is cut so that our net gift to the slot in this epoch stays within
-    /// our share: what receivers believe of us (see "Peer input").
+    /// our [`gift_bound`]: what receivers believe of us (see "Peer input").
     fn give(
         &mut self,
         policy: PolicyId,
@@ -689,7 +739,7 @@ impl BoundedTable {
         amount: u64,
     ) -> Option<Transfer> {
         let (me, inc, j) = (self.me, self.inc, usize::from(to));
-        let share = self.share_of(policy, usize::from(me));
+        let bound = self.bound_of(policy, usize::from(me));
         if !self.may_open(policy, key, j) {
             return None;
         }
@@ -702,7 +752,7 @@ impl BoundedTable {
         let cols = kr.cols_mut(&floors);
         let recv = cols.recv[j].total;
         let col = &mut cols.given[j];
-        let room = recv.saturating_add(share).saturating_sub(col.total);
+        let room = recv.saturating_add(bound).saturating_sub(col.total);
         let amount = amount.min(room);
         if col.to_inc > to_inc || amount == 0 {
             return None;
@@ -857,13 +907,13 @@ impl BoundedTable {
     }
 
     /// Merges slot `j`'s column for us (already aligned to our epoch), if it is within what
-    /// `j` could honestly have given: its share plus what we gave it in this epoch (see
+    /// `j` could honestly have given: its gift bound plus what we gave it in this epoch (see
     /// "Peer input"). Returns whether it was accepted.
     fn accept_recv(&mut self, policy: PolicyId, key: &str, j: usize, col: &Col) -> bool {
-        let share = self.share_of(policy, j);
+        let bound = self.bound_of(policy, j);
         let given = self.rights(policy, key).map_or(0, |kr| kr.given(j).total);
-        if col.base > col.total || col.total > given.saturating_add(share) {
-            self.stats.unbounded += 1;
+        if col.base > col.total || col.total > given.saturating_add(bound) {
+            self.count_unbounded(j);
             return false;
         }
         if !self.may_open(policy, key, j) {
@@ -1069,7 +1119,7 @@ impl BoundedTable {
 
     /// Merges one handover entry from slot `j`: what it says we gave it (our column, as it
     /// accepted it) and what it gave us. Each side is bounded by what its giver could
-    /// honestly have given: the other side plus the giver's share.
+    /// honestly have given: the other side plus the giver's gift bound.
     fn merge_entry(&mut self, j: usize, e: &HandoverEntry) {
         let (ygm, igy) = (&e.you_gave_me, &e.i_gave_you);
         let me = usize::from(self.me);
@@ -1081,11 +1131,11 @@ impl BoundedTable {
             self.stats.refused += 1;
             return;
         }
-        let (their_share, my_share) = (self.share_of(e.policy, j), self.share_of(e.policy, me));
-        if igy.total > ygm.total.saturating_add(their_share)
-            || ygm.total > igy.total.saturating_add(my_share)
+        let (their_bound, my_bound) = (self.bound_of(e.policy, j), self.bound_of(e.policy, me));
+        if igy.total > ygm.total.saturating_add(their_bound)
+            || ygm.total > igy.total.saturating_add(my_bound)
         {
-            self.stats.unbounded += 1;
+            self.count_unbounded(j);
             return;
         }
         if !self.align_epoch(e.policy, &e.key, j, igy.epoch) {
@@ -1097,8 +1147,8 @@ impl BoundedTable {
             .map_or(0, |kr| kr.given(j).total);
         // Checked on the column as it will stand once our side is joined.
         let given_after = given.max(ygm.total);
-        if accept_recv && igy.total > given_after.saturating_add(their_share) {
-            self.stats.unbounded += 1;
+        if accept_recv && igy.total > given_after.saturating_add(their_bound) {
+            self.count_unbounded(j);
             return;
         }
         if !self.may_open(e.policy, &e.key, j) {

@@ -370,6 +370,9 @@ impl From<Outgoing> for Msg {
     }
 }
 
+/// The most slots the model runs (slot indices in [`step`] are drawn below it).
+const MAX_MODEL_SLOTS: usize = 5;
+
 /// The keys of the model: rights and limits are per key, so two keys exercise the table
 /// (and its eviction) without making the run slower to shrink.
 const KEYS: [&str; 2] = ["k", "j"];
@@ -435,21 +438,21 @@ fn step() -> impl Strategy<Value = Step> {
         6 => (0u64..3_000).prop_map(Step::Advance),
         // Quiet spells, in which keys go idle and settle.
         2 => (10_000u64..30_000).prop_map(Step::Advance),
-        12 => (0usize..4, 1u64..4, 0usize..KEYS.len()).prop_map(|(a, c, k)| Step::Admit(a, c, k)),
-        6 => (0usize..4, 0usize..4, 1u64..30, 0usize..KEYS.len())
+        12 => (0usize..MAX_MODEL_SLOTS, 1u64..4, 0usize..KEYS.len()).prop_map(|(a, c, k)| Step::Admit(a, c, k)),
+        6 => (0usize..MAX_MODEL_SLOTS, 0usize..MAX_MODEL_SLOTS, 1u64..30, 0usize..KEYS.len())
             .prop_map(|(a, b, w, k)| Step::Ask(a, b, w, k)),
-        4 => (0usize..4).prop_map(Step::Announce),
-        2 => (0usize..4, 0usize..4, 0usize..KEYS.len()).prop_map(|(a, b, k)| Step::Resend(a, b, k)),
+        4 => (0usize..MAX_MODEL_SLOTS).prop_map(Step::Announce),
+        2 => (0usize..MAX_MODEL_SLOTS, 0usize..MAX_MODEL_SLOTS, 0usize..KEYS.len()).prop_map(|(a, b, k)| Step::Resend(a, b, k)),
         20 => (any::<prop::sample::Index>(), any::<bool>()).prop_map(|(i, d)| Step::Deliver(i, d)),
         2 => any::<prop::sample::Index>().prop_map(Step::Drop),
         // Rare enough that slots usually get to reclaim between restarts.
-        1 => (0usize..16, 0u64..50_000).prop_map(|(a, o)| Step::Restart(a, o)),
-        1 => (0usize..4, 0usize..4).prop_map(|(a, b)| Step::Partition(a, b)),
-        1 => (0usize..4).prop_map(Step::Gc),
+        1 => (0usize..MAX_MODEL_SLOTS * MAX_MODEL_SLOTS, 0u64..50_000).prop_map(|(a, o)| Step::Restart(a, o)),
+        1 => (0usize..MAX_MODEL_SLOTS, 0usize..MAX_MODEL_SLOTS).prop_map(|(a, b)| Step::Partition(a, b)),
+        1 => (0usize..MAX_MODEL_SLOTS).prop_map(Step::Gc),
         2 => any::<prop::sample::Index>().prop_map(Step::Refund),
-        1 => (0usize..4, 0usize..4).prop_map(|(a, b)| Step::Retire(a, b)),
-        4 => (0usize..4, forged()).prop_map(|(a, f)| Step::Forge(a, f)),
-        6 => (0usize..4, 1usize..3).prop_map(|(a, k)| Step::Settle(a, k)),
+        1 => (0usize..MAX_MODEL_SLOTS, 0usize..MAX_MODEL_SLOTS).prop_map(|(a, b)| Step::Retire(a, b)),
+        4 => (0usize..MAX_MODEL_SLOTS, forged()).prop_map(|(a, f)| Step::Forge(a, f)),
+        6 => (0usize..MAX_MODEL_SLOTS, 1usize..3).prop_map(|(a, k)| Step::Settle(a, k)),
     ]
 }
 
@@ -540,7 +543,8 @@ fn forge(f: &Forged, byz: &BoundedTable, to: &BoundedTable) -> Msg {
 
 /// Runs the model; with `byzantine`, the last slot also sends arbitrary messages and its own
 /// admissions and rights are left out of the checks, whose bound grows by what the module
-/// docs say a byzantine slot can obtain for the others: `(n − 2) · its share`.
+/// docs say a byzantine slot can obtain for the others: `(n − 1) · gift_bound − share`, at
+/// most its share (none for two slots).
 fn run_model(
     n: usize,
     quota: u64,
@@ -553,7 +557,13 @@ fn run_model(
     let byz = (byzantine && n >= 2).then_some(n - 1);
     let honest = |i: usize| Some(i) != byz;
     let bound = match byz {
-        Some(b) => quota + (n as u64 - 2) * initial_share(quota, n, b),
+        Some(b) => {
+            let share = initial_share(quota, n, b);
+            let bound = quota + (n as u64 - 1) * gift_bound(quota, n, b) - share;
+            // The property of #13, for every n.
+            prop_assert!(bound <= quota + share);
+            bound
+        }
         None => quota,
     };
     let mut now = 0u64; // reference time
@@ -650,7 +660,7 @@ fn run_model(
             }
             Step::Restart(a, offset) => {
                 // Four in five restart draws do nothing.
-                if a >= 4 {
+                if a >= MAX_MODEL_SLOTS {
                     continue;
                 }
                 let a = a % n;
@@ -809,9 +819,9 @@ proptest! {
     /// quota.
     #[test]
     fn strict_never_exceeds_quota(
-        n in 1usize..5,
+        n in 1usize..=MAX_MODEL_SLOTS,
         quota in 1u64..30,
-        offsets in proptest::collection::vec(0u64..50_000, 4),
+        offsets in proptest::collection::vec(0u64..50_000, MAX_MODEL_SLOTS),
         steps in proptest::collection::vec(step(), 50..600),
         max_keys in prop_oneof![Just(1usize), Just(2), Just(DEFAULT_MAX_KEYS)],
     ) {
@@ -822,14 +832,14 @@ proptest! {
     /// transfers, handovers, asks and announces (any counts, `u64::MAX` included, its own
     /// and the receivers' future incarnations, announces in the receiver's name). The
     /// honest slots never admit, in any interval of length w, more than
-    /// `quota + (n − 2) · share_b` (`share_b` the byzantine slot's initial share: for three
-    /// slots, the quota plus its share), and their rights plus live consumption never exceed
-    /// that either.
+    /// `quota − share_b + (n − 1) · gift_bound_b ≤ quota + share_b` (`share_b` the byzantine
+    /// slot's initial share), for two to five slots, and their rights plus live consumption
+    /// never exceed that either.
     #[test]
     fn a_byzantine_slot_gains_the_others_at_most_its_share(
-        n in 2usize..5,
+        n in 2usize..=MAX_MODEL_SLOTS,
         quota in 1u64..30,
-        offsets in proptest::collection::vec(0u64..50_000, 4),
+        offsets in proptest::collection::vec(0u64..50_000, MAX_MODEL_SLOTS),
         steps in proptest::collection::vec(step(), 50..600),
         max_keys in prop_oneof![Just(1usize), Just(2), Just(DEFAULT_MAX_KEYS)],
     ) {

@@ -64,7 +64,7 @@ impl Gossip {
                 self.on_digest(now_us, from, &actor, digest, version)
             }
             Message::Announce(a) => {
-                if a.slot != from.0 {
+                if (a.slot, a.incarnation) != (from.0, actor.incarnation) {
                     self.stats.misattributed += 1;
                     return;
                 }
@@ -75,7 +75,7 @@ impl Gossip {
                 self.send_strict_outgoing(now_us);
             }
             Message::Ask(ask) => {
-                if ask.slot != from.0 {
+                if (ask.slot, ask.incarnation) != (from.0, actor.incarnation) {
                     self.stats.misattributed += 1;
                     return;
                 }
@@ -85,7 +85,7 @@ impl Gossip {
                 self.send_strict_outgoing(now_us);
             }
             Message::Transfer(t) => {
-                if t.from != from.0 {
+                if (t.from, t.from_incarnation) != (from.0, actor.incarnation) {
                     self.stats.misattributed += 1;
                     return;
                 }
@@ -95,7 +95,7 @@ impl Gossip {
                 self.send_strict_outgoing(now_us);
             }
             Message::Handover(h) => {
-                if h.from != from.0 {
+                if (h.from, h.from_incarnation) != (from.0, actor.incarnation) {
                     self.stats.misattributed += 1;
                     return;
                 }
@@ -103,7 +103,7 @@ impl Gossip {
                 self.send_strict_outgoing(now_us);
             }
             Message::Settled(s) => {
-                if s.from != from.0 {
+                if (s.from, s.from_incarnation) != (from.0, actor.incarnation) {
                     self.stats.misattributed += 1;
                     return;
                 }

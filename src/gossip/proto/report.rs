@@ -80,7 +80,8 @@ pub struct GossipStats {
     /// `Hello`s of an incarnation older than the one known for the slot: a second process
     /// with the peer's identity, or its clock set back.
     pub duplicate_identity: u64,
-    /// Strict-mode messages whose claimed sender is not the connection's peer.
+    /// Strict-mode messages whose claimed sender (slot and incarnation) is not the
+    /// connection's peer as its vetted `Hello` named it.
     pub misattributed: u64,
     /// Usage entries or counts the CRDT refused (malformed, impossible or over a limit: see
     /// [`crate::crdt::usage::MergeReport::refusals`]).

@@ -149,6 +149,81 @@ fn columns_are_bounded_by_what_the_giver_could_hold() {
     assert_eq!(fresh.available(1, "k", now), 10);
 }
 
+/// The double spend among four or more slots: the byzantine slot shows each honest slot the
+/// books of an honest giver that gave only to it. Each pair check passes, so what the honest
+/// slots accept from it together is the sum of what each accepts alone: with the share as
+/// the bound, `(n − 1) · share_b` (the honest slots held `quota + (n − 2) · share_b`). The
+/// gift bound holds them to the quota plus its share for every `n`.
+#[test]
+fn a_share_given_to_each_honest_slot_stays_within_one_share() {
+    for (n, quota) in [(3, 200), (4, 200), (5, 200), (4, 7), (5, 9)] {
+        let (mut nodes, now) = reclaimed(n, quota);
+        let b = 1;
+        let (share, bound) = (initial_share(quota, n, b), gift_bound(quota, n, b));
+        for to in (0..n).filter(|&i| i != b) {
+            let t = |total: u64| Transfer {
+                policy: 1,
+                key: "k".into(),
+                from: b as u16,
+                from_incarnation: 1,
+                to: to as u16,
+                given: Col {
+                    total,
+                    to_inc: 1,
+                    base: 0,
+                    ..Col::default()
+                },
+            };
+            let honest = &mut nodes[to];
+            if bound < share {
+                assert_eq!(honest.on_transfer(&t(share), now), TransferOutcome::Refused);
+                assert_eq!(honest.unbounded_by_slot()[b], 1, "the liar is named");
+            }
+            assert_eq!(
+                honest.on_transfer(&t(bound), now),
+                TransferOutcome::Accepted
+            );
+            assert_eq!(
+                honest.unbounded_by_slot().iter().sum::<u64>(),
+                u64::from(bound < share)
+            );
+        }
+        let held: u64 = (0..n)
+            .filter(|&i| i != b)
+            .map(|i| nodes[i].available(1, "k", now))
+            .sum();
+        assert_eq!(held, quota - share + (n as u64 - 1) * bound, "{n} slots");
+        assert!(
+            held <= quota + share,
+            "{n} slots: {held} held, quota {quota} + {share}"
+        );
+    }
+    // The bound itself: the share among two or three, two thirds of it among four, half
+    // among five.
+    assert_eq!(
+        [2, 3, 4, 5].map(|n| gift_bound(200, n, 1)),
+        [100, 67, 33, 20]
+    );
+}
+
+/// An honest slot's gifts stay within its bound too: among four, a peer asking again and
+/// again gets at most two thirds of its share, which every receiver accepts.
+#[test]
+fn an_honest_giver_gives_within_its_bound() {
+    let (mut nodes, now) = reclaimed(4, 200);
+    let mut last = None;
+    for _ in 0..10 {
+        let ask = nodes[0].ask(1, "k", 50);
+        if let Some(t) = nodes[1].on_ask(&ask, now) {
+            assert_eq!(nodes[0].on_transfer(&t, now), TransferOutcome::Accepted);
+            last = Some(t.given.total);
+        }
+    }
+    assert_eq!(last, Some(gift_bound(200, 4, 1)));
+    assert_eq!(nodes[1].available(1, "k", now), 50 - 33);
+    assert_eq!(nodes[0].available(1, "k", now), 50 + 33);
+}
+
 /// Finding 4: a peer's Ask flood must not fill our table: asks for keys we hold nothing for
 /// create state only within a per-peer budget, and our own traffic on new keys still gets
 /// admitted.
