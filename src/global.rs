@@ -26,7 +26,7 @@ use crate::crdt::bounded::StrictPolicy;
 use crate::crdt::{Actor, EventualPolicy, PolicyId, Slot, WindowSpec};
 use crate::gossip::driver::{self, DriverTask, GossipHandle, PeerAddress};
 use crate::gossip::proto::{self, Gossip, GossipError, PeerId, Policies};
-use crate::gossip::quic::{self, GossipEndpoint, QuicError};
+use crate::gossip::quic::{self, GossipEndpoint, QuicError, TlsSwitch};
 use crate::gossip::tls::{CertName, PeerTls, TlsError};
 use crate::limit::policy::{GlobalMode, Limit, Policy, Scope};
 
@@ -83,6 +83,14 @@ fn check_own_certificate(
         path: settings.cert.clone(),
         message,
     })
+}
+
+/// Loads the gossip certificates `settings` names and checks that ours names this gateway.
+pub fn load_tls(config: &RegionConfig, settings: &GossipSettings) -> Result<PeerTls, GlobalError> {
+    let tls = PeerTls::load(&settings.ca, &settings.cert, &settings.key)?;
+    let me = Slot::new(config.region.clone(), settings.instance.clone());
+    check_own_certificate(&tls, &me, settings)?;
+    Ok(tls)
 }
 
 /// One global policy at one tier: what the gossip state knows it as.
@@ -233,6 +241,8 @@ pub struct GlobalLimits {
     pub slots: Vec<Slot>,
     /// Our slot.
     pub me: PeerId,
+    /// Replaces the certificates of new gossip connections (a reload).
+    tls: TlsSwitch,
     driver: Mutex<Option<DriverTask>>,
 }
 
@@ -253,9 +263,7 @@ impl GlobalLimits {
     pub fn start(config: &RegionConfig, settings: &GossipSettings) -> Result<Self, GlobalError> {
         let policies = GlobalPolicies::from_policies(&config.policies);
         let slots = settings.slots();
-        let tls = PeerTls::load(&settings.ca, &settings.cert, &settings.key)?;
-        let me_slot = Slot::new(config.region.clone(), settings.instance.clone());
-        check_own_certificate(&tls, &me_slot, settings)?;
+        let tls = load_tls(config, settings)?;
         let transport = quic::GossipConfig {
             keep_alive: Duration::from_secs(1).min(settings.idle_timeout / 2),
             idle_timeout: settings.idle_timeout,
@@ -291,6 +299,7 @@ impl GlobalLimits {
                 instance: p.instance.clone(),
             })
             .collect();
+        let tls = endpoint.tls_switch();
         let (handle, task) = driver::spawn_driver(gossip, endpoint, peers);
         tracing::info!(
             actor = %me,
@@ -304,8 +313,14 @@ impl GlobalLimits {
             policies,
             slots,
             me: my_id,
+            tls,
             driver: Mutex::new(Some(task)),
         })
+    }
+
+    /// Gossip connections made from now on use `tls` (see [`load_tls`]).
+    pub fn set_tls(&self, tls: &PeerTls) -> Result<(), GlobalError> {
+        Ok(self.tls.set(tls)?)
     }
 
     /// `region/instance` of a peer, for reports.

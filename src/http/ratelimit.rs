@@ -26,6 +26,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use axum::extract::{ConnectInfo, Request};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -44,10 +45,25 @@ use crate::limit::policy::{self, Applied, OnStoreError, Policy, Scope};
 pub use crate::metrics::Decision;
 use crate::store::{BucketOutcome, BucketRequest, BucketStore, StoreError, memory::MemoryStore};
 
-/// Everything the layer needs, shared by all requests.
-pub struct RateLimiter {
+/// What a reload replaces: the policies and how callers are identified. A request decides
+/// on the rules it started with, whatever a reload swaps in meanwhile.
+#[derive(Debug)]
+struct Rules {
     policies: Vec<Policy>,
     identity: IdentityConfig,
+}
+
+impl Rules {
+    fn needs_identity(&self) -> bool {
+        !self.policies.is_empty() || !self.identity.api_keys.is_empty() || self.identity.jwt.is_some()
+    }
+}
+
+/// Everything the layer needs, shared by all requests. The rules are swapped by a reload;
+/// everything else (the store, the breaker, the local buckets, known-empty buckets, leases,
+/// the global state) lives as long as the gateway.
+pub struct RateLimiter {
+    rules: ArcSwap<Rules>,
     /// The region's store (Redis, or memory when there is no Redis).
     store: Arc<dyn BucketStore>,
     /// In-process buckets for `local` policies while the store is failing.
@@ -84,8 +100,7 @@ impl RateLimiter {
             u64::try_from(deadline.as_micros().saturating_mul(2)).unwrap_or(u64::MAX)
         });
         Self {
-            policies,
-            identity,
+            rules: ArcSwap::from_pointee(Rules { policies, identity }),
             store,
             local: MemoryStore::new(),
             breaker: Mutex::new(breaker),
@@ -116,10 +131,19 @@ impl RateLimiter {
         self.breaker.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn needs_identity(&self) -> bool {
-        !self.policies.is_empty()
-            || !self.identity.api_keys.is_empty()
-            || self.identity.jwt.is_some()
+    /// Replaces the policies and the identity settings (a reload). Buckets in the store are
+    /// named by policy and key, so a policy that kept its name keeps its buckets. When any
+    /// policy changed, what this gateway remembers of bucket levels is dropped: a bucket
+    /// known to be empty under the old rate may have room under the new one, and tokens
+    /// leased under the old shape are not spent under the new one (at most a lease per hot
+    /// key goes unused: refusals, never excess).
+    pub fn set_rules(&self, policies: Vec<Policy>, identity: IdentityConfig) {
+        let changed = self.rules.load().policies != policies;
+        self.rules.store(Arc::new(Rules { policies, identity }));
+        if changed {
+            self.empty().clear();
+            self.leases().clear();
+        }
     }
 
     /// Decides one request.
@@ -130,7 +154,8 @@ impl RateLimiter {
         headers: &HeaderMap,
         peer: IpAddr,
     ) -> Checked {
-        if !self.needs_identity() {
+        let rules = self.rules.load_full();
+        if !rules.needs_identity() {
             return Checked {
                 decision: Decision::NoPolicy,
                 headers: Vec::new(),
@@ -141,7 +166,7 @@ impl RateLimiter {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let identity = match identity::identify(&self.identity, headers, peer, now_unix) {
+        let identity = match identity::identify(&rules.identity, headers, peer, now_unix) {
             Ok(identity) => identity,
             Err(error) => {
                 return Checked {
@@ -151,7 +176,7 @@ impl RateLimiter {
                 };
             }
         };
-        let applied = policy::plan(&self.policies, method, path, &identity, headers);
+        let applied = policy::plan(&rules.policies, method, path, &identity, headers);
         if applied.is_empty() {
             return Checked {
                 decision: Decision::NoPolicy,
