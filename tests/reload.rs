@@ -5,8 +5,6 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -187,21 +185,18 @@ async fn requests_in_flight_finish_and_open_connections_stay_across_a_reload() {
     let dir = tempfile::tempdir().unwrap();
     // The old upstream holds every request until released, so they are in flight during
     // the reload.
-    let arrived = Arc::new(AtomicUsize::new(0));
+    let (arrived, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
     let (release, released) = tokio::sync::watch::channel(false);
-    let held = {
+    let held = serve(Router::new().fallback(move || {
         let arrived = arrived.clone();
-        serve(Router::new().fallback(move || {
-            let arrived = arrived.clone();
-            let mut released = released.clone();
-            async move {
-                arrived.fetch_add(1, Ordering::SeqCst);
-                let _ = released.wait_for(|r| *r).await;
-                "old"
-            }
-        }))
-        .await
-    };
+        let mut released = released.clone();
+        async move {
+            let _ = arrived.send(());
+            let _ = released.wait_for(|r| *r).await;
+            "old"
+        }
+    }))
+    .await;
     let new = named_upstream("new").await;
     let (gw, path) = start(dir.path(), &region_file(held, "1000/10s", "")).await;
 
@@ -214,8 +209,8 @@ async fn requests_in_flight_finish_and_open_connections_stay_across_a_reload() {
         })
         .collect();
     tokio::time::timeout(DEADLINE, async {
-        while arrived.load(Ordering::SeqCst) < IN_FLIGHT {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        for _ in 0..IN_FLIGHT {
+            arrivals.recv().await;
         }
     })
     .await
