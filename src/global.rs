@@ -16,9 +16,10 @@
 //! has its own quota), computes the configuration digest every peer must share, and starts
 //! and stops the QUIC driver.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 
 use crate::config::{GossipSettings, RegionConfig};
@@ -204,19 +205,36 @@ impl GlobalPolicies {
         policies
     }
 
+    /// Every entry's id and quota.
+    pub fn quotas(&self) -> Vec<(PolicyId, u64)> {
+        self.entries.iter().map(|e| (e.id, e.quota)).collect()
+    }
+
+    /// Whether `other` differs from these in quotas at most (what a reload can change).
+    pub fn same_but_quotas(&self, other: &Self) -> bool {
+        self.entries.len() == other.entries.len()
+            && self.entries.iter().zip(&other.entries).all(|(a, b)| {
+                GlobalEntry {
+                    quota: b.quota,
+                    ..a.clone()
+                } == *b
+            })
+    }
+
     /// The digest peers compare in their `Hello`: everything that must agree for their
-    /// states to mean the same (ids, modes, quotas, windows, the slot list). A peer with
-    /// another digest is reported and not merged.
+    /// states to mean the same (ids, modes, windows, the slot list). A peer with another
+    /// digest is reported and not merged. Quotas are not in it: gateways tell each other
+    /// theirs and enforce the smallest until they agree (see [`crate::gossip::proto`]'s
+    /// `reload` module), so a quota can change one gateway at a time.
     pub fn digest(&self, slots: &[Slot]) -> u64 {
         let mut hasher = Sha256::new();
         for e in &self.entries {
             hasher.update(format!(
-                "policy {} {} {} {} {} {} {}\n",
+                "policy {} {} {} {} {} {}\n",
                 e.id,
                 e.policy,
                 e.tier.as_deref().unwrap_or("-"),
                 e.mode.as_str(),
-                e.quota,
                 e.spec.window_us(),
                 e.spec.sub_windows()
             ));
@@ -235,8 +253,8 @@ impl GlobalPolicies {
 pub struct GlobalLimits {
     /// The limiter's (and admin API's) handle on the state.
     pub handle: GossipHandle,
-    /// The policies, with their ids.
-    pub policies: GlobalPolicies,
+    /// The policies, with their ids (a reload may change their quotas).
+    policies: ArcSwap<GlobalPolicies>,
     /// The configured gateways, in slot order.
     pub slots: Vec<Slot>,
     /// Our slot.
@@ -249,7 +267,7 @@ pub struct GlobalLimits {
 impl std::fmt::Debug for GlobalLimits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GlobalLimits")
-            .field("policies", &self.policies)
+            .field("policies", &self.policies.load())
             .field("me", &self.me)
             .finish_non_exhaustive()
     }
@@ -310,12 +328,31 @@ impl GlobalLimits {
         );
         Ok(Self {
             handle,
-            policies,
+            policies: ArcSwap::from_pointee(policies),
             slots,
             me: my_id,
             tls,
             driver: Mutex::new(Some(task)),
         })
+    }
+
+    /// The policies in force, with their ids.
+    pub fn policies(&self) -> Arc<GlobalPolicies> {
+        self.policies.load_full()
+    }
+
+    /// A reload changed the quotas (only: see [`GlobalPolicies::same_but_quotas`]). Each
+    /// takes effect as far as the peers' allow (the smallest announced is in force).
+    pub fn set_policies(&self, policies: GlobalPolicies) {
+        let quotas = policies.quotas();
+        self.policies.store(Arc::new(policies));
+        self.handle
+            .with_machine(|gossip, now| gossip.set_quotas(&quotas, now));
+    }
+
+    /// The quota in force for gossip policy `id`.
+    pub fn quota_in_force(&self, id: PolicyId) -> Option<u64> {
+        self.handle.with_machine(|gossip, _| gossip.quota_in_force(id))
     }
 
     /// Gossip connections made from now on use `tls` (see [`load_tls`]).

@@ -151,6 +151,9 @@ impl Gateway {
         let proxy = running.proxy.reconfigured(&config);
         self.limiter
             .set_rules(config.policies.clone(), config.identity.clone());
+        if let Some(global) = &self.global {
+            global.set_policies(GlobalPolicies::from_policies(&config.policies));
+        }
         crate::telemetry::set_log_level(config.log_level.as_deref());
         self.running.store(Arc::new(Running {
             config,
@@ -198,8 +201,9 @@ fn restart_keys(old: &RegionConfig, new: &RegionConfig) -> Vec<&'static str> {
         _ => check("gossip", false),
     }
     check(
-        "policies (global)",
-        GlobalPolicies::from_policies(&old.policies) == GlobalPolicies::from_policies(&new.policies),
+        "policies (global, other than their rate's count)",
+        GlobalPolicies::from_policies(&old.policies)
+            .same_but_quotas(&GlobalPolicies::from_policies(&new.policies)),
     );
     keys
 }

@@ -66,6 +66,7 @@
 //! are dropped and counted in [`GossipStats`]; the CRDT layer bounds what merges can store.
 
 mod hello;
+mod reload;
 #[cfg(test)]
 mod tests;
 
@@ -142,6 +143,8 @@ pub enum Message {
     /// Strict mode: the sender settled its pair with the receiver on one key up to an epoch
     /// (see [`crate::crdt::bounded::Settled`]).
     Settled(Settled),
+    /// The global quotas the sender is configured with (see [`reload`]).
+    Quotas(Vec<(PolicyId, u64)>),
 }
 
 /// Timers and sizes of the protocol.
@@ -491,6 +494,8 @@ pub struct Gossip {
     /// A newer incarnation of our own gateway, authenticated as ours: we stood down (see
     /// [`Gossip::on_own_identity`]).
     identity_conflict: Option<u64>,
+    /// Configured quotas, ours and our peers' (see [`reload`]).
+    quotas: reload::Quotas,
 }
 
 impl Gossip {
@@ -505,6 +510,10 @@ impl Gossip {
         seed: u64,
         now_us: u64,
     ) -> Result<Self, GossipError> {
+        let quotas = reload::Quotas::new(
+            (policies.strict.iter().map(|(id, p)| (*id, p.quota)))
+                .chain(policies.eventual.iter().map(|(id, p)| (*id, p.quota))),
+        );
         let bounded = BoundedTable::new(slots.clone(), &me, policies.strict.clone(), now_us)?;
         let my_slot = bounded.my_slot();
         let mut node = EventualNode::new(me.clone(), slots.clone(), policies.eventual.clone())?;
@@ -575,6 +584,7 @@ impl Gossip {
             learn_until_us: now_us.saturating_add(LEARN_TIMEOUT_US.min(config.idle_timeout_us)),
             stats: GossipStats::default(),
             identity_conflict: None,
+            quotas,
         })
     }
 
@@ -842,6 +852,7 @@ impl Gossip {
                 self.bounded.on_settled(&s, now_us);
                 self.send_strict_outgoing(now_us);
             }
+            Message::Quotas(quotas) => self.on_quotas(from, quotas),
         }
     }
 

@@ -204,8 +204,8 @@ async fn limits(
         .detail("this gateway has no [gossip] section, so no global policy")
         .into_response();
     };
-    let entries: Vec<_> = global
-        .policies
+    let policies = global.policies();
+    let entries: Vec<_> = policies
         .entries()
         .iter()
         .filter(|e| e.policy == policy)
@@ -251,6 +251,9 @@ async fn limits(
             json!({
                 "tier": entry.tier,
                 "quota": entry.quota,
+                // The smallest of this gateway's and its peers' configured quotas: what is
+                // enforced while a change rolls through the deployment.
+                "quota_in_force": global.quota_in_force(entry.id),
                 "window_s": entry.spec.window_us() as f64 / 1e6,
                 "sub_windows": entry.spec.sub_windows(),
                 "eventual": eventual,

@@ -33,7 +33,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::global::{GlobalEntry, GlobalLimits};
+use crate::global::{GlobalEntry, GlobalLimits, GlobalPolicies};
 use crate::gossip::driver::{GlobalCheck, GlobalOutcome};
 use crate::http::problem::Problem;
 use crate::limit::breaker::{Breaker, Transition};
@@ -207,7 +207,8 @@ impl RateLimiter {
             span.record("key_hash", key_hash(&applied));
         }
         let started = Instant::now();
-        let global = self.decide_global(&applied);
+        let global_policies = self.global.as_ref().map(|g| g.policies());
+        let global = self.decide_global(&applied, global_policies.as_deref());
         let (results, used_fallback) = match &global {
             Some(g) if !g.admitted() => (g.refusal(&applied), false),
             _ => {
@@ -273,15 +274,19 @@ impl RateLimiter {
     }
 
     /// Decides the request's global policies in process (`None`: it has none).
-    fn decide_global<'a>(&'a self, applied: &'a [Applied<'a>]) -> Option<GlobalDecision<'a>> {
-        let limits = self.global.as_ref()?;
+    fn decide_global<'a>(
+        &'a self,
+        applied: &'a [Applied<'a>],
+        policies: Option<&'a GlobalPolicies>,
+    ) -> Option<GlobalDecision<'a>> {
+        let (limits, policies) = (self.global.as_ref()?, policies?);
         let mut checks = Vec::new();
         let mut entries = Vec::new();
         for (i, a) in applied.iter().enumerate() {
             if !matches!(a.policy.scope, Scope::Global(_)) {
                 continue;
             }
-            let Some(entry) = limits.policies.find(&a.policy.name, a.tier) else {
+            let Some(entry) = policies.find(&a.policy.name, a.tier) else {
                 continue;
             };
             checks.push(GlobalCheck {
