@@ -352,7 +352,8 @@ impl GlobalLimits {
 
     /// The quota in force for gossip policy `id`.
     pub fn quota_in_force(&self, id: PolicyId) -> Option<u64> {
-        self.handle.with_machine(|gossip, _| gossip.quota_in_force(id))
+        self.handle
+            .with_machine(|gossip, _| gossip.quota_in_force(id))
     }
 
     /// Gossip connections made from now on use `tls` (see [`load_tls`]).

@@ -122,7 +122,11 @@ async fn an_invalid_file_or_a_restart_only_change_keeps_the_running_config() {
     let restart_before = reloads(&gw, "restart_required").await;
 
     // Two mistakes: both are reported, as `--check` reports them.
-    std::fs::write(&path, region_file(a, "fifty/10s", "drain_timeout = \"soon\"")).unwrap();
+    std::fs::write(
+        &path,
+        region_file(a, "fifty/10s", "drain_timeout = \"soon\""),
+    )
+    .unwrap();
     let ReloadOutcome::Invalid { errors } = gw.gateway.reload() else {
         panic!("an invalid file was not refused");
     };
@@ -143,10 +147,7 @@ async fn an_invalid_file_or_a_restart_only_change_keeps_the_running_config() {
             keys: vec!["listen"]
         }
     );
-    assert_eq!(
-        reloads(&gw, "restart_required").await,
-        restart_before + 1.0
-    );
+    assert_eq!(reloads(&gw, "restart_required").await, restart_before + 1.0);
 
     assert_eq!(get(&gw, "/api/x").await.1, "\"per-ip\";q=50;w=10");
     assert_eq!(gw.ready().await["config_digest"], sha256_hex(&first));
@@ -156,7 +157,11 @@ async fn an_invalid_file_or_a_restart_only_change_keeps_the_running_config() {
 /// One request on an open keep-alive connection: status, `ratelimit-policy`, body.
 async fn request_on(connection: &mut BufReader<TcpStream>, path: &str) -> (u16, String, String) {
     let request = format!("GET {path} HTTP/1.1\r\nhost: gateway\r\n\r\n");
-    connection.get_mut().write_all(request.as_bytes()).await.unwrap();
+    connection
+        .get_mut()
+        .write_all(request.as_bytes())
+        .await
+        .unwrap();
     let mut status_line = String::new();
     connection.read_line(&mut status_line).await.unwrap();
     let status = status_line.split(' ').nth(1).unwrap().parse().unwrap();
@@ -217,10 +222,7 @@ async fn requests_in_flight_finish_and_open_connections_stay_across_a_reload() {
     .expect("the requests did not reach the upstream");
 
     std::fs::write(&path, region_file(new, "2000/10s", "")).unwrap();
-    assert!(matches!(
-        gw.gateway.reload(),
-        ReloadOutcome::Applied { .. }
-    ));
+    assert!(matches!(gw.gateway.reload(), ReloadOutcome::Applied { .. }));
     // The open connection serves the next request with the new config.
     assert_eq!(
         request_on(&mut connection, "/api/x").await,

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use http::Uri;
 use http::uri::{Authority, Scheme};
-use toml::Table;
 use sha2::{Digest, Sha256};
+use toml::Table;
 
 pub use fields::{ByteSize, Errors, KeyError};
 use fields::{Section, parse_socket_addr};

@@ -102,11 +102,7 @@ pub async fn correlate(request: Request, next: Next) -> Response {
 /// The configuration snapshot in force is taken here, once, and travels in the request's
 /// extensions, so the layers after it route the request as it was counted, whatever a
 /// reload swaps in meanwhile.
-pub async fn correlate_gateway<F, Fut>(
-    gateway: &Gateway,
-    mut request: Request,
-    next: F,
-) -> Response
+pub async fn correlate_gateway<F, Fut>(gateway: &Gateway, mut request: Request, next: F) -> Response
 where
     F: FnOnce(Request) -> Fut,
     Fut: Future<Output = Response>,

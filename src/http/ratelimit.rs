@@ -55,7 +55,9 @@ struct Rules {
 
 impl Rules {
     fn needs_identity(&self) -> bool {
-        !self.policies.is_empty() || !self.identity.api_keys.is_empty() || self.identity.jwt.is_some()
+        !self.policies.is_empty()
+            || !self.identity.api_keys.is_empty()
+            || self.identity.jwt.is_some()
     }
 }
 

@@ -354,6 +354,29 @@ impl Deployment {
             .expect("VmRSS in /proc/<pid>/status")
     }
 
+    /// Rewrites gateway `i`'s file with the strict policy's quota set to `quota` and sends
+    /// it SIGHUP: a reload of the running process.
+    pub fn reload_strict_quota(&self, i: usize, quota: u64) {
+        let path = &self.nodes[i].config;
+        let text = std::fs::read_to_string(path).unwrap();
+        let header = format!("[policies.{STRICT}]");
+        let (before, section) = text.split_at(text.find(&header).unwrap());
+        let rate_at = section.find("\nrate = ").unwrap() + 1;
+        let rate_end = rate_at + section[rate_at..].find('\n').unwrap();
+        let text = format!(
+            "{before}{}rate = \"{quota}/{STRICT_WINDOW_S}s\"{}",
+            &section[..rate_at],
+            &section[rate_end..]
+        );
+        std::fs::write(path, text).unwrap();
+        let pid = i32::try_from(self.pid(i)).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
+    }
+
     /// Kills gateway `i` (SIGKILL) and starts it again: a new incarnation.
     pub fn restart(&mut self, i: usize) {
         if let Some(mut child) = self.nodes[i].child.take() {
