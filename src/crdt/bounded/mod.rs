@@ -519,6 +519,11 @@ impl BoundedTable {
         }
     }
 
+    /// The quota a strict policy's shares are split from now.
+    pub fn policy_quota(&self, policy: PolicyId) -> Option<u64> {
+        self.policies.get(&policy).map(|p| p.quota)
+    }
+
     fn share_of(&self, policy: PolicyId, slot: usize) -> u64 {
         self.policies
             .get(&policy)

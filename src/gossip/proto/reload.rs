@@ -120,3 +120,79 @@ impl Gossip {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{GossipConfig, Policies};
+    use super::*;
+    use crate::crdt::bounded::StrictPolicy;
+    use crate::crdt::{Actor, EventualPolicy, Slot, WindowSpec};
+
+    const T0: u64 = 1_750_000_000_000_000;
+    const STRICT: PolicyId = 1;
+    const EVENTUAL: PolicyId = 2;
+    const DIGEST: u64 = 7;
+    const PEER: PeerId = PeerId(1);
+
+    fn machine() -> Gossip {
+        let spec = WindowSpec::new(2_000_000, 10).unwrap();
+        let policies = Policies {
+            strict: vec![(STRICT, StrictPolicy { quota: 10, spec })],
+            eventual: vec![(EVENTUAL, EventualPolicy { quota: 100, spec })],
+        };
+        let slots = vec![Slot::new("r0", "a"), Slot::new("r1", "a")];
+        let me = Actor::new("r0", "a", T0);
+        let mut g =
+            Gossip::new(me, slots, GossipConfig::default(), policies, DIGEST, 1, T0).unwrap();
+        g.on_connected(PEER, T0);
+        let hello = Message::Hello {
+            actor: Actor::new("r1", "a", T0 - 10_000_000),
+            config_digest: DIGEST,
+        };
+        g.handle(T0, PEER, hello);
+        g
+    }
+
+    /// The quotas `g` announced to the peer, in order.
+    fn announced(g: &mut Gossip) -> Vec<Vec<(PolicyId, u64)>> {
+        std::iter::from_fn(|| g.poll_transmit(T0))
+            .filter_map(|(to, m)| match m {
+                Message::Quotas(q) if to == PEER => Some(q),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn in_force(g: &Gossip) -> (u64, u64, u64) {
+        (
+            g.quota_in_force(STRICT).unwrap(),
+            g.strict().policy_quota(STRICT).unwrap(),
+            g.eventual().table().policy(EVENTUAL).unwrap().quota,
+        )
+    }
+
+    #[test]
+    fn the_smallest_quota_announced_is_in_force_and_changes_are_announced() {
+        let mut g = machine();
+        assert_eq!(announced(&mut g), vec![vec![(STRICT, 10), (EVENTUAL, 100)]]);
+
+        // The peer runs a larger strict and a smaller eventual quota; 99 is not ours.
+        let theirs = vec![(STRICT, 20), (EVENTUAL, 50), (99, 1)];
+        g.handle(T0, PEER, Message::Quotas(theirs));
+        assert_eq!(in_force(&g), (10, 10, 50));
+        assert_eq!(g.quota_in_force(99), None);
+
+        // We reload to 30: the peer's 20 holds it back, and the peer is told.
+        g.set_quotas(&[(STRICT, 30), (EVENTUAL, 100)], T0);
+        assert_eq!(in_force(&g), (20, 20, 50));
+        assert_eq!(announced(&mut g), vec![vec![(STRICT, 30), (EVENTUAL, 100)]]);
+
+        // The peer reloads too: the new quotas are in force.
+        g.handle(
+            T0,
+            PEER,
+            Message::Quotas(vec![(STRICT, 30), (EVENTUAL, 100)]),
+        );
+        assert_eq!(in_force(&g), (30, 30, 100));
+    }
+}
