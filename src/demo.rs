@@ -118,12 +118,13 @@ impl Storage {
 pub async fn run(
     args: DemoArgs,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    hangups: crate::shutdown::Hangups,
 ) -> Result<(), DemoError> {
     let exe = std::env::current_exe().map_err(DemoError::CurrentExe)?;
     let mut roles: Vec<Role> = Vec::new();
     let mut logs = JoinSet::new();
     let dir = std::env::temp_dir().join(format!("tollgate-demo-{}", std::process::id()));
-    let result = start_and_wait(&exe, &args, &dir, &mut roles, &mut logs, shutdown).await;
+    let result = start_and_wait(&exe, &args, &dir, &mut roles, &mut logs, shutdown, hangups).await;
     stop_all(&mut roles).await;
     let _ = std::fs::remove_dir_all(&dir);
     logs.shutdown().await;
@@ -137,6 +138,7 @@ async fn start_and_wait(
     roles: &mut Vec<Role>,
     logs: &mut JoinSet<()>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    mut hangups: crate::shutdown::Hangups,
 ) -> Result<(), DemoError> {
     let storage = choose_storage(args, roles, logs).await?;
     let replicas = if storage.url().is_some() { 2 } else { 1 };
@@ -225,10 +227,32 @@ async fn start_and_wait(
     }
     print_banner(&storage, users_ports, bookings_ports, dir);
 
-    tokio::select! {
-        () = shutdown => Ok(()),
-        (role, status) = first_exit(roles) => Err(DemoError::ChildExited { role, status }),
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            (role, status) = first_exit(roles) => {
+                return Err(DemoError::ChildExited { role, status });
+            }
+            true = hangups.recv() => reload_gateways(roles),
+        }
     }
+}
+
+/// Passes a SIGHUP on to every gateway: each reloads its region file (in the demo's
+/// directory, which the banner names).
+fn reload_gateways(roles: &[Role]) {
+    for role in roles
+        .iter()
+        .filter(|role| REGIONS.iter().any(|(region, ..)| *region == role.name))
+    {
+        if let Some(pid) = role.child.id()
+            && let Ok(pid) = i32::try_from(pid)
+        {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
+        }
+    }
+    tracing::info!("SIGHUP passed on to the gateways");
 }
 
 async fn choose_storage(

@@ -1,10 +1,18 @@
 //! A regional gateway process: the proxy listener, the admin listener, and their lifecycle.
+//!
+//! The configuration in force and what is built from it ([`Running`]) is one immutable
+//! snapshot, swapped whole by a reload ([`reload`]): a request reads it once when it
+//! starts and finishes on it.
+
+mod reload;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio::net::TcpListener;
 
@@ -14,7 +22,7 @@ use crate::http::admin::admin_app;
 use crate::http::ratelimit::RateLimiter;
 use crate::http::stack::{self, proxy_stack};
 use crate::limit::breaker::Breaker;
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, UpstreamTasks};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{RedisClusterStore, RedisStore};
 use crate::store::{BucketStore, StoreError};
@@ -48,21 +56,50 @@ enum Backend {
     Cluster(Arc<RedisClusterStore>),
 }
 
-/// Everything a gateway's handlers share.
-pub struct Gateway {
+pub use reload::{ConfigSource, ReloadOutcome};
+
+/// The configuration in force and the proxy built from it.
+pub struct Running {
     pub config: RegionConfig,
     pub proxy: Proxy,
+    /// SHA-256 of the config file's bytes (hex), when the gateway was started from a file.
+    pub digest: Option<String>,
+}
+
+/// Everything a gateway's handlers share.
+pub struct Gateway {
+    /// Fixed for the life of the process (a reload cannot change it).
+    pub region: String,
+    running: ArcSwap<Running>,
     pub limiter: Arc<RateLimiter>,
     /// The gateway's share in global limits, when it gossips.
     pub global: Option<Arc<GlobalLimits>>,
     backend: Backend,
+    /// The file a reload reads.
+    source: Option<PathBuf>,
+    /// Health checks and connection expiry of the running proxy's upstreams.
+    upstream_tasks: Mutex<UpstreamTasks>,
+    /// Held by a reload from reading the file to the swap, so two cannot interleave.
+    reloading: Mutex<()>,
 }
 
 impl Gateway {
     /// Builds the gateway. Redis need not be up: the store connects in the background and
     /// policies apply their `on_store_error` until it answers. Peers need not be up either:
     /// gossip dials them in the background. Must run inside a Tokio runtime.
+    ///
+    /// Without a [`ConfigSource`] it has nothing to reload from: see
+    /// [`Gateway::from_source`].
     pub fn new(config: RegionConfig) -> Result<Self, GatewayError> {
+        Self::build(config, None)
+    }
+
+    /// [`Gateway::new`] for a configuration read from `source`, which a reload reads again.
+    pub fn from_source(config: RegionConfig, source: ConfigSource) -> Result<Self, GatewayError> {
+        Self::build(config, Some(source))
+    }
+
+    fn build(config: RegionConfig, source: Option<ConfigSource>) -> Result<Self, GatewayError> {
         let (store, backend): (Arc<dyn BucketStore>, Backend) = if !config.redis_cluster.is_empty()
         {
             let store = Arc::new(
@@ -90,13 +127,41 @@ impl Gateway {
         if let Some(global) = &global {
             limiter = limiter.with_global(global.clone());
         }
+        let proxy = Proxy::new(&config);
         Ok(Self {
-            proxy: Proxy::new(&config),
+            region: config.region.clone(),
+            running: ArcSwap::from_pointee(Running {
+                config,
+                proxy,
+                digest: source.as_ref().map(|s| s.digest.clone()),
+            }),
             limiter: Arc::new(limiter),
             global,
             backend,
-            config,
+            source: source.map(|s| s.path),
+            upstream_tasks: Mutex::new(UpstreamTasks::default()),
+            reloading: Mutex::new(()),
         })
+    }
+
+    /// The snapshot in force now. A caller that holds it across awaits keeps using it after
+    /// a reload, which is the point: a request finishes on the configuration it started with.
+    pub fn running(&self) -> Arc<Running> {
+        self.running.load_full()
+    }
+
+    /// Starts the background tasks of upstreams the running proxy added, stops those of
+    /// upstreams it dropped.
+    fn follow_upstreams(&self) {
+        let running = self.running();
+        self.upstream_tasks().follow(&running.proxy);
+    }
+
+    fn upstream_tasks(&self) -> std::sync::MutexGuard<'_, UpstreamTasks> {
+        // Never held across a panic point; recover rather than propagate poisoning.
+        self.upstream_tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub async fn redis_status(&self) -> RedisStatus {
@@ -134,10 +199,13 @@ impl RedisStatus {
     }
 }
 
-/// Binds the configured addresses and serves until `shutdown` resolves.
+/// Binds the configured addresses and serves until `shutdown` resolves, reloading `source`
+/// on every SIGHUP that `hangups` reports.
 pub async fn run(
     config: RegionConfig,
+    source: ConfigSource,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    hangups: crate::shutdown::Hangups,
 ) -> Result<(), GatewayError> {
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
@@ -146,8 +214,11 @@ pub async fn run(
     };
     let listener = bind(config.listen).await?;
     let admin_listener = bind(config.admin_listen).await?;
-    let gateway = Arc::new(Gateway::new(config)?);
-    serve(gateway, listener, admin_listener, shutdown).await
+    let gateway = Arc::new(Gateway::from_source(config, source)?);
+    let reloads = tokio::spawn(reload::on_hangups(gateway.clone(), hangups));
+    let result = serve(gateway, listener, admin_listener, shutdown).await;
+    reloads.abort();
+    result
 }
 
 /// Serves the proxy and admin apps on the given listeners until `shutdown` resolves, then
@@ -159,11 +230,10 @@ pub async fn serve(
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
-    let region = gateway.config.region.clone();
-    let drain_timeout = gateway.config.drain_timeout;
+    let region = gateway.region.clone();
     let proxy_addr = listener.local_addr().map_err(GatewayError::Serve)?;
     let admin_addr = admin_listener.local_addr().map_err(GatewayError::Serve)?;
-    let _health_checks = gateway.proxy.spawn_health_checks();
+    let _upstream_tasks = UpstreamTasksGuard::start(&gateway);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
@@ -185,6 +255,8 @@ pub async fn serve(
         result = &mut proxy_task => return flatten(result),
         result = &mut admin_task => return flatten(result),
     }
+    // The drain timeout of the configuration in force when the signal came.
+    let drain_timeout = gateway.running().config.drain_timeout;
     tracing::info!(%region, "draining in-flight requests (up to {drain_timeout:?})");
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(drain_timeout, async {
@@ -206,6 +278,22 @@ pub async fn serve(
     }
     tracing::info!(%region, "gateway stopped");
     result
+}
+
+/// Runs the upstreams' background tasks while the gateway serves, however `serve` returns.
+struct UpstreamTasksGuard<'a>(&'a Gateway);
+
+impl<'a> UpstreamTasksGuard<'a> {
+    fn start(gateway: &'a Gateway) -> Self {
+        gateway.follow_upstreams();
+        Self(gateway)
+    }
+}
+
+impl Drop for UpstreamTasksGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.upstream_tasks() = UpstreamTasks::default();
+    }
 }
 
 fn flatten(

@@ -16,9 +16,10 @@
 //! has its own quota), computes the configuration digest every peer must share, and starts
 //! and stops the QUIC driver.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 
 use crate::config::{GossipSettings, RegionConfig};
@@ -26,7 +27,7 @@ use crate::crdt::bounded::StrictPolicy;
 use crate::crdt::{Actor, EventualPolicy, PolicyId, Slot, WindowSpec};
 use crate::gossip::driver::{self, DriverTask, GossipHandle, PeerAddress};
 use crate::gossip::proto::{self, Gossip, GossipError, PeerId, Policies};
-use crate::gossip::quic::{self, GossipEndpoint, QuicError};
+use crate::gossip::quic::{self, GossipEndpoint, QuicError, TlsSwitch};
 use crate::gossip::tls::{CertName, PeerTls, TlsError};
 use crate::limit::policy::{GlobalMode, Limit, Policy, Scope};
 
@@ -83,6 +84,14 @@ fn check_own_certificate(
         path: settings.cert.clone(),
         message,
     })
+}
+
+/// Loads the gossip certificates `settings` names and checks that ours names this gateway.
+pub fn load_tls(config: &RegionConfig, settings: &GossipSettings) -> Result<PeerTls, GlobalError> {
+    let tls = PeerTls::load(&settings.ca, &settings.cert, &settings.key)?;
+    let me = Slot::new(config.region.clone(), settings.instance.clone());
+    check_own_certificate(&tls, &me, settings)?;
+    Ok(tls)
 }
 
 /// One global policy at one tier: what the gossip state knows it as.
@@ -196,19 +205,36 @@ impl GlobalPolicies {
         policies
     }
 
+    /// Every entry's id and quota.
+    pub fn quotas(&self) -> Vec<(PolicyId, u64)> {
+        self.entries.iter().map(|e| (e.id, e.quota)).collect()
+    }
+
+    /// Whether `other` differs from these in quotas at most (what a reload can change).
+    pub fn same_but_quotas(&self, other: &Self) -> bool {
+        self.entries.len() == other.entries.len()
+            && self.entries.iter().zip(&other.entries).all(|(a, b)| {
+                GlobalEntry {
+                    quota: b.quota,
+                    ..a.clone()
+                } == *b
+            })
+    }
+
     /// The digest peers compare in their `Hello`: everything that must agree for their
-    /// states to mean the same (ids, modes, quotas, windows, the slot list). A peer with
-    /// another digest is reported and not merged.
+    /// states to mean the same (ids, modes, windows, the slot list). A peer with another
+    /// digest is reported and not merged. Quotas are not in it: gateways tell each other
+    /// theirs and enforce the smallest until they agree (see [`crate::gossip::proto`]'s
+    /// `reload` module), so a quota can change one gateway at a time.
     pub fn digest(&self, slots: &[Slot]) -> u64 {
         let mut hasher = Sha256::new();
         for e in &self.entries {
             hasher.update(format!(
-                "policy {} {} {} {} {} {} {}\n",
+                "policy {} {} {} {} {} {}\n",
                 e.id,
                 e.policy,
                 e.tier.as_deref().unwrap_or("-"),
                 e.mode.as_str(),
-                e.quota,
                 e.spec.window_us(),
                 e.spec.sub_windows()
             ));
@@ -227,19 +253,21 @@ impl GlobalPolicies {
 pub struct GlobalLimits {
     /// The limiter's (and admin API's) handle on the state.
     pub handle: GossipHandle,
-    /// The policies, with their ids.
-    pub policies: GlobalPolicies,
+    /// The policies, with their ids (a reload may change their quotas).
+    policies: ArcSwap<GlobalPolicies>,
     /// The configured gateways, in slot order.
     pub slots: Vec<Slot>,
     /// Our slot.
     pub me: PeerId,
+    /// Replaces the certificates of new gossip connections (a reload).
+    tls: TlsSwitch,
     driver: Mutex<Option<DriverTask>>,
 }
 
 impl std::fmt::Debug for GlobalLimits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GlobalLimits")
-            .field("policies", &self.policies)
+            .field("policies", &self.policies.load())
             .field("me", &self.me)
             .finish_non_exhaustive()
     }
@@ -253,9 +281,7 @@ impl GlobalLimits {
     pub fn start(config: &RegionConfig, settings: &GossipSettings) -> Result<Self, GlobalError> {
         let policies = GlobalPolicies::from_policies(&config.policies);
         let slots = settings.slots();
-        let tls = PeerTls::load(&settings.ca, &settings.cert, &settings.key)?;
-        let me_slot = Slot::new(config.region.clone(), settings.instance.clone());
-        check_own_certificate(&tls, &me_slot, settings)?;
+        let tls = load_tls(config, settings)?;
         let transport = quic::GossipConfig {
             keep_alive: Duration::from_secs(1).min(settings.idle_timeout / 2),
             idle_timeout: settings.idle_timeout,
@@ -291,6 +317,7 @@ impl GlobalLimits {
                 instance: p.instance.clone(),
             })
             .collect();
+        let tls = endpoint.tls_switch();
         let (handle, task) = driver::spawn_driver(gossip, endpoint, peers);
         tracing::info!(
             actor = %me,
@@ -301,11 +328,37 @@ impl GlobalLimits {
         );
         Ok(Self {
             handle,
-            policies,
+            policies: ArcSwap::from_pointee(policies),
             slots,
             me: my_id,
+            tls,
             driver: Mutex::new(Some(task)),
         })
+    }
+
+    /// The policies in force, with their ids.
+    pub fn policies(&self) -> Arc<GlobalPolicies> {
+        self.policies.load_full()
+    }
+
+    /// A reload changed the quotas (only: see [`GlobalPolicies::same_but_quotas`]). Each
+    /// takes effect as far as the peers' allow (the smallest announced is in force).
+    pub fn set_policies(&self, policies: GlobalPolicies) {
+        let quotas = policies.quotas();
+        self.policies.store(Arc::new(policies));
+        self.handle
+            .with_machine(|gossip, now| gossip.set_quotas(&quotas, now));
+    }
+
+    /// The quota in force for gossip policy `id`.
+    pub fn quota_in_force(&self, id: PolicyId) -> Option<u64> {
+        self.handle
+            .with_machine(|gossip, _| gossip.quota_in_force(id))
+    }
+
+    /// Gossip connections made from now on use `tls` (see [`load_tls`]).
+    pub fn set_tls(&self, tls: &PeerTls) -> Result<(), GlobalError> {
+        Ok(self.tls.set(tls)?)
     }
 
     /// `region/instance` of a peer, for reports.

@@ -63,8 +63,10 @@ struct GatewayArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // Installed first, so a signal during startup still shuts down in order.
+    // Installed first, so a signal during startup still shuts down in order (and SIGHUP,
+    // a reload, never ends the process: roles without a config to reload ignore it).
     let shutdown = tollgate::shutdown::signal();
+    let hangups = tollgate::shutdown::hangups();
     // Each role returns its result instead of `?`-ing out, so that the pending spans are
     // flushed (telemetry.shutdown) whether it succeeded or not.
     match cli.command {
@@ -80,8 +82,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Gateway(args) => {
             // The config comes first: the gateway's traces carry its region.
-            let config = match RegionConfig::load(&args.config) {
-                Ok(config) => config,
+            let (config, digest) = match RegionConfig::load_digested(&args.config) {
+                Ok(loaded) => loaded,
                 Err(error) => {
                     // A config mistake is the operator's to fix, not a crash: print every
                     // problem, without anyhow's backtrace, and exit with a usage-error code.
@@ -101,7 +103,12 @@ async fn main() -> anyhow::Result<()> {
             let region = config.region.clone();
             let telemetry = telemetry::init(cli.log_format, Role::Gateway { region: &region })?;
             tollgate::metrics::install();
-            let result = tollgate::gateway::run(config, shutdown)
+            tollgate::telemetry::set_log_level(config.log_level.as_deref());
+            let source = tollgate::gateway::ConfigSource {
+                path: args.config.clone(),
+                digest,
+            };
+            let result = tollgate::gateway::run(config, source, shutdown, hangups)
                 .await
                 .context("gateway failed");
             telemetry.shutdown().await;
@@ -126,7 +133,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo(args) => {
             // The demo serves nothing itself; its children export under their own names.
             let telemetry = telemetry::init(cli.log_format, Role::Demo)?;
-            let result = tollgate::demo::run(args, shutdown)
+            let result = tollgate::demo::run(args, shutdown, hangups)
                 .await
                 .context("demo failed");
             telemetry.shutdown().await;

@@ -28,6 +28,7 @@
 //! | [`GOSSIP_MESSAGES_SENT_TOTAL`] `tollgate_gossip_messages_sent_total` | counter | | gossip messages queued |
 //! | [`GOSSIP_DROPPED_TOTAL`] `tollgate_gossip_dropped_total` | counter | `reason` | peer input dropped or refused (`unknown_peer`, `before_hello`, `refused_hello`, `merge_refused`, `transfer_refused`, ...) and frames dropped on a full queue (`queue_full`) |
 //! | [`GLOBAL_KEYS`] `tollgate_global_keys` | gauge | `mode` | `(policy, key)` pairs held in the eventual and strict tables |
+//! | [`CONFIG_RELOADS_TOTAL`] `tollgate_config_reloads_total` | counter | `result` | SIGHUP reloads: `applied`, `invalid` (the file did not validate; the running config stays), `restart_required` (it changes a setting only a restart applies; nothing applied) |
 //! | `tollgate_gossip_refused_peers_total` | counter | `reason` | QUIC peers refused (certificate, per-region certificate, unconfigured gateway, handshakes in flight, no Hello) |
 //! | `tollgate_gossip_hellos_refused_total` | counter | `reason` | accepted connections whose Hello was refused (`future-incarnation`, `stale-incarnation`, `already-connected`, `wrong-gateway`, `too-frequent`, ...) |
 //! | `tollgate_gossip_identity_conflict` | gauge | | 1 while this process serves no global policy because a newer process with its identity runs |
@@ -67,6 +68,7 @@ pub const GOSSIP_PEER_LAG_SECONDS: &str = "tollgate_gossip_peer_lag_seconds";
 pub const GOSSIP_MESSAGES_SENT_TOTAL: &str = "tollgate_gossip_messages_sent_total";
 pub const GOSSIP_DROPPED_TOTAL: &str = "tollgate_gossip_dropped_total";
 pub const GLOBAL_KEYS: &str = "tollgate_global_keys";
+pub const CONFIG_RELOADS_TOTAL: &str = "tollgate_config_reloads_total";
 
 /// The `service` label of a request no route matched.
 pub const UNROUTED: &str = "unrouted";

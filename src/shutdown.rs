@@ -1,8 +1,8 @@
-//! Process-wide shutdown signal.
+//! Process-wide signals: shutdown (SIGINT, SIGTERM) and reload (SIGHUP).
 
 use std::future::Future;
 
-use tokio::signal::unix::{SignalKind, signal as unix_signal};
+use tokio::signal::unix::{Signal, SignalKind, signal as unix_signal};
 
 /// A future that resolves on the first SIGINT (Ctrl-C) or SIGTERM.
 ///
@@ -32,6 +32,28 @@ pub fn signal() -> impl Future<Output = ()> + Send + 'static {
         tokio::select! {
             _ = interrupt => tracing::info!("SIGINT received, shutting down"),
             _ = terminate => tracing::info!("SIGTERM received, shutting down"),
+        }
+    }
+}
+
+/// SIGHUP, the conventional "reload your configuration" (nginx, HAProxy, systemd's
+/// `ExecReload`): each [`Hangups::recv`] resolves on the next one.
+///
+/// Installed when created, like [`signal`]: until then SIGHUP's default action ends the
+/// process at once. Signals that arrive while nobody waits are coalesced into one.
+pub struct Hangups(Option<Signal>);
+
+/// Installs the SIGHUP handler. Call it from within the runtime, at start.
+pub fn hangups() -> Hangups {
+    Hangups(unix_signal(SignalKind::hangup()).ok())
+}
+
+impl Hangups {
+    /// Waits for the next SIGHUP; `false` if none can come (no handler could be installed).
+    pub async fn recv(&mut self) -> bool {
+        match &mut self.0 {
+            Some(stream) => stream.recv().await.is_some(),
+            None => false,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Logs and traces.
 //!
 //! Logging: every request's log lines carry its `correlation_id` through the request span
-//! opened by [`crate::http::correlation::correlate`]. The level comes from `RUST_LOG`.
+//! opened by [`crate::http::correlation::correlate`]. The level comes from `RUST_LOG`, or
+//! else from the gateway's `log_level` ([`set_log_level`], applied again on every reload).
 //!
 //! Tracing: spans are exported over OTLP only when the standard OpenTelemetry variables ask
 //! for it, so that a developer's `cargo run` neither tries to reach a collector nor warns
@@ -28,6 +29,7 @@
 use std::future::Future;
 use std::io::IsTerminal;
 use std::pin::Pin;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -48,7 +50,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer};
+use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
 /// The W3C trace context headers.
 pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -61,6 +63,41 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Whether this process exports spans, i.e. whether an OpenTelemetry layer is installed.
 /// Propagation is skipped without one: the span contexts would all be empty.
 static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// The installed log filter, replaced by [`set_log_level`].
+static LOG_FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+
+/// The filter when neither `RUST_LOG` nor `log_level` says otherwise.
+const DEFAULT_LOG_FILTER: &str = "info";
+
+/// Parses a log filter as `RUST_LOG` would be (`info`, `tollgate=debug,warn`, ...).
+pub fn parse_log_filter(directives: &str) -> Result<EnvFilter, String> {
+    EnvFilter::try_new(directives).map_err(|error| error.to_string())
+}
+
+/// Whether `RUST_LOG` is set, which then decides the log filter whatever the config says
+/// (as every `TOLLGATE_*` variable overrides its key).
+fn log_filter_from_env() -> bool {
+    std::env::var("RUST_LOG").is_ok_and(|value| !value.trim().is_empty())
+}
+
+/// Applies the config's `log_level` (`None`: the default) to the installed subscriber; a
+/// no-op when `RUST_LOG` is set or no subscriber of [`init`] is installed. `level` was
+/// validated with the config ([`parse_log_filter`]); an invalid one is ignored here.
+pub fn set_log_level(level: Option<&str>) {
+    let Some(handle) = LOG_FILTER.get() else {
+        return;
+    };
+    if log_filter_from_env() {
+        return;
+    }
+    let Ok(filter) = parse_log_filter(level.unwrap_or(DEFAULT_LOG_FILTER)) else {
+        return;
+    };
+    if let Err(error) = handle.reload(filter) {
+        tracing::warn!(%error, "log level not changed");
+    }
+}
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -149,7 +186,9 @@ pub fn init(format: LogFormat, role: Role<'_>) -> Result<Telemetry, TelemetryErr
         _ if !export_requested(|name| std::env::var(name).ok()) => None,
         _ => Some(tracer_provider(role)?),
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    let (filter, filter_handle) = reload::Layer::new(filter);
     let logs = match format {
         // Colours only for a terminal: escape codes garble files and log collectors, and
         // styling every span's fields costs time on each request.
@@ -189,6 +228,9 @@ pub fn init(format: LogFormat, role: Role<'_>) -> Result<Telemetry, TelemetryErr
         .is_ok();
     if installed && provider.is_some() {
         EXPORTING.store(true, Ordering::Release);
+    }
+    if installed {
+        let _ = LOG_FILTER.set(filter_handle);
     }
     tracing::debug!(
         service = role.default_service_name(),

@@ -672,6 +672,7 @@ fn variant(m: &Message) -> &'static str {
         Message::KeepAlive => "KeepAlive",
         Message::Links(_) => "Links",
         Message::Settled(_) => "Settled",
+        Message::Quotas(_) => "Quotas",
     }
 }
 
@@ -690,6 +691,7 @@ pub fn every_variant() -> Vec<Message> {
         },
         Message::KeepAlive,
         Message::Links(0b101),
+        Message::Quotas(vec![(STRICT, 10)]),
         Message::Settled(tollgate::crdt::bounded::Settled {
             policy: STRICT,
             key: "ip:10.0.0.1".into(),

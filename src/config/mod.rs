@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use http::Uri;
 use http::uri::{Authority, Scheme};
+use sha2::{Digest, Sha256};
 use toml::Table;
 
 pub use fields::{ByteSize, Errors, KeyError};
@@ -105,6 +106,8 @@ pub struct RegionConfig {
     pub max_request_body: u64,
     /// How long a graceful shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
+    /// Log filter (`info`, `debug`, `tollgate=debug,info`, ...); `RUST_LOG` overrides it.
+    pub log_level: Option<String>,
     /// Upstream services by name.
     pub services: BTreeMap<String, ServiceConfig>,
     /// Seed nodes of a Redis Cluster holding the buckets (instead of `redis_url`).
@@ -125,7 +128,7 @@ pub struct RegionConfig {
 }
 
 /// One upstream service and how to reach it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServiceConfig {
     pub name: String,
     /// Path prefixes routed here, matched on whole segments, longest first.
@@ -191,7 +194,7 @@ impl Instance {
 }
 
 /// Active health checking of a service's instances.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HealthCheckConfig {
     /// Path requested with GET; any 2xx is healthy.
     pub path: String,
@@ -208,6 +211,17 @@ impl RegionConfig {
     /// the process environment.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         Self::load_with_env(path, |name| std::env::var(name).ok())
+    }
+
+    /// [`RegionConfig::load`], with the SHA-256 (hex) of the very bytes it parsed: what
+    /// `/ready` reports as the configuration in force.
+    pub fn load_digested(path: &Path) -> Result<(Self, String), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_owned(),
+            source,
+        })?;
+        let config = Self::parse(path, &text, |name| std::env::var(name).ok())?;
+        Ok((config, hex::encode(Sha256::digest(text.as_bytes()))))
     }
 
     /// [`RegionConfig::load`] with an injected environment, for tests.
@@ -275,6 +289,12 @@ fn read_region(
     };
     let max_request_body = root.or("max_request_body", ByteSize(10 << 20), errors).0;
     let drain_timeout = root.or("drain_timeout", Duration::from_secs(30), errors);
+    let log_level: Option<String> = root.optional("log_level", errors);
+    if let Some(level) = &log_level
+        && let Err(error) = crate::telemetry::parse_log_filter(level)
+    {
+        errors.push("log_level", format!("{level:?}: {error}"));
+    }
     let redis_cluster: Vec<String> = root.or("redis_cluster", Vec::new(), errors);
     let store_timeout = root.or("store_timeout", Duration::from_millis(50), errors);
     let store_breaker_failures = root.or("store_breaker_failures", 3u32, errors);
@@ -368,6 +388,7 @@ fn read_region(
         redis_url,
         max_request_body,
         drain_timeout,
+        log_level,
         services,
         redis_cluster,
         store_timeout,

@@ -84,6 +84,7 @@ mod input;
 mod links;
 pub mod message;
 mod peer;
+mod reload;
 pub mod report;
 mod retire;
 pub mod rng;
@@ -150,6 +151,8 @@ pub struct Gossip {
     /// A newer incarnation of our own gateway, authenticated as ours: we stood down (see
     /// [`Gossip::on_own_identity`]).
     identity_conflict: Option<u64>,
+    /// Configured quotas, ours and our peers' (see [`reload`]).
+    quotas: reload::Quotas,
 }
 
 impl Gossip {
@@ -164,6 +167,10 @@ impl Gossip {
         seed: u64,
         now_us: u64,
     ) -> Result<Self, GossipError> {
+        let quotas = reload::Quotas::new(
+            (policies.strict.iter().map(|(id, p)| (*id, p.quota)))
+                .chain(policies.eventual.iter().map(|(id, p)| (*id, p.quota))),
+        );
         let bounded = BoundedTable::new(slots.clone(), &me, policies.strict.clone(), now_us)?;
         let my_slot = bounded.my_slot();
         let mut node = EventualNode::new(me.clone(), slots.clone(), policies.eventual.clone())?;
@@ -205,6 +212,7 @@ impl Gossip {
             learn_until_us: now_us.saturating_add(LEARN_TIMEOUT_US.min(config.idle_timeout_us)),
             stats: GossipStats::default(),
             identity_conflict: None,
+            quotas,
         })
     }
 

@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
 use rustls::pki_types::CertificateDer;
@@ -229,10 +230,55 @@ impl Refusals {
 #[derive(Debug)]
 pub struct GossipEndpoint {
     endpoint: Endpoint,
+    tls_switch: TlsSwitch,
     accepted: tokio::sync::Mutex<mpsc::Receiver<PeerConnection>>,
     refusals: Arc<Refusals>,
     accept_task: JoinHandle<()>,
     max_frame: usize,
+}
+
+/// Replaces the certificates (CA, our certificate and key) an endpoint presents and checks:
+/// connections made or accepted afterwards use the new ones, established ones keep theirs
+/// (TLS does not renegotiate; they are re-made with the new ones when they next drop).
+#[derive(Debug, Clone)]
+pub struct TlsSwitch {
+    endpoint: Endpoint,
+    transport: Arc<quinn::TransportConfig>,
+    /// What dials use: quinn's default client config belongs to one `Endpoint` handle, not
+    /// to the endpoint, so it could not be replaced from here.
+    client: Arc<ArcSwap<quinn::ClientConfig>>,
+}
+
+impl TlsSwitch {
+    pub fn set(&self, tls: &PeerTls) -> Result<(), QuicError> {
+        let server = server_config(tls, self.transport.clone())?;
+        let client = client_config(tls, self.transport.clone())?;
+        self.endpoint.set_server_config(Some(server));
+        self.client.store(Arc::new(client));
+        Ok(())
+    }
+}
+
+fn server_config(
+    tls: &PeerTls,
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ServerConfig, QuicError> {
+    let crypto = QuicServerConfig::try_from(tls.server_config()?).map_err(TlsError::from)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(transport);
+    // Regions have fixed addresses; a peer changing address is not a case to support.
+    server.migration(false);
+    Ok(server)
+}
+
+fn client_config(
+    tls: &PeerTls,
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ClientConfig, QuicError> {
+    let crypto = QuicClientConfig::try_from(tls.client_config()?).map_err(TlsError::from)?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(transport);
+    Ok(client)
 }
 
 impl Drop for GossipEndpoint {
@@ -267,24 +313,13 @@ impl GossipEndpoint {
             allowed.insert(gateway);
         }
         let transport = Arc::new(config.transport()?);
+        let server = server_config(&tls, transport.clone())?;
+        let client = client_config(&tls, transport.clone())?;
 
-        let server_crypto =
-            QuicServerConfig::try_from(tls.server_config()?).map_err(TlsError::from)?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-        server.transport_config(transport.clone());
-        // Regions have fixed addresses; a peer changing address is not a case to support.
-        server.migration(false);
-
-        let client_crypto =
-            QuicClientConfig::try_from(tls.client_config()?).map_err(TlsError::from)?;
-        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
-        client.transport_config(transport);
-
-        let mut endpoint = Endpoint::server(server, listen).map_err(|source| QuicError::Bind {
+        let endpoint = Endpoint::server(server, listen).map_err(|source| QuicError::Bind {
             addr: listen,
             source,
         })?;
-        endpoint.set_default_client_config(client);
 
         let refusals = Arc::new(Refusals::default());
         // Small: accepted connections are taken promptly by the owner; when it lags, the
@@ -297,12 +332,22 @@ impl GossipEndpoint {
             sender,
         ));
         Ok(Self {
+            tls_switch: TlsSwitch {
+                endpoint: endpoint.clone(),
+                transport,
+                client: Arc::new(ArcSwap::from_pointee(client)),
+            },
             endpoint,
             accepted: tokio::sync::Mutex::new(receiver),
             refusals,
             accept_task,
             max_frame: config.max_frame,
         })
+    }
+
+    /// What replaces the certificates of this endpoint's future connections (a reload).
+    pub fn tls_switch(&self) -> TlsSwitch {
+        self.tls_switch.clone()
     }
 
     /// The bound address (with the actual port when bound to port 0).
@@ -325,7 +370,11 @@ impl GossipEndpoint {
         expected: &Slot,
     ) -> Result<Connection, QuicError> {
         let server_name = crate::certs::gateway_dns_name(&expected.region, &expected.instance);
-        let connection = self.endpoint.connect(addr, &server_name)?.await?;
+        let client = quinn::ClientConfig::clone(&self.tls_switch.client.load());
+        let connection = self
+            .endpoint
+            .connect_with(client, addr, &server_name)?
+            .await?;
         let found = peer_name(&connection);
         if found != CertName::Gateway(expected.clone()) {
             connection.close(CLOSE_NO_GATEWAY, b"unexpected gateway");

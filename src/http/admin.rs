@@ -4,7 +4,7 @@
 //! - `GET /health`: liveness. 200 while the process serves at all.
 //! - `GET /ready`: readiness. 200 when every dependency can serve, else 503; the JSON body
 //!   names each dependency (Redis, each upstream service's healthy instances) either way, so
-//!   an operator sees why.
+//!   an operator sees why, and `config_digest`, the SHA-256 of the config file in force.
 //! - `GET /metrics`: every `tollgate_*` metric in the Prometheus text format (catalogue in
 //!   [`crate::metrics`]). The upstream and gossip gauges are sampled at scrape time.
 //! - `GET /limits/{policy}?key=K`: a global policy's state for one client key as this
@@ -49,7 +49,7 @@ async fn health() -> Json<serde_json::Value> {
 }
 
 async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
-    for service in gateway.proxy.status() {
+    for service in gateway.running().proxy.status() {
         crate::metrics::record_upstream(
             &service.name,
             service.in_flight,
@@ -67,7 +67,8 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
 }
 
 async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
-    let services = gateway.proxy.status();
+    let running = gateway.running();
+    let services = running.proxy.status();
     let redis = gateway.redis_status().await;
     let services_ready = services.iter().all(|s| s.healthy_instances > 0);
     // A process that stood down for a newer one with its identity serves no global policy:
@@ -84,7 +85,9 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
     };
     let mut body = json!({
         "status": if ready { "ready" } else { "not-ready" },
-        "region": gateway.config.region,
+        "region": gateway.region,
+        // SHA-256 of the config file in force (the last one a reload applied).
+        "config_digest": running.digest,
         "dependencies": {
             "redis": redis,
             "services": services,
@@ -201,8 +204,8 @@ async fn limits(
         .detail("this gateway has no [gossip] section, so no global policy")
         .into_response();
     };
-    let entries: Vec<_> = global
-        .policies
+    let policies = global.policies();
+    let entries: Vec<_> = policies
         .entries()
         .iter()
         .filter(|e| e.policy == policy)
@@ -248,6 +251,9 @@ async fn limits(
             json!({
                 "tier": entry.tier,
                 "quota": entry.quota,
+                // The smallest of this gateway's and its peers' configured quotas: what is
+                // enforced while a change rolls through the deployment.
+                "quota_in_force": global.quota_in_force(entry.id),
                 "window_s": entry.spec.window_us() as f64 / 1e6,
                 "sub_windows": entry.spec.sub_windows(),
                 "eventual": eventual,

@@ -98,16 +98,22 @@ pub async fn correlate(request: Request, next: Next) -> Response {
 ///
 /// It is the outermost layer, so every answer, refusals and 429s included, is counted and
 /// traced, and the decision a limiter put in the response's extensions is seen.
-pub async fn correlate_gateway<F, Fut>(gateway: &Gateway, request: Request, next: F) -> Response
+///
+/// The configuration snapshot in force is taken here, once, and travels in the request's
+/// extensions, so the layers after it route the request as it was counted, whatever a
+/// reload swaps in meanwhile.
+pub async fn correlate_gateway<F, Fut>(gateway: &Gateway, mut request: Request, next: F) -> Response
 where
     F: FnOnce(Request) -> Fut,
     Fut: Future<Output = Response>,
 {
     let started = Instant::now();
-    let routed = gateway.proxy.route(request.uri().path());
+    let running = gateway.running();
+    request.extensions_mut().insert(running.clone());
+    let routed = running.proxy.route(request.uri().path());
     let server = Server {
         route: routed.as_ref().map(|routed| routed.route),
-        region: Some(&gateway.config.region),
+        region: Some(&gateway.region),
     };
     let response = traced(request, next, server).await;
     crate::metrics::record_request(

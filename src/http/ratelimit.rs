@@ -26,13 +26,14 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use axum::extract::{ConnectInfo, Request};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::global::{GlobalEntry, GlobalLimits};
+use crate::global::{GlobalEntry, GlobalLimits, GlobalPolicies};
 use crate::gossip::driver::{GlobalCheck, GlobalOutcome};
 use crate::http::problem::Problem;
 use crate::limit::breaker::{Breaker, Transition};
@@ -44,10 +45,27 @@ use crate::limit::policy::{self, Applied, OnStoreError, Policy, Scope};
 pub use crate::metrics::Decision;
 use crate::store::{BucketOutcome, BucketRequest, BucketStore, StoreError, memory::MemoryStore};
 
-/// Everything the layer needs, shared by all requests.
-pub struct RateLimiter {
+/// What a reload replaces: the policies and how callers are identified. A request decides
+/// on the rules it started with, whatever a reload swaps in meanwhile.
+#[derive(Debug)]
+struct Rules {
     policies: Vec<Policy>,
     identity: IdentityConfig,
+}
+
+impl Rules {
+    fn needs_identity(&self) -> bool {
+        !self.policies.is_empty()
+            || !self.identity.api_keys.is_empty()
+            || self.identity.jwt.is_some()
+    }
+}
+
+/// Everything the layer needs, shared by all requests. The rules are swapped by a reload;
+/// everything else (the store, the breaker, the local buckets, known-empty buckets, leases,
+/// the global state) lives as long as the gateway.
+pub struct RateLimiter {
+    rules: ArcSwap<Rules>,
     /// The region's store (Redis, or memory when there is no Redis).
     store: Arc<dyn BucketStore>,
     /// In-process buckets for `local` policies while the store is failing.
@@ -84,8 +102,7 @@ impl RateLimiter {
             u64::try_from(deadline.as_micros().saturating_mul(2)).unwrap_or(u64::MAX)
         });
         Self {
-            policies,
-            identity,
+            rules: ArcSwap::from_pointee(Rules { policies, identity }),
             store,
             local: MemoryStore::new(),
             breaker: Mutex::new(breaker),
@@ -116,10 +133,19 @@ impl RateLimiter {
         self.breaker.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn needs_identity(&self) -> bool {
-        !self.policies.is_empty()
-            || !self.identity.api_keys.is_empty()
-            || self.identity.jwt.is_some()
+    /// Replaces the policies and the identity settings (a reload). Buckets in the store are
+    /// named by policy and key, so a policy that kept its name keeps its buckets. When any
+    /// policy changed, what this gateway remembers of bucket levels is dropped: a bucket
+    /// known to be empty under the old rate may have room under the new one, and tokens
+    /// leased under the old shape are not spent under the new one (at most a lease per hot
+    /// key goes unused: refusals, never excess).
+    pub fn set_rules(&self, policies: Vec<Policy>, identity: IdentityConfig) {
+        let changed = self.rules.load().policies != policies;
+        self.rules.store(Arc::new(Rules { policies, identity }));
+        if changed {
+            self.empty().clear();
+            self.leases().clear();
+        }
     }
 
     /// Decides one request.
@@ -130,7 +156,8 @@ impl RateLimiter {
         headers: &HeaderMap,
         peer: IpAddr,
     ) -> Checked {
-        if !self.needs_identity() {
+        let rules = self.rules.load_full();
+        if !rules.needs_identity() {
             return Checked {
                 decision: Decision::NoPolicy,
                 headers: Vec::new(),
@@ -141,7 +168,7 @@ impl RateLimiter {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let identity = match identity::identify(&self.identity, headers, peer, now_unix) {
+        let identity = match identity::identify(&rules.identity, headers, peer, now_unix) {
             Ok(identity) => identity,
             Err(error) => {
                 return Checked {
@@ -151,7 +178,7 @@ impl RateLimiter {
                 };
             }
         };
-        let applied = policy::plan(&self.policies, method, path, &identity, headers);
+        let applied = policy::plan(&rules.policies, method, path, &identity, headers);
         if applied.is_empty() {
             return Checked {
                 decision: Decision::NoPolicy,
@@ -182,7 +209,8 @@ impl RateLimiter {
             span.record("key_hash", key_hash(&applied));
         }
         let started = Instant::now();
-        let global = self.decide_global(&applied);
+        let global_policies = self.global.as_ref().map(|g| g.policies());
+        let global = self.decide_global(&applied, global_policies.as_deref());
         let (results, used_fallback) = match &global {
             Some(g) if !g.admitted() => (g.refusal(&applied), false),
             _ => {
@@ -248,15 +276,19 @@ impl RateLimiter {
     }
 
     /// Decides the request's global policies in process (`None`: it has none).
-    fn decide_global<'a>(&'a self, applied: &'a [Applied<'a>]) -> Option<GlobalDecision<'a>> {
-        let limits = self.global.as_ref()?;
+    fn decide_global<'a>(
+        &'a self,
+        applied: &'a [Applied<'a>],
+        policies: Option<&'a GlobalPolicies>,
+    ) -> Option<GlobalDecision<'a>> {
+        let (limits, policies) = (self.global.as_ref()?, policies?);
         let mut checks = Vec::new();
         let mut entries = Vec::new();
         for (i, a) in applied.iter().enumerate() {
             if !matches!(a.policy.scope, Scope::Global(_)) {
                 continue;
             }
-            let Some(entry) = limits.policies.find(&a.policy.name, a.tier) else {
+            let Some(entry) = policies.find(&a.policy.name, a.tier) else {
                 continue;
             };
             checks.push(GlobalCheck {

@@ -47,7 +47,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, Running};
 use crate::http::correlation::{RequestId, correlate_gateway};
 use crate::http::ratelimit::{RateLimiter, rate_limit};
 
@@ -227,7 +227,13 @@ async fn forward(gateway: Arc<Gateway>, request: Request) -> Response {
         .map(|ConnectInfo(addr)| addr.ip())
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     let id = request.extensions().get::<RequestId>().cloned();
-    match gateway.proxy.forward(request, client).await {
+    // The snapshot the first layer took (see `correlate_gateway`).
+    let running = request
+        .extensions()
+        .get::<Arc<Running>>()
+        .cloned()
+        .unwrap_or_else(|| gateway.running());
+    match running.proxy.forward(request, client).await {
         Ok(response) => response,
         Err(error) => {
             let correlation_id = id.as_ref().map(RequestId::as_str);

@@ -36,6 +36,11 @@ impl EmptyBuckets {
         }
     }
 
+    /// Forgets every bucket (a reload changed the policies, and with them the refill rates).
+    pub fn clear(&mut self) {
+        self.until.clear();
+    }
+
     /// Microseconds until `bucket` may admit, if it is known to be empty at `now_us`.
     pub fn refused_for(&self, bucket: &str, now_us: u64) -> Option<u64> {
         let until = *self.until.get(bucket)?;

@@ -130,6 +130,13 @@ impl Leases {
         self
     }
 
+    /// Forgets every lease (a reload changed the policies: tokens leased under the old
+    /// shape go unused, which refuses more, never less). A lease request still in flight is
+    /// answered into a fresh entry.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
     /// Takes `cost` from `bucket`'s lease if it holds enough; otherwise says what to ask the
     /// store for. An `Ask` with `extra > 0` must be followed by [`Leases::answered`] or
     /// [`Leases::unanswered`] (or the lease request lapses after the ask timeout).

@@ -105,7 +105,7 @@ impl OnStoreError {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     pub name: String,
     /// Path prefixes (whole segments); empty matches every path.

@@ -72,6 +72,40 @@ impl Upstream {
     }
 }
 
+/// The active health checks and idle-connection expiry of the current proxy's upstreams:
+/// [`UpstreamTasks::follow`] starts them for new upstreams, keeps those of upstreams a
+/// reload kept, and stops the rest (dropping a `JoinSet` aborts its tasks).
+#[derive(Default)]
+pub struct UpstreamTasks {
+    running: Vec<(Arc<Upstream>, JoinSet<()>)>,
+}
+
+impl UpstreamTasks {
+    pub fn follow(&mut self, proxy: &Proxy) {
+        let mut next = Vec::with_capacity(proxy.upstreams.len());
+        for upstream in &proxy.upstreams {
+            let kept = self
+                .running
+                .iter()
+                .position(|(running, _)| Arc::ptr_eq(running, upstream));
+            next.push(match kept {
+                Some(i) => self.running.swap_remove(i),
+                None => (upstream.clone(), spawn_tasks(upstream)),
+            });
+        }
+        self.running = next;
+    }
+}
+
+fn spawn_tasks(upstream: &Arc<Upstream>) -> JoinSet<()> {
+    let mut tasks = JoinSet::new();
+    tasks.spawn(health::reap_idle(upstream.clone()));
+    if upstream.config.health_check.is_some() {
+        tasks.spawn(health::run(upstream.clone()));
+    }
+    tasks
+}
+
 /// Health of one service as the readiness endpoint reports it.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -99,11 +133,32 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(config: &RegionConfig) -> Self {
+        Self::build(config, |_| None)
+    }
+
+    /// The proxy for a reloaded `config`: a service whose configuration did not change keeps
+    /// its upstream as it is (instance health, ejections, kept-alive connections, the
+    /// concurrency limit and its queue); a changed or new one starts afresh. Requests in
+    /// flight finish on the upstream they started with.
+    pub fn reconfigured(&self, config: &RegionConfig) -> Self {
+        Self::build(config, |service| {
+            self.upstreams
+                .iter()
+                .find(|upstream| upstream.config == *service)
+                .cloned()
+        })
+    }
+
+    fn build(
+        config: &RegionConfig,
+        reuse: impl Fn(&ServiceConfig) -> Option<Arc<Upstream>>,
+    ) -> Self {
         let upstreams: Vec<Arc<Upstream>> = config
             .services
             .values()
-            .cloned()
-            .map(|service| Arc::new(Upstream::new(service)))
+            .map(|service| {
+                reuse(service).unwrap_or_else(|| Arc::new(Upstream::new(service.clone())))
+            })
             .collect();
         let routes = RouteTable::new(upstreams.iter().enumerate().flat_map(|(i, upstream)| {
             upstream
@@ -117,19 +172,6 @@ impl Proxy {
             upstreams,
             max_request_body: config.max_request_body,
         }
-    }
-
-    /// Starts the active health checks and idle-connection expiry; they stop when the
-    /// returned set is dropped.
-    pub fn spawn_health_checks(&self) -> JoinSet<()> {
-        let mut tasks = JoinSet::new();
-        for upstream in &self.upstreams {
-            tasks.spawn(health::reap_idle(upstream.clone()));
-            if upstream.config.health_check.is_some() {
-                tasks.spawn(health::run(upstream.clone()));
-            }
-        }
-        tasks
     }
 
     pub fn status(&self) -> Vec<ServiceStatus> {

@@ -312,6 +312,16 @@ impl Cluster {
             .is_some_and(|l| l["tiers"][0]["strict"]["share_reclaimed"] == true)
     }
 
+    /// Rewrites gateway `i`'s region file with `edit` and sends it SIGHUP: a reload of the
+    /// running process.
+    pub fn reload_with(&self, i: usize, edit: impl FnOnce(String) -> String) {
+        let path = &self.nodes[i].config;
+        let text = edit(std::fs::read_to_string(path).unwrap());
+        std::fs::write(path, text).unwrap();
+        let pid = i32::try_from(self.pid(i)).unwrap();
+        kill(Pid::from_raw(pid), Signal::SIGHUP).unwrap();
+    }
+
     /// The process id of gateway `i`.
     pub fn pid(&self, i: usize) -> u32 {
         self.nodes[i]

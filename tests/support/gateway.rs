@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tollgate::config::RegionConfig;
-use tollgate::gateway::{Gateway, serve as serve_gateway};
+use tollgate::gateway::{ConfigSource, Gateway, serve as serve_gateway};
 
 use super::client;
 
@@ -32,7 +32,22 @@ impl TestGateway {
         );
         let config = RegionConfig::parse(Path::new("test.toml"), &text, |_| None)
             .unwrap_or_else(|e| panic!("{e}"));
-        let gateway = Arc::new(Gateway::new(config).unwrap());
+        Self::serve(Gateway::new(config).unwrap()).await
+    }
+
+    /// A gateway started from the region file `path`, which [`Gateway::reload`] reads again.
+    /// Its `listen` and `admin_listen` are not used: the test binds free ports.
+    pub async fn start_file(path: &Path) -> Self {
+        let (config, digest) = RegionConfig::load_digested(path).unwrap_or_else(|e| panic!("{e}"));
+        let source = ConfigSource {
+            path: path.to_owned(),
+            digest,
+        };
+        Self::serve(Gateway::from_source(config, source).unwrap()).await
+    }
+
+    async fn serve(gateway: Gateway) -> Self {
+        let gateway = Arc::new(gateway);
         let handle = gateway.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

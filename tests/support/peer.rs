@@ -198,6 +198,22 @@ impl Deployment {
         }
     }
 
+    /// Rewrites gateway `i`'s file with the strict policy's quota set to `quota` and sends
+    /// it SIGHUP: a reload of the running process.
+    pub fn reload_strict_quota(&self, i: usize, quota: u64) {
+        self.reload_with(i, |text| {
+            let header = format!("[policies.{STRICT}]");
+            let (before, section) = text.split_at(text.find(&header).unwrap());
+            let rate_at = section.find("\nrate = ").unwrap() + 1;
+            let rate_end = rate_at + section[rate_at..].find('\n').unwrap();
+            format!(
+                "{before}{}rate = \"{quota}/{STRICT_WINDOW_S}s\"{}",
+                &section[..rate_at],
+                &section[rate_end..]
+            )
+        });
+    }
+
     /// The configuration digest every Hello must carry, computed as the gateways do.
     pub fn config_digest(&self) -> u64 {
         let config = self.config(0);

@@ -553,6 +553,26 @@ impl BoundedTable {
             .ok_or(BoundedError::TableFull)
     }
 
+    /// Sets the quota of a known strict policy (a config reload; the caller decides which
+    /// quota is safe to use while gateways disagree, see `gossip::proto::reload`). Every
+    /// slot's share follows `quota`; consumption and columns stay, so a lower quota leaves
+    /// fewer rights (none while the live consumption is above the new share), never more.
+    /// Returns whether the policy is known.
+    pub fn set_quota(&mut self, policy: PolicyId, quota: u64) -> bool {
+        match self.policies.get_mut(&policy) {
+            Some(p) => {
+                p.quota = quota;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The quota a strict policy's shares are split from now.
+    pub fn policy_quota(&self, policy: PolicyId) -> Option<u64> {
+        self.policies.get(&policy).map(|p| p.quota)
+    }
+
     /// Slot `slot`'s [`gift_bound`] on `policy` (0 for an unknown policy).
     fn bound_of(&self, policy: PolicyId, slot: usize) -> u64 {
         self.policies

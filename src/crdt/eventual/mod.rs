@@ -436,6 +436,24 @@ impl EventualNode {
         })
     }
 
+    /// Sets the quota of a registered policy (a config reload), keeping its usage: the
+    /// window is unchanged. Returns whether the policy is registered.
+    pub fn set_quota(&mut self, policy: PolicyId, quota: u64) -> bool {
+        match self.table.policy(policy) {
+            Some(registered) => {
+                self.table.add_policy(
+                    policy,
+                    EventualPolicy {
+                        quota,
+                        spec: registered.spec,
+                    },
+                );
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Our actor.
     pub fn actor(&self) -> &Actor {
         &self.actor

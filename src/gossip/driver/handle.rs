@@ -206,6 +206,15 @@ impl GossipHandle {
         self.shared.nudge(&g);
     }
 
+    /// Runs `f` on the machine at the current time, then wakes the driver for what it queued
+    /// (rare operations that need no method of their own here, e.g. a reload's quotas).
+    pub fn with_machine<R>(&self, f: impl FnOnce(&mut Gossip, u64) -> R) -> R {
+        let mut g = self.shared.lock();
+        let result = f(&mut g, now_us());
+        self.shared.nudge(&g);
+        result
+    }
+
     /// See [`Gossip::is_learning`].
     pub fn is_learning(&self) -> bool {
         self.shared.lock().is_learning(now_us())

@@ -224,6 +224,7 @@ impl Gossip {
             self.send_full_state(now_us, from);
             let announce = self.bounded.announce();
             self.send(from, super::Message::Announce(announce), now_us);
+            self.send_quotas(from, now_us);
         } else if self
             .peer_mut(from)
             .is_some_and(|p| now_us >= p.hello_answered_us.saturating_add(interval_us))

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::crdt::bounded::Settled;
-use crate::crdt::{Ack, Actor, Announce, Ask, Delta, Handover, Transfer};
+use crate::crdt::{Ack, Actor, Announce, Ask, Delta, Handover, PolicyId, Transfer};
 
 /// A peer: the index of its slot in the configured slot list (the same list, in the same
 /// order, in every region, so the index means the same everywhere).
@@ -65,4 +65,6 @@ pub enum Message {
     /// Strict mode: the sender settled its pair with the receiver on one key up to an epoch
     /// (see [`crate::crdt::bounded::Settled`]).
     Settled(Settled),
+    /// The global quotas the sender is configured with (see [`super::reload`]).
+    Quotas(Vec<(PolicyId, u64)>),
 }
