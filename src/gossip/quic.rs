@@ -88,13 +88,10 @@ pub enum QuicError {
     /// A transport setting out of range.
     #[error("invalid gossip transport config: {0}")]
     Config(String),
-    /// The UDP socket could not be bound.
-    #[error("cannot bind gossip endpoint on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
+    /// The UDP socket could not be bound (at start-up: the message embeds its cause, which is
+    /// not also `source()`, so that a start-up report prints it once).
+    #[error("cannot bind gossip endpoint on {addr}: {error}")]
+    Bind { addr: SocketAddr, error: io::Error },
     /// The endpoint's socket.
     #[error("gossip endpoint: {0}")]
     Io(#[from] io::Error),
@@ -257,9 +254,9 @@ impl GossipEndpoint {
         let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
         client.transport_config(transport);
 
-        let mut endpoint = Endpoint::server(server, listen).map_err(|source| QuicError::Bind {
+        let mut endpoint = Endpoint::server(server, listen).map_err(|error| QuicError::Bind {
             addr: listen,
-            source,
+            error,
         })?;
         endpoint.set_default_client_config(client);
 

@@ -363,6 +363,11 @@ impl Deployment {
         spawn(&mut self.nodes[i]);
     }
 
+    /// Gateway `i`'s whole log so far.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
+    }
+
     pub fn logs(&self) -> String {
         self.nodes
             .iter()
