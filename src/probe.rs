@@ -27,11 +27,8 @@ pub enum ProbeError {
     },
     #[error("only http:// URLs can be probed, not {0:?}")]
     Scheme(String),
-    #[error("GET {url}: {error}")]
-    Request {
-        url: String,
-        error: hyper_util::client::legacy::Error,
-    },
+    #[error("GET {url}: {cause}")]
+    Request { url: String, cause: String },
     #[error("GET {url}: no answer within {timeout:?}")]
     Timeout { url: String, timeout: Duration },
     #[error("GET {url}: {status}")]
@@ -56,7 +53,7 @@ pub async fn run(args: &ProbeArgs) -> Result<http::StatusCode, ProbeError> {
         })?
         .map_err(|error| ProbeError::Request {
             url: args.url.clone(),
-            error,
+            cause: with_causes(&error),
         })?;
     let status = response.status();
     if status.is_success() {
@@ -67,4 +64,17 @@ pub async fn run(args: &ProbeArgs) -> Result<http::StatusCode, ProbeError> {
             status,
         })
     }
+}
+
+/// hyper's client error says only "client error (Connect)" and keeps the reason (refused,
+/// no route, ...) in its sources: a probe's one line must carry it.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        text.push_str(": ");
+        text.push_str(&error.to_string());
+        cause = error.source();
+    }
+    text
 }

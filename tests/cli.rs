@@ -74,14 +74,20 @@ fn shipped_regions() -> tempfile::TempDir {
     dir
 }
 
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
 /// `tollgate gateway ARGS --config DIR/REGION.toml` with none of the environment's overrides
 /// (the listeners on free ports, where a test starts the gateway).
 fn gateway(dir: &std::path::Path, region: &str, args: &[&str]) -> std::process::Output {
     tollgate()
         .env_clear()
         .env("RUST_BACKTRACE", "0")
-        .env("TOLLGATE_LISTEN", "127.0.0.1:0")
-        .env("TOLLGATE_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("TOLLGATE_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("TOLLGATE_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
         .env("TOLLGATE_GOSSIP_LISTEN", "127.0.0.1:0")
         .arg("gateway")
         .args(args)
