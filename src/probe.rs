@@ -32,7 +32,10 @@ pub enum ProbeError {
     #[error("GET {url}: no answer within {timeout:?}")]
     Timeout { url: String, timeout: Duration },
     #[error("GET {url}: {status}")]
-    Status { url: String, status: http::StatusCode },
+    Status {
+        url: String,
+        status: http::StatusCode,
+    },
 }
 
 /// GETs the URL; `Ok` with the status on a 2xx answer.

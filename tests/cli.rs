@@ -8,7 +8,7 @@ fn tollgate() -> Command {
 
 #[test]
 fn every_subcommand_has_help() {
-    for sub in ["gateway", "users", "bookings", "demo"] {
+    for sub in ["gateway", "users", "bookings", "demo", "certs", "probe"] {
         let output = tollgate().args([sub, "--help"]).output().unwrap();
         assert!(output.status.success(), "{sub} --help failed");
         let text = String::from_utf8_lossy(&output.stdout);
@@ -87,7 +87,10 @@ fn gateway(dir: &std::path::Path, region: &str, args: &[&str]) -> std::process::
         .env_clear()
         .env("RUST_BACKTRACE", "0")
         .env("TOLLGATE_LISTEN", format!("127.0.0.1:{}", free_port()))
-        .env("TOLLGATE_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env(
+            "TOLLGATE_ADMIN_LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
         .env("TOLLGATE_GOSSIP_LISTEN", "127.0.0.1:0")
         .arg("gateway")
         .args(args)
@@ -129,7 +132,11 @@ fn shipped_configs_pass_check_with_the_certificates_the_error_names() {
     let command = quoted_command(&stderr);
     assert_eq!(command[..2], ["tollgate", "certs"]);
     let made = tollgate().args(&command[1..]).output().unwrap();
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
     for region in ["us-east", "eu-west", "ap-south"] {
         let output = gateway(dir.path(), region, &["--check"]);
         let stdout = String::from_utf8_lossy(&output.stdout);
@@ -179,4 +186,42 @@ fn a_gateway_without_its_certificates_says_why_once() {
     assert_eq!(stderr.matches("does not exist").count(), 1, "{stderr}");
     assert_eq!(stderr.matches("No such file").count(), 0, "{stderr}");
     assert!(stderr.contains("`tollgate certs --out "), "{stderr}");
+}
+
+/// Answers one HTTP request with `status` on a free port; returns the port.
+fn answer_once(status: &'static str) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut request = [0u8; 1024];
+        let _ = stream.read(&mut request);
+        let _ = write!(stream, "HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
+    });
+    port
+}
+
+#[test]
+fn probe_exits_0_on_2xx_only() {
+    let probe = |url: String| tollgate().args(["probe", &url]).output().unwrap();
+    let ok = probe(format!("http://127.0.0.1:{}/health", answer_once("200 OK")));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let busy = probe(format!(
+        "http://127.0.0.1:{}/ready",
+        answer_once("503 Service Unavailable")
+    ));
+    assert_eq!(busy.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("503"));
+    let closed = probe(format!("http://127.0.0.1:{}/", free_port()));
+    assert_eq!(closed.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&closed.stderr).contains("refused"),
+        "{}",
+        String::from_utf8_lossy(&closed.stderr)
+    );
 }

@@ -27,11 +27,14 @@ async fn a_lone_gateway_says_once_which_peers_its_strict_policy_waits_for() {
         ("ap-south", "a", Role::Test),
     ])
     .await;
-    d.until("the strict policy to wait for unreachable peers", || async {
-        d.ready(LONE).await.is_some_and(|r| {
-            r["gossip"]["strict_waiting"][0]["reason"] == "unreachable-peers"
-        })
-    })
+    d.until(
+        "the strict policy to wait for unreachable peers",
+        || async {
+            d.ready(LONE)
+                .await
+                .is_some_and(|r| r["gossip"]["strict_waiting"][0]["reason"] == "unreachable-peers")
+        },
+    )
     .await;
     let response = d.http.get(d.admin(LONE, "/ready")).send().await.unwrap();
     assert_eq!(response.status(), 200, "it still serves everything else");
@@ -49,8 +52,10 @@ async fn a_lone_gateway_says_once_which_peers_its_strict_policy_waits_for() {
         .await;
     assert_eq!(refused, Some(429), "{}", d.logs());
 
-    d.until("the warning", || async { !warnings(&d.log(LONE)).is_empty() })
-        .await;
+    d.until("the warning", || async {
+        !warnings(&d.log(LONE)).is_empty()
+    })
+    .await;
     let log = d.log(LONE);
     let warning = warnings(&log)[0];
     assert!(warning.contains(STRICT), "{warning}");

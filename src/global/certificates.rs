@@ -10,7 +10,10 @@ use crate::crdt::Slot;
 use crate::gossip::tls::{CertName, PeerTls};
 
 /// Loads the CA, our certificate and key, and checks that the certificate names us.
-pub(super) fn load(config: &RegionConfig, settings: &GossipSettings) -> Result<PeerTls, GlobalError> {
+pub(super) fn load(
+    config: &RegionConfig,
+    settings: &GossipSettings,
+) -> Result<PeerTls, GlobalError> {
     for (what, path) in [
         ("CA certificate", &settings.ca),
         ("certificate", &settings.cert),
@@ -59,7 +62,10 @@ fn how_to_make(what: &str, path: &Path, settings: &GossipSettings) -> String {
         .map(Slot::to_string)
         .collect::<Vec<_>>()
         .join(",");
-    let command = format!("tollgate certs --out {} --gateways {gateways}", dir.display());
+    let command = format!(
+        "tollgate certs --out {} --gateways {gateways}",
+        dir.display()
+    );
     let ca_there = dir.join(crate::certs::CA_CERT).exists();
     if what == "CA certificate" || !ca_there {
         format!("`{command}` makes it (with the CA and every gateway's certificate and key)")

@@ -13,7 +13,9 @@
 //!   `ip:<address>`, `sub:<hash>` or `h:<header>:<hash>` (as in the Redis bucket names).
 //!
 //! Gossip peers appear in `/ready` for information only: a gateway cut off from the other
-//! regions keeps serving (that is the point of deciding locally), so it stays ready.
+//! regions keeps serving (that is the point of deciding locally), so it stays ready. So do
+//! the strict policies that cannot admit with its share yet (`gossip.strict_waiting`, see
+//! [`crate::global::strict_wait`]): a lone gateway refuses those, and serves everything else.
 
 use std::sync::Arc;
 
