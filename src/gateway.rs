@@ -34,19 +34,28 @@ const GOSSIP_RETIRE_GRACE: Duration = Duration::from_secs(2);
 const REDIS_PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// Why the gateway could not start or stopped abnormally.
+///
+/// Each message embeds its cause, so no variant also returns it as `source()`: anyhow's report
+/// in main would print the cause twice (and each level below it again).
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {error}")]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("bucket store: {0}")]
     Store(StoreError),
     #[error("global limits: {0}")]
-    Global(#[from] GlobalError),
+    Global(GlobalError),
     #[error("server error: {0}")]
     Serve(std::io::Error),
+}
+
+impl From<GlobalError> for GatewayError {
+    fn from(error: GlobalError) -> Self {
+        Self::Global(error)
+    }
 }
 
 /// Where the region's buckets live, kept concrete for readiness pings.
@@ -210,7 +219,7 @@ pub async fn run(
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
-            .map_err(|source| GatewayError::Bind { addr, source })
+            .map_err(|error| GatewayError::Bind { addr, error })
     };
     let listener = bind(config.listen).await?;
     let admin_listener = bind(config.admin_listen).await?;

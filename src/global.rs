@@ -28,21 +28,39 @@ use crate::crdt::{Actor, EventualPolicy, PolicyId, Slot, WindowSpec};
 use crate::gossip::driver::{self, DriverTask, GossipHandle, PeerAddress};
 use crate::gossip::proto::{self, Gossip, GossipError, PeerId, Policies};
 use crate::gossip::quic::{self, GossipEndpoint, QuicError, TlsSwitch};
-use crate::gossip::tls::{CertName, PeerTls, TlsError};
+use crate::gossip::tls::{PeerTls, TlsError};
 use crate::limit::policy::{GlobalMode, Limit, Policy, Scope};
 
+mod certificates;
+pub mod strict_wait;
+
+pub use certificates::check_certificates;
+pub use strict_wait::{StrictWaiting, WaitReason};
+
 /// Why global limits could not start.
+///
+/// Each message embeds its cause, so no variant also returns it as `source()`: anyhow's report
+/// in main would print the cause twice (and each level below it again).
 #[derive(Debug, thiserror::Error)]
 pub enum GlobalError {
     /// The certificates could not be loaded.
     #[error("gossip certificates: {0}")]
-    Tls(#[from] TlsError),
+    Tls(TlsError),
+    /// A certificate or key file is not there.
+    #[error("gossip {what} {} does not exist: {make}", path.display())]
+    MissingFile {
+        /// Which file: "CA certificate", "certificate", "key".
+        what: &'static str,
+        path: std::path::PathBuf,
+        /// The `tollgate certs` command that makes it, and what to mind.
+        make: String,
+    },
     /// The QUIC endpoint could not be bound or configured.
     #[error("gossip endpoint: {0}")]
-    Quic(#[from] QuicError),
+    Quic(QuicError),
     /// The state machine refused the slot list or our actor.
     #[error("gossip state: {0}")]
-    Gossip(#[from] GossipError),
+    Gossip(GossipError),
     /// Our own certificate does not name this gateway.
     #[error("gossip certificate {}: {message}", path.display())]
     Certificate {
@@ -53,45 +71,28 @@ pub enum GlobalError {
     },
 }
 
-/// Our certificate must name this very gateway: peers admit a connection as the gateway its
-/// certificate names, so any other name would be refused by every peer (and a region
-/// certificate of an earlier version by all of them).
-fn check_own_certificate(
-    tls: &PeerTls,
-    me: &Slot,
-    settings: &GossipSettings,
-) -> Result<(), GlobalError> {
-    let reissue = format!(
-        "issue one certificate per gateway with `tollgate certs --out DIR --gateways {},...` \
-         and point `cert`/`key` at {}'s files",
-        me,
-        crate::certs::Gateway {
-            region: me.region.clone(),
-            instance: me.instance.clone(),
-        }
-        .cert_file()
-    );
-    let message = match tls.name() {
-        CertName::Gateway(named) if named == *me => return Ok(()),
-        CertName::Gateway(named) => format!("names gateway {named}, but this gateway is {me}"),
-        CertName::RegionOnly(region) => format!(
-            "is a per-region certificate (region {region:?}) of an earlier version, which \
-             peers refuse: {reissue}"
-        ),
-        CertName::Nothing => format!("names no single gateway: {reissue}"),
-    };
-    Err(GlobalError::Certificate {
-        path: settings.cert.clone(),
-        message,
-    })
+impl From<TlsError> for GlobalError {
+    fn from(error: TlsError) -> Self {
+        Self::Tls(error)
+    }
 }
 
-/// Loads the gossip certificates `settings` names and checks that ours names this gateway.
+impl From<QuicError> for GlobalError {
+    fn from(error: QuicError) -> Self {
+        Self::Quic(error)
+    }
+}
+
+impl From<GossipError> for GlobalError {
+    fn from(error: GossipError) -> Self {
+        Self::Gossip(error)
+    }
+}
+
+/// Loads the gossip certificates `settings` names and checks that ours names this gateway
+/// (a start or a reload; a missing file's error names the `tollgate certs` command).
 pub fn load_tls(config: &RegionConfig, settings: &GossipSettings) -> Result<PeerTls, GlobalError> {
-    let tls = PeerTls::load(&settings.ca, &settings.cert, &settings.key)?;
-    let me = Slot::new(config.region.clone(), settings.instance.clone());
-    check_own_certificate(&tls, &me, settings)?;
-    Ok(tls)
+    certificates::load(config, settings)
 }
 
 /// One global policy at one tier: what the gossip state knows it as.
@@ -262,6 +263,9 @@ pub struct GlobalLimits {
     /// Replaces the certificates of new gossip connections (a reload).
     tls: TlsSwitch,
     driver: Mutex<Option<DriverTask>>,
+    strict: strict_wait::StrictWatch,
+    /// The task that warns about strict policies that cannot admit (none without any).
+    strict_warning: Option<tokio::task::AbortHandle>,
 }
 
 impl std::fmt::Debug for GlobalLimits {
@@ -319,6 +323,9 @@ impl GlobalLimits {
             .collect();
         let tls = endpoint.tls_switch();
         let (handle, task) = driver::spawn_driver(gossip, endpoint, peers);
+        let strict = strict_wait::StrictWatch::new(handle.clone(), &policies, &slots, now);
+        let strict_warning = (!strict.is_empty())
+            .then(|| tokio::spawn(strict.clone().warn_while_waiting()).abort_handle());
         tracing::info!(
             actor = %me,
             listen = %settings.listen,
@@ -333,6 +340,8 @@ impl GlobalLimits {
             me: my_id,
             tls,
             driver: Mutex::new(Some(task)),
+            strict,
+            strict_warning,
         })
     }
 
@@ -361,6 +370,12 @@ impl GlobalLimits {
         Ok(self.tls.set(tls)?)
     }
 
+    /// The strict policies that cannot admit with this gateway's share yet, and the peers
+    /// they wait for (empty once it holds its share).
+    pub fn strict_waiting(&self) -> Vec<StrictWaiting> {
+        self.strict.waiting(driver::now_us())
+    }
+
     /// `region/instance` of a peer, for reports.
     pub fn peer_name(&self, peer: PeerId) -> String {
         match self.slots.get(usize::from(peer.0)) {
@@ -372,6 +387,9 @@ impl GlobalLimits {
     /// Hands idle strict rights to a peer, sends the last usage, waits up to `grace` for the
     /// peers to have it, and stops gossiping. Later calls do nothing.
     pub async fn shutdown(&self, grace: Duration) {
+        if let Some(warning) = &self.strict_warning {
+            warning.abort();
+        }
         let task = self
             .driver
             .lock()
@@ -387,4 +405,12 @@ impl GlobalLimits {
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+impl Drop for GlobalLimits {
+    fn drop(&mut self) {
+        if let Some(warning) = &self.strict_warning {
+            warning.abort();
+        }
+    }
 }

@@ -18,6 +18,7 @@
 //! - [`metrics`](crate::metrics): the Prometheus recorder and the metric catalogue.
 //! - [`shutdown`]: the process's SIGINT/SIGTERM future.
 //! - [`certs`]: `tollgate certs`, the deployment CA and one certificate per gateway for gossip.
+//! - [`probe`]: `tollgate probe URL`, a GET for container health checks (the image has no curl).
 //! - [`limit`] (pure): GCRA buckets, policies and their keys, caller identity, the store
 //!   breaker, verdicts and RateLimit headers, known-empty buckets and hot keys' leases.
 //! - [`store`]: where regional buckets live: Redis (one Lua script per hash tag, Cluster
@@ -49,6 +50,7 @@ pub mod gossip;
 pub mod http;
 pub mod limit;
 pub mod metrics;
+pub mod probe;
 pub mod proxy;
 pub mod services;
 pub mod shutdown;

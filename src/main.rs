@@ -48,6 +48,8 @@ enum Command {
     Demo(tollgate::demo::DemoArgs),
     /// Create the deployment CA and one gossip certificate per region.
     Certs(tollgate::certs::CertsArgs),
+    /// GET a URL and exit 0 on a 2xx answer (container health checks).
+    Probe(tollgate::probe::ProbeArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -55,7 +57,8 @@ struct GatewayArgs {
     /// Region config file (TOML), e.g. regions/us-east.toml.
     #[arg(long, env = "TOLLGATE_CONFIG")]
     config: PathBuf,
-    /// Validate the config, print the result and exit without serving.
+    /// Validate the config and load the gossip certificate files, print the result and exit
+    /// without serving.
     #[arg(long)]
     check: bool,
 }
@@ -80,6 +83,13 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Probe(args) => match tollgate::probe::run(&args).await {
+            Ok(_) => Ok(()),
+            Err(error) => {
+                eprintln!("tollgate probe: {error}");
+                std::process::exit(1);
+            }
+        },
         Command::Gateway(args) => {
             // The config comes first: the gateway's traces carry its region.
             let (config, digest) = match RegionConfig::load_digested(&args.config) {
@@ -92,8 +102,18 @@ async fn main() -> anyhow::Result<()> {
                 }
             };
             if args.check {
+                let gateway = match tollgate::global::check_certificates(&config) {
+                    Ok(gateway) => gateway,
+                    Err(error) => {
+                        eprintln!("{}: {error}", args.config.display());
+                        std::process::exit(2);
+                    }
+                };
+                let certificates = gateway
+                    .map(|g| format!(", gossip certificates of {g}"))
+                    .unwrap_or_default();
                 println!(
-                    "{}: valid (region {}, {} services)",
+                    "{}: valid (region {}, {} services{certificates})",
                     args.config.display(),
                     config.region,
                     config.services.len()

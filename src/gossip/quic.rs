@@ -89,13 +89,10 @@ pub enum QuicError {
     /// A transport setting out of range.
     #[error("invalid gossip transport config: {0}")]
     Config(String),
-    /// The UDP socket could not be bound.
-    #[error("cannot bind gossip endpoint on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
+    /// The UDP socket could not be bound (at start-up: the message embeds its cause, which is
+    /// not also `source()`, so that a start-up report prints it once).
+    #[error("cannot bind gossip endpoint on {addr}: {error}")]
+    Bind { addr: SocketAddr, error: io::Error },
     /// The endpoint's socket.
     #[error("gossip endpoint: {0}")]
     Io(#[from] io::Error),
@@ -316,9 +313,9 @@ impl GossipEndpoint {
         let server = server_config(&tls, transport.clone())?;
         let client = client_config(&tls, transport.clone())?;
 
-        let endpoint = Endpoint::server(server, listen).map_err(|source| QuicError::Bind {
+        let endpoint = Endpoint::server(server, listen).map_err(|error| QuicError::Bind {
             addr: listen,
-            source,
+            error,
         })?;
 
         let refusals = Arc::new(Refusals::default());

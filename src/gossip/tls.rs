@@ -25,34 +25,50 @@ use crate::crdt::Slot;
 pub const ALPN: &[u8] = b"tollgate-gossip/1";
 
 /// What went wrong loading TLS material or building a TLS config.
+///
+/// Each message embeds its cause, so no variant also returns it as `source()`: a printer that
+/// walks the chain (anyhow's report) would print the cause twice.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A PEM file that cannot be read or parsed.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Pem {
         path: PathBuf,
-        #[source]
-        source: rustls::pki_types::pem::Error,
+        error: rustls::pki_types::pem::Error,
     },
     /// A certificate file without certificates.
     #[error("{}: no certificate in the file", .0.display())]
     NoCertificate(PathBuf),
     /// The CA certificate is not a usable trust anchor.
-    #[error("{}: not a usable CA certificate: {source}", path.display())]
-    BadCa {
-        path: PathBuf,
-        #[source]
-        source: rustls::Error,
-    },
+    #[error("{}: not a usable CA certificate: {error}", path.display())]
+    BadCa { path: PathBuf, error: rustls::Error },
     /// The client-certificate verifier could not be built.
     #[error("cannot build the client certificate verifier: {0}")]
-    Verifier(#[from] rustls::server::VerifierBuilderError),
+    Verifier(rustls::server::VerifierBuilderError),
     /// rustls refused the configuration (e.g. a key that does not match the certificate).
     #[error("invalid TLS configuration: {0}")]
-    Config(#[from] rustls::Error),
+    Config(rustls::Error),
     /// The rustls config cannot run QUIC.
     #[error("TLS config unusable for QUIC: {0}")]
-    Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    Quic(quinn::crypto::rustls::NoInitialCipherSuite),
+}
+
+impl From<rustls::server::VerifierBuilderError> for TlsError {
+    fn from(error: rustls::server::VerifierBuilderError) -> Self {
+        Self::Verifier(error)
+    }
+}
+
+impl From<rustls::Error> for TlsError {
+    fn from(error: rustls::Error) -> Self {
+        Self::Config(error)
+    }
+}
+
+impl From<quinn::crypto::rustls::NoInitialCipherSuite> for TlsError {
+    fn from(error: quinn::crypto::rustls::NoInitialCipherSuite) -> Self {
+        Self::Quic(error)
+    }
 }
 
 /// The CA, this gateway's certificate chain and its private key.
@@ -78,15 +94,15 @@ impl PeerTls {
     pub fn load(ca_path: &Path, cert_path: &Path, key_path: &Path) -> Result<Self, TlsError> {
         let ca = read_certs(ca_path)?;
         let chain = read_certs(cert_path)?;
-        let key = PrivateKeyDer::from_pem_file(key_path).map_err(|source| TlsError::Pem {
+        let key = PrivateKeyDer::from_pem_file(key_path).map_err(|error| TlsError::Pem {
             path: key_path.to_owned(),
-            source,
+            error,
         })?;
         let mut roots = RootCertStore::empty();
         for cert in ca {
-            roots.add(cert).map_err(|source| TlsError::BadCa {
+            roots.add(cert).map_err(|error| TlsError::BadCa {
                 path: ca_path.to_owned(),
-                source,
+                error,
             })?;
         }
         Ok(Self {
@@ -135,9 +151,9 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem_error = |source| TlsError::Pem {
+    let pem_error = |error| TlsError::Pem {
         path: path.to_owned(),
-        source,
+        error,
     };
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(pem_error)?

@@ -13,7 +13,9 @@
 //!   `ip:<address>`, `sub:<hash>` or `h:<header>:<hash>` (as in the Redis bucket names).
 //!
 //! Gossip peers appear in `/ready` for information only: a gateway cut off from the other
-//! regions keeps serving (that is the point of deciding locally), so it stays ready.
+//! regions keeps serving (that is the point of deciding locally), so it stays ready. So do
+//! the strict policies that cannot admit with its share yet (`gossip.strict_waiting`, see
+//! [`crate::global::strict_wait`]): a lone gateway refuses those, and serves everything else.
 
 use std::sync::Arc;
 
@@ -28,7 +30,8 @@ use serde_json::json;
 
 use crate::gateway::Gateway;
 use crate::global::GlobalLimits;
-use crate::gossip::proto::{LinkState, PeerStatus};
+use crate::global::strict_wait::is_connected;
+use crate::gossip::proto::PeerStatus;
 use crate::http::correlation::correlate;
 use crate::http::problem::Problem;
 
@@ -120,7 +123,7 @@ fn gossip_status(global: &GlobalLimits) -> serde_json::Value {
         .peer_status()
         .into_iter()
         .map(|p| {
-            let connected = matches!(p.link, LinkState::Up { .. }) && p.status == PeerStatus::Ok;
+            let connected = is_connected(&p);
             json!({
                 "peer": global.peer_name(p.peer),
                 "actor": p.actor.map(|a| a.to_string()),
@@ -140,6 +143,10 @@ fn gossip_status(global: &GlobalLimits) -> serde_json::Value {
         "peers_total": peers.len(),
         "peers": peers,
         "keys": { "eventual": eventual_keys, "strict": strict_keys },
+        // Strict policies that refuse what peers do not give (a lone gateway: everything).
+        // Information, like the peers: the gateway still serves every other policy and
+        // route, so it stays ready.
+        "strict_waiting": global.strict_waiting(),
         // The newer incarnation of this gateway, found running elsewhere, that made this
         // process stop serving global policies.
         "identity_conflict": global.handle.identity_conflict(),
@@ -150,7 +157,7 @@ fn record_gossip(global: &GlobalLimits) {
     let now = crate::gossip::driver::now_us();
     let mut connected = 0u32;
     for p in global.handle.peer_status() {
-        if matches!(p.link, LinkState::Up { .. }) && p.status == PeerStatus::Ok {
+        if is_connected(&p) {
             connected += 1;
         }
         if let Some(at) = p.last_delta_us {

@@ -341,6 +341,11 @@ impl Cluster {
             .expect("VmRSS in /proc/<pid>/status")
     }
 
+    /// Gateway `i`'s whole log so far.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
+    }
+
     /// The last lines of every gateway process's log.
     pub fn logs(&self) -> String {
         self.nodes
