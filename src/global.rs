@@ -362,7 +362,7 @@ impl GlobalLimits {
     /// The quota in force for gossip policy `id`.
     pub fn quota_in_force(&self, id: PolicyId) -> Option<u64> {
         self.handle
-            .with_machine(|gossip, _| gossip.quota_in_force(id))
+            .with_machine(|gossip, now| gossip.quota_in_force(id, now))
     }
 
     /// Gossip connections made from now on use `tls` (see [`load_tls`]).

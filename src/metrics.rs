@@ -26,7 +26,7 @@
 //! | [`GOSSIP_PEERS_CONNECTED`] `tollgate_gossip_peers_connected` | gauge | | peers with a completed handshake |
 //! | [`GOSSIP_PEER_LAG_SECONDS`] `tollgate_gossip_peer_lag_seconds` | gauge | `peer` | age of the last delta merged from each peer (absent until one arrives) |
 //! | [`GOSSIP_MESSAGES_SENT_TOTAL`] `tollgate_gossip_messages_sent_total` | counter | | gossip messages queued |
-//! | [`GOSSIP_DROPPED_TOTAL`] `tollgate_gossip_dropped_total` | counter | `reason` | peer input dropped or refused (`unknown_peer`, `before_hello`, `refused_hello`, `merge_refused`, `transfer_refused`, ...) and frames dropped on a full queue (`queue_full`) |
+//! | [`GOSSIP_DROPPED_TOTAL`] `tollgate_gossip_dropped_total` | counter | `reason` | peer input dropped or refused (`unknown_peer`, `before_hello`, `refused_hello`, `merge_refused`, `transfer_refused`, ...), peers' lower quotas past the rollout window (`quota_overdue`), and frames dropped on a full queue (`queue_full`) |
 //! | [`GLOBAL_KEYS`] `tollgate_global_keys` | gauge | `mode` | `(policy, key)` pairs held in the eventual and strict tables |
 //! | [`CONFIG_RELOADS_TOTAL`] `tollgate_config_reloads_total` | counter | `result` | SIGHUP reloads: `applied`, `invalid` (the file did not validate; the running config stays), `restart_required` (it changes a setting only a restart applies; nothing applied) |
 //! | `tollgate_gossip_refused_peers_total` | counter | `reason` | QUIC peers refused (certificate, per-region certificate, unconfigured gateway, handshakes in flight, no Hello) |

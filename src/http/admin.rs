@@ -183,6 +183,7 @@ fn record_gossip(global: &GlobalLimits) {
         ("refused_hello", stats.refused_hello),
         ("duplicate_identity", stats.duplicate_identity),
         ("misattributed", stats.misattributed),
+        ("quota_overdue", stats.quota_overdue),
         ("merge_refused", stats.merge_refusals),
         ("transfer_refused", stats.transfers_refused),
         ("queue_full", global.handle.dropped_frames()),

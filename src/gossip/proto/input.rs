@@ -110,7 +110,7 @@ impl Gossip {
                 self.bounded.on_settled(&s, now_us);
                 self.send_strict_outgoing(now_us);
             }
-            Message::Quotas(quotas) => self.on_quotas(from, quotas),
+            Message::Quotas(quotas) => self.on_quotas(now_us, from, quotas),
         }
     }
 

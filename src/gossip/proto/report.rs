@@ -80,6 +80,9 @@ pub struct GossipStats {
     /// `Hello`s of an incarnation older than the one known for the slot: a second process
     /// with the peer's identity, or its clock set back.
     pub duplicate_identity: u64,
+    /// Peers' quotas below ours that outlived the rollout window and stopped counting (see
+    /// `proto/reload.rs`): a rolling change left unfinished, or a peer lying to stop a policy.
+    pub quota_overdue: u64,
     /// Strict-mode messages whose claimed sender (slot and incarnation) is not the
     /// connection's peer as its vetted `Hello` named it.
     pub misattributed: u64,

@@ -106,6 +106,7 @@ impl Gossip {
     /// [`Gossip::handle_timeout`] every `gc_every_us`; callable directly).
     pub fn gc(&mut self, now_us: u64) {
         self.node.gc(now_us);
+        self.apply_quotas(now_us);
         // Idle strict keys settle with their peers and are then forgotten.
         self.bounded.settle(now_us, SETTLE_KEYS_PER_GC);
         self.send_strict_outgoing(now_us);
