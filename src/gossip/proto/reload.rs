@@ -111,21 +111,23 @@ impl Gossip {
     /// quotas in force and tells every ready peer.
     pub fn set_quotas(&mut self, quotas: &[(PolicyId, u64)], now_us: u64) {
         for (policy, quota) in quotas {
-            if let Some(own) = self.quotas.own.get_mut(policy) {
-                if *own != *quota {
-                    *own = *quota;
-                    // A new configuration of ours: every peer's lower quota gets a new
-                    // rollout window, counted from now if it is still lower.
-                    for a in self
-                        .quotas
-                        .announced
-                        .values_mut()
-                        .filter_map(|q| q.get_mut(policy))
-                    {
-                        a.lower_since_us = (a.quota < *quota).then_some(now_us);
-                        a.overdue = false;
-                    }
-                }
+            let Some(own) = self.quotas.own.get_mut(policy) else {
+                continue;
+            };
+            if *own == *quota {
+                continue;
+            }
+            *own = *quota;
+            // A new configuration of ours: every peer's lower quota gets a new rollout
+            // window, counted from now if it is still lower.
+            for a in self
+                .quotas
+                .announced
+                .values_mut()
+                .filter_map(|q| q.get_mut(policy))
+            {
+                a.lower_since_us = (a.quota < *quota).then_some(now_us);
+                a.overdue = false;
             }
         }
         self.apply_quotas(now_us);
