@@ -25,6 +25,7 @@
 //! | [`GOSSIP_SENT_BYTES_TOTAL`] `tollgate_gossip_sent_bytes_total` | counter | | gossip frame bytes handed to QUIC |
 //! | [`GOSSIP_PEERS_CONNECTED`] `tollgate_gossip_peers_connected` | gauge | | peers with a completed handshake |
 //! | [`GOSSIP_PEER_LAG_SECONDS`] `tollgate_gossip_peer_lag_seconds` | gauge | `peer` | age of the last delta merged from each peer (absent until one arrives) |
+//! | [`GOSSIP_PEER_IMPOSSIBLE_GIFTS_TOTAL`] `tollgate_gossip_peer_impossible_gifts_total` | counter | `peer` | strict columns a peer sent beyond what it could honestly have given, believed only up to that bound: non-zero names a lying or misconfigured peer |
 //! | [`GOSSIP_MESSAGES_SENT_TOTAL`] `tollgate_gossip_messages_sent_total` | counter | | gossip messages queued |
 //! | [`GOSSIP_DROPPED_TOTAL`] `tollgate_gossip_dropped_total` | counter | `reason` | peer input dropped or refused (`unknown_peer`, `before_hello`, `refused_hello`, `merge_refused`, `transfer_refused`, ...), peers' lower quotas past the rollout window (`quota_overdue`), and frames dropped on a full queue (`queue_full`) |
 //! | [`GLOBAL_KEYS`] `tollgate_global_keys` | gauge | `mode` | `(policy, key)` pairs held in the eventual and strict tables |
@@ -65,6 +66,7 @@ pub const GLOBAL_DECISIONS_TOTAL: &str = "tollgate_global_decisions_total";
 pub const GOSSIP_SENT_BYTES_TOTAL: &str = "tollgate_gossip_sent_bytes_total";
 pub const GOSSIP_PEERS_CONNECTED: &str = "tollgate_gossip_peers_connected";
 pub const GOSSIP_PEER_LAG_SECONDS: &str = "tollgate_gossip_peer_lag_seconds";
+pub const GOSSIP_PEER_IMPOSSIBLE_GIFTS_TOTAL: &str = "tollgate_gossip_peer_impossible_gifts_total";
 pub const GOSSIP_MESSAGES_SENT_TOTAL: &str = "tollgate_gossip_messages_sent_total";
 pub const GOSSIP_DROPPED_TOTAL: &str = "tollgate_gossip_dropped_total";
 pub const GLOBAL_KEYS: &str = "tollgate_global_keys";

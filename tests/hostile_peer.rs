@@ -835,6 +835,17 @@ async fn a_forged_column_admits_at_most_the_attackers_share_beyond_the_quota() {
         };
         session.send(&[Message::Transfer(forged)]).await.unwrap();
         barrier(&d, session).await;
+        // The victim names the liar.
+        let liar = format!(
+            "{}/{}",
+            session.spec.my_slot.region, session.spec.my_slot.instance
+        );
+        let impossible = prom_value(
+            &d.metrics(victim).await,
+            "tollgate_gossip_peer_impossible_gifts_total",
+            &[("peer", &liar)],
+        );
+        assert_eq!(impossible, 1.0, "{liar}'s column at gateway {victim}");
     }
     let start = Instant::now();
     let mut admitted = 0;

@@ -132,6 +132,7 @@ fn gossip_status(global: &GlobalLimits) -> serde_json::Value {
                 "failed_attempts": p.failed_attempts,
                 "last_heard_ms_ago": age_ms(now, p.last_heard_us),
                 "last_delta_ms_ago": age_ms(now, p.last_delta_us),
+                "impossible_gifts": p.impossible_gifts,
             })
         })
         .collect();
@@ -160,6 +161,11 @@ fn record_gossip(global: &GlobalLimits) {
         if is_connected(&p) {
             connected += 1;
         }
+        metrics::counter!(
+            crate::metrics::GOSSIP_PEER_IMPOSSIBLE_GIFTS_TOTAL,
+            "peer" => global.peer_name(p.peer),
+        )
+        .absolute(p.impossible_gifts);
         if let Some(at) = p.last_delta_us {
             metrics::gauge!(
                 crate::metrics::GOSSIP_PEER_LAG_SECONDS,
@@ -279,6 +285,7 @@ async fn limits(
                 "actor": p.actor.map(|a| a.to_string()),
                 "status": status_str(p.status),
                 "last_delta_ms_ago": age_ms(now, p.last_delta_us),
+                "impossible_gifts": p.impossible_gifts,
             })
         })
         .collect();

@@ -72,9 +72,12 @@
 //!
 //! # Peer input: what a slot could honestly have given
 //!
-//! Authenticated is not honest. A column from slot `j` is accepted only while the pair stays
-//! within `recv[j].total ≤ given[j].total + bound_j` (our net gain from `j` in this epoch is
-//! at most `j`'s gift bound; `total = u64::MAX` or `base > total` never pass), a handover
+//! Authenticated is not honest. A column from slot `j` is believed only as far as the pair
+//! stays within `recv[j].total ≤ given[j].total + bound_j` (our net gain from `j` in this
+//! epoch is at most `j`'s gift bound): one beyond it is clipped to it, and one with
+//! `base > total` refused. Clipping rather than refusing matters because columns are
+//! cumulative: a refused lie would make every later column of the pair a lie too, and what
+//! we gave the liar would be lost to us for the epoch. A handover
 //! entry only if each side is within the other plus its giver's bound, and before reclaiming
 //! a slot's gifts count up to its bound. The check is sound for an honest giver (it cuts its
 //! own gifts the same way, from its view of what we gave, which lags ours) and simple: no
@@ -99,7 +102,7 @@
 //! (200 over four: 50 + 3 · 33 = 149), as long as its peers' rights reach it only through
 //! gifts; two busy slots (two instances of a region) reach the whole quota. Lifting that
 //! needs the receivers to agree (a round among them before rights beyond the bound count),
-//! which this table does not do. Columns refused for exceeding the bound are counted per
+//! which this table does not do. Columns clipped for exceeding the bound are counted per
 //! author ([`BoundedTable::unbounded_by_slot`]): a slot with a count there sent more than an
 //! honest one of this configuration can.
 //! A slot's incarnation is believed only for its own slot. What a byzantine peer *can* do is
@@ -243,8 +246,11 @@ pub enum TransferOutcome {
     NotAddressed,
     /// Of an older epoch of the pair than ours (settled since): refused and answered.
     StaleEpoch,
-    /// Malformed, misaddressed, naming a future incarnation of ours, beyond what the giver
-    /// could hold, over the peer's budget, or refused for size.
+    /// Beyond what the giver could honestly have given: merged up to that bound only, and
+    /// the giver counted in [`BoundedTable::unbounded_by_slot`].
+    Clipped,
+    /// Malformed, misaddressed, naming a future incarnation of ours, over the peer's budget,
+    /// or refused for size.
     Refused,
 }
 
@@ -926,23 +932,38 @@ impl BoundedTable {
         }));
     }
 
-    /// Merges slot `j`'s column for us (already aligned to our epoch), if it is within what
-    /// `j` could honestly have given: its gift bound plus what we gave it in this epoch (see
-    /// "Peer input"). Returns whether it was accepted.
-    fn accept_recv(&mut self, policy: PolicyId, key: &str, j: usize, col: &Col) -> bool {
+    /// Merges slot `j`'s column for us (already aligned to our epoch) as far as `j` could
+    /// honestly have given: its gift bound plus what we gave it in this epoch (see "Peer
+    /// input"). A column beyond that is a lie, but one believed up to the bound costs no one
+    /// more than an honest column could, while refusing it whole would leave every later
+    /// (cumulative) column of the pair refused too, and what we gave the liar lost to us for
+    /// the epoch: the double spend among five starved an honest slot that way.
+    fn accept_recv(&mut self, policy: PolicyId, key: &str, j: usize, col: &Col) -> TransferOutcome {
+        if col.base > col.total {
+            self.count_unbounded(j);
+            return TransferOutcome::Refused;
+        }
         let bound = self.bound_of(policy, j);
         let given = self.rights(policy, key).map_or(0, |kr| kr.given(j).total);
-        if col.base > col.total || col.total > given.saturating_add(bound) {
+        let most = given.saturating_add(bound);
+        let (col, outcome) = if col.total > most {
             self.count_unbounded(j);
-            return false;
-        }
+            let clipped = Col {
+                total: most,
+                base: col.base.min(most),
+                ..*col
+            };
+            (clipped, TransferOutcome::Clipped)
+        } else {
+            (*col, TransferOutcome::Accepted)
+        };
         if !self.may_open(policy, key, j) {
-            return false;
+            return TransferOutcome::Refused;
         }
         let floors = self.floor.clone();
         let Ok(kr) = self.rights_mut(policy, key, false) else {
             self.stats.refused += 1;
-            return false;
+            return TransferOutcome::Refused;
         };
         let was_open = kr.is_open(j);
         let cols = kr.cols_mut(&floors);
@@ -951,11 +972,11 @@ impl BoundedTable {
             // which alignment made at least ours: nothing of an older epoch is voided.
             cols.reset(j, col.epoch);
         }
-        cols.recv[j].join(col);
+        cols.recv[j].join(&col);
         if !was_open && kr.is_open(j) {
             self.open[j] += 1;
         }
-        true
+        outcome
     }
 
     /// Merges a [`Transfer`] addressed to our slot.
@@ -988,11 +1009,7 @@ impl BoundedTable {
         if !self.align_epoch(t.policy, &t.key, from, t.given.epoch) {
             return TransferOutcome::StaleEpoch;
         }
-        if self.accept_recv(t.policy, &t.key, from, &t.given) {
-            TransferOutcome::Accepted
-        } else {
-            TransferOutcome::Refused
-        }
+        self.accept_recv(t.policy, &t.key, from, &t.given)
     }
 
     /// Handles a [`Settled`]: the sender holds nothing of our pair's older epochs and will

@@ -63,6 +63,10 @@ pub struct PeerReport {
     pub last_heard_us: Option<u64>,
     /// When we last merged a delta or full-state chunk from it (gossip lag).
     pub last_delta_us: Option<u64>,
+    /// Strict columns it sent beyond what it could honestly have given (clipped; see
+    /// [`crate::crdt::bounded::BoundedTable::unbounded_by_slot`]): never for an honest peer
+    /// of the same configuration, so a rising count names a liar or a misconfigured peer.
+    pub impossible_gifts: u64,
 }
 
 /// Counters of dropped or refused peer input and of traffic, for metrics.
@@ -170,6 +174,12 @@ impl Gossip {
                     failed_attempts: p.attempts,
                     last_heard_us: p.last_heard_us,
                     last_delta_us: p.last_delta_rx_us,
+                    impossible_gifts: self
+                        .bounded
+                        .unbounded_by_slot()
+                        .get(i)
+                        .copied()
+                        .unwrap_or(0),
                 })
             })
             .collect()

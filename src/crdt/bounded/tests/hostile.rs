@@ -96,17 +96,33 @@ fn columns_are_bounded_by_what_the_giver_could_hold() {
         },
     };
     let a = &mut nodes[0];
-    assert_eq!(a.on_transfer(&t(u64::MAX), now), TransferOutcome::Refused);
-    assert_eq!(a.on_transfer(&t(11), now), TransferOutcome::Refused);
+    let bad = Transfer {
+        given: Col {
+            base: 5,
+            ..t(4).given
+        },
+        ..t(4)
+    };
+    assert_eq!(a.on_transfer(&bad, now), TransferOutcome::Refused);
     assert_eq!(a.available(1, "k", now), 10);
+    // A lie is believed up to the truth it could at most have been, no further.
+    assert_eq!(a.on_transfer(&t(u64::MAX), now), TransferOutcome::Clipped);
+    assert_eq!(a.available(1, "k", now), 20);
+    assert_eq!(a.on_transfer(&t(11), now), TransferOutcome::Clipped);
     assert_eq!(a.on_transfer(&t(10), now), TransferOutcome::Accepted);
     assert_eq!(a.available(1, "k", now), 20);
+    assert_eq!(
+        a.unbounded_by_slot()[1],
+        2,
+        "every column beyond the bound is counted"
+    );
     // What we gave slot 1 is what it may give back on top of its share.
     let ask = nodes[1].ask(1, "k", 4);
     let back = nodes[0].on_ask(&ask, now).unwrap();
     assert_eq!(back.given.total, 4);
     let a = &mut nodes[0];
-    assert_eq!(a.on_transfer(&t(15), now), TransferOutcome::Refused);
+    assert_eq!(a.on_transfer(&t(15), now), TransferOutcome::Clipped);
+    assert_eq!(a.available(1, "k", now), 20);
     assert_eq!(a.on_transfer(&t(14), now), TransferOutcome::Accepted);
     assert_eq!(a.available(1, "k", now), 20);
     // A handover is bounded the same way: what it says we gave it plus its share.
@@ -176,7 +192,7 @@ fn a_share_given_to_each_honest_slot_stays_within_one_share() {
             };
             let honest = &mut nodes[to];
             if bound < share {
-                assert_eq!(honest.on_transfer(&t(share), now), TransferOutcome::Refused);
+                assert_eq!(honest.on_transfer(&t(share), now), TransferOutcome::Clipped);
                 assert_eq!(honest.unbounded_by_slot()[b], 1, "the liar is named");
             }
             assert_eq!(
