@@ -4,6 +4,8 @@
 //!
 //! `cargo bench --bench gossip -- --warm-up-time 1 --measurement-time 3`
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::hint::black_box;

@@ -10,6 +10,8 @@
 //! sits in front of the third one; cutting the relay is the partition, and its byte counts are
 //! what crossed the "wire" (QUIC and TLS overhead included).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -5,6 +5,8 @@
 //! The gateway is the built `tollgate` binary next to this example in `target/release`; the
 //! upstream is a sink in this process that counts and discards what it receives.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::Arc;

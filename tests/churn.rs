@@ -9,6 +9,8 @@
 //! alone (the test process holds the HTTP client and the upstream). Waits poll a condition
 //! under a deadline; the figures are printed for the closing note (`--nocapture`).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::cell::RefCell;

@@ -2,6 +2,8 @@
 //!
 //! This is the only test that uses the demo's fixed ports (8081-8083, 9081-9083, 7001-7102).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 

@@ -4,6 +4,8 @@
 //! Every bound is checked over less than one window (8 s), so "admitted in total" is
 //! "admitted in one window" whatever the timing. Waits poll a condition under a deadline.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::net::SocketAddr;

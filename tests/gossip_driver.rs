@@ -4,6 +4,8 @@
 //! Robust on a loaded machine: every wait polls an eventual state under a generous deadline;
 //! nothing asserts on timing.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;

@@ -8,6 +8,8 @@
 //! Most tests use two slots: `us-east/a`, played by the test (slot 0, so it dials), and the
 //! victim `eu-west/a` (slot 1), a gateway process. Waits poll a condition under a deadline.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::sync::Arc;

@@ -5,6 +5,8 @@
 //! (the `TraceService/Export` method over HTTP/2 without TLS). The gateway exports over gRPC
 //! and the services over http/protobuf, so every test exercises both.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::collections::{BTreeSet, HashMap};

@@ -1,5 +1,7 @@
 //! Black-box tests of the gateway's proxy over real sockets on 127.0.0.1.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::collections::BTreeMap;

@@ -1,6 +1,8 @@
 //! Gossip over QUIC on loopback: mutual TLS admission (one certificate per gateway), framing
 //! both ways, refusals, and the `tollgate certs` command that issues the certificates.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;

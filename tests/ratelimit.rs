@@ -1,6 +1,8 @@
 //! Rate limiting through a real gateway, against a real `redis-server` (and a real
 //! three-master Redis Cluster), including Redis dying and freezing mid-test.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::net::SocketAddr;

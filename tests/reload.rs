@@ -1,6 +1,8 @@
 //! Reloading the config file in place (what SIGHUP does): a valid file is applied without
 //! dropping a connection or failing a request; an invalid one changes nothing.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::net::SocketAddr;

@@ -1,6 +1,8 @@
 //! A global strict quota changed by reloading one gateway at a time (SIGHUP to real gateway
 //! processes): while the two disagree, no window admits more than the smaller quota.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::time::{Duration, Instant};

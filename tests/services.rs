@@ -1,6 +1,8 @@
 //! Behaviour of the users and bookings services over real sockets on 127.0.0.1: status codes,
 //! headers, problem documents, the users lookup from bookings, and Redis-shared storage.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::net::SocketAddr;

@@ -5,6 +5,8 @@
 //! Every test starts its own server(s); none is skipped when Redis is missing (the support
 //! module fails the test instead). Waits for recovery poll with a deadline.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::collections::{HashMap, HashSet};

@@ -3,6 +3,8 @@
 //! it waits for, and `/ready` shows it while staying 200; when the peers come up, the
 //! gateway reclaims its share and both clear. Waits poll a condition under a deadline.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::time::Duration;

@@ -18,6 +18,8 @@
 //! over-counts, failing closed) though never make the honest gateways over-admit; strict
 //! mode keeps serving under the same attacks. Run them with `-- --include-ignored`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::Command;
 
 use tollgate_simulation::adversary::Strategy;

@@ -22,6 +22,9 @@
 //!
 //! Pure: bytes in, messages out; the QUIC driver feeds it.
 
+// The pure core is read as a library: every public item says what it is for.
+#![warn(missing_docs)]
+
 use bincode::error::DecodeError;
 use bytes::{Buf, BufMut, BytesMut};
 use serde::Serialize;
@@ -44,7 +47,12 @@ pub enum CodecError {
     BadMagic([u8; 2]),
     /// A length above the bound: the stream must be closed (the frame is not read).
     #[error("frame of {len} bytes exceeds the {max}-byte bound")]
-    TooLarge { len: usize, max: usize },
+    TooLarge {
+        /// Payload length the header announced, in bytes.
+        len: usize,
+        /// The decoder's bound in bytes (its `max_frame`, capped at [`MAX_FRAME_LIMIT`]).
+        max: usize,
+    },
     /// A frame from a newer or older protocol: skipped.
     #[error("unsupported frame version {0}")]
     UnsupportedVersion(u8),

@@ -65,6 +65,9 @@
 //! peer ids, messages before the handshake, misattributed strict messages and absurd values
 //! are dropped and counted in [`GossipStats`]; the CRDT layer bounds what merges can store.
 
+// The pure core is read as a library: every public item says what it is for.
+#![warn(missing_docs)]
+
 //!
 //! # Where things are
 //!

@@ -12,20 +12,34 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     /// The store is used.
-    Closed { consecutive_failures: u32 },
+    Closed {
+        /// Failures in a row since the last success; at the threshold the breaker opens.
+        consecutive_failures: u32,
+    },
     /// The store is skipped until `probe_at`.
-    Open { probe_at: Duration },
+    Open {
+        /// When the next probe may go, on the clock of the `now` given to [`Breaker::allow`].
+        probe_at: Duration,
+    },
     /// One probe is in flight; others skip the store.
-    Probing { since: Duration },
+    Probing {
+        /// When the probe was let through; if it has not reported back one probe interval
+        /// later, another goes.
+        since: Duration,
+    },
 }
 
 /// A state change worth one log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
+    /// `failure_threshold` failures in a row: the store is skipped from now on.
     Opened,
+    /// A success while open or probing: the store is used again.
     Closed,
 }
 
+/// Whether requests use the bucket store, from its recent successes and failures (see the
+/// module docs).
 #[derive(Debug, Clone)]
 pub struct Breaker {
     state: State,
@@ -34,6 +48,8 @@ pub struct Breaker {
 }
 
 impl Breaker {
+    /// A closed breaker that opens after `failure_threshold` consecutive failures (at least 1)
+    /// and then lets one probe through every `probe_interval`.
     pub fn new(failure_threshold: u32, probe_interval: Duration) -> Self {
         Self {
             state: State::Closed {
@@ -44,10 +60,13 @@ impl Breaker {
         }
     }
 
+    /// The current state, without changing it (unlike [`Breaker::allow`], which may start a
+    /// probe).
     pub fn state(&self) -> State {
         self.state
     }
 
+    /// Whether the store is being skipped: open or probing, anything but [`State::Closed`].
     pub fn is_open(&self) -> bool {
         !matches!(self.state, State::Closed { .. })
     }
@@ -70,6 +89,8 @@ impl Breaker {
         }
     }
 
+    /// Records a store success: closes the breaker and resets the failure count. Returns
+    /// [`Transition::Closed`] if it was open or probing.
     pub fn on_success(&mut self) -> Option<Transition> {
         let was_open = self.is_open();
         self.state = State::Closed {
@@ -78,6 +99,9 @@ impl Breaker {
         was_open.then_some(Transition::Closed)
     }
 
+    /// Records a store failure at `now`. Opens the breaker after `failure_threshold` in a row
+    /// (returning [`Transition::Opened`]); while open or probing, it pushes the next probe to
+    /// `now + probe_interval`.
     pub fn on_failure(&mut self, now: Duration) -> Option<Transition> {
         match self.state {
             State::Closed {

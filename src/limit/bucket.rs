@@ -42,6 +42,8 @@ impl BucketSpec {
 /// Outcome of asking a bucket for `cost` tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BucketDecision {
+    /// Whether the `cost` tokens were taken; when `false`, nothing was and `retry_after_us`
+    /// says when a retry can succeed.
     pub admitted: bool,
     /// Whole tokens left after this decision.
     pub remaining: u64,

@@ -10,10 +10,17 @@ use http::{HeaderName, HeaderValue};
 use super::policy::Limit;
 use crate::store::BucketOutcome;
 
+/// `RateLimit`: per policy, the quota left `r` and the seconds `t` until more is available.
 pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+/// `RateLimit-Policy`: per policy, the quota `q` per window of `w` seconds.
 pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+/// Legacy `X-RateLimit-Limit`: the rate's amount of the `legacy_headers` policy with the
+/// least quota left.
 pub static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+/// Legacy `X-RateLimit-Remaining`: that policy's whole tokens left.
 pub static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+/// Legacy `X-RateLimit-Reset`: seconds until that policy's next token (a delay, not a
+/// timestamp).
 pub static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
 /// How one policy fared.
@@ -30,24 +37,32 @@ pub enum Outcome {
 /// One policy's result for one request.
 #[derive(Debug, Clone)]
 pub struct PolicyResult {
+    /// The policy's name, as listed in the headers and in a [`Verdict`]. Validated as a token,
+    /// so it is safe inside a quoted header string.
     pub name: String,
+    /// The limit that applied (the caller's tier's), announced in `RateLimit-Policy`.
     pub limit: Limit,
+    /// Whether this policy also takes part in the `X-RateLimit-*` headers.
     pub legacy_headers: bool,
+    /// What the store decided, or how its failure was handled.
     pub outcome: Outcome,
 }
 
 /// The request's fate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
+    /// No policy refused (a policy that failed open counts as admitting): forward it.
     Admitted,
     /// 429: these policies had no room.
     Rejected {
+        /// Names of the policies that refused, in policy order.
         violated: Vec<String>,
         /// Whole seconds; `None` when the cost can never fit (cost above burst).
         retry_after_secs: Option<u64>,
     },
     /// 503: a `closed` policy could not be checked.
     Unavailable {
+        /// Names of the `closed` policies whose store was down.
         policies: Vec<String>,
     },
 }
@@ -57,6 +72,9 @@ pub fn ceil_secs(us: u64) -> u64 {
     us.div_ceil(1_000_000)
 }
 
+/// Combines the policies' results: any `closed` policy with its store down makes it
+/// [`Verdict::Unavailable`]; else any refusal makes it [`Verdict::Rejected`], retrying after
+/// the longest wait among the refusals (at least 1 s); else [`Verdict::Admitted`].
 pub fn verdict(results: &[PolicyResult]) -> Verdict {
     let down: Vec<String> = results
         .iter()

@@ -28,7 +28,10 @@ use subtle::ConstantTimeEq;
 pub struct ApiKey {
     /// Used in bucket keys, logs and metrics instead of the secret.
     pub name: String,
+    /// SHA-256 of the key ([`hash_api_key`]); the key itself is never held.
     pub sha256: [u8; 32],
+    /// The tier whose limits apply to this key's callers (`None`: the token's tier if any,
+    /// else the policies' defaults).
     pub tier: Option<String>,
 }
 
@@ -37,7 +40,9 @@ pub struct ApiKey {
 pub struct JwtKey {
     /// Matched against the token header's `kid` when both are present.
     pub kid: Option<String>,
+    /// The one algorithm this key verifies; a token whose header `alg` differs skips it.
     pub algorithm: Algorithm,
+    /// The HMAC secret (HS256) or public key (RS256, ES256).
     pub key: DecodingKey,
 }
 
@@ -53,8 +58,11 @@ impl std::fmt::Debug for JwtKey {
 /// How bearer tokens are verified.
 #[derive(Debug, Clone)]
 pub struct JwtConfig {
+    /// Candidate keys, tried in order; the first whose signature check passes is used.
     pub keys: Vec<JwtKey>,
+    /// Required `iss` claim (`None`: not checked).
     pub issuer: Option<String>,
+    /// Required `aud` claim, a string or one member of an array (`None`: not checked).
     pub audience: Option<String>,
     /// Claim holding the tier (`free`, `premium`, ...).
     pub tier_claim: String,
@@ -65,9 +73,14 @@ pub struct JwtConfig {
 /// Everything identity extraction needs from the config.
 #[derive(Debug, Clone)]
 pub struct IdentityConfig {
+    /// Header carrying the API key (default `X-API-Key`).
     pub api_key_header: HeaderName,
+    /// The accepted keys; empty means the API key header is not read at all.
     pub api_keys: Vec<ApiKey>,
+    /// Bearer-token verification; `None` leaves `Authorization` alone for the upstream.
     pub jwt: Option<JwtConfig>,
+    /// Networks whose `X-Forwarded-For` is believed ([`client_ip`]); empty means the peer
+    /// is always the client.
     pub trusted_proxies: Vec<IpNet>,
 }
 
@@ -106,14 +119,20 @@ impl Identity {
 /// Why a caller was refused (401).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {
+    /// The API key header's value matches no configured key.
     #[error("unknown API key")]
     UnknownApiKey,
+    /// The API key header is not UTF-8, or is empty once trimmed.
     #[error("malformed API key header")]
     MalformedApiKey,
+    /// The bearer token fails a check other than its validity period (header, signature,
+    /// `iss`, `aud`, a missing `exp` or `sub`); holds the reason.
     #[error("invalid bearer token: {0}")]
     InvalidToken(String),
+    /// `now_unix` is past the token's `exp` plus the leeway.
     #[error("bearer token expired")]
     Expired,
+    /// `now_unix` plus the leeway is still before the token's `nbf`.
     #[error("bearer token not valid yet")]
     NotYetValid,
 }
@@ -321,6 +340,7 @@ impl Default for IpText {
 }
 
 impl IpText {
+    /// `ip` as `Display` writes it, borrowed from this buffer until the next call.
     pub fn format(&mut self, ip: IpAddr) -> &str {
         let len = match ip {
             // Most clients: four octets by hand, a tenth of what `Display` costs.

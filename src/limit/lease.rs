@@ -75,7 +75,11 @@ pub enum Draw {
     /// Served from the lease: no store call for this bucket.
     Served(BucketOutcome),
     /// Ask the store for the cost plus `extra` leased tokens (0: a plain request).
-    Ask { extra: u64 },
+    Ask {
+        /// Leased tokens on top of the cost (0: none). Above 0, the answer must be reported
+        /// ([`Leases::answered`] or [`Leases::unanswered`]).
+        extra: u64,
+    },
 }
 
 /// What is known of one hot bucket.

@@ -3,6 +3,9 @@
 //! clock: everything that needs time takes `now`. The IO around it (stores, the HTTP layer)
 //! lives in `store` and `http::ratelimit`.
 
+// The pure core is read as a library: every public item says what it is for.
+#![warn(missing_docs)]
+
 pub mod breaker;
 pub mod bucket;
 pub mod decision;

@@ -16,13 +16,19 @@ use crate::store::BucketRequest;
 /// yields a value is used (`["api_key", "ip"]`: per key when one is sent, else per address).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
+    /// `ip`: the client address ([`Identity::ip`]); always yields a value.
     Ip,
+    /// `api_key`: the name of the API key presented, if one was.
     ApiKey,
+    /// `jwt_sub`: the verified token's `sub`, hashed, if a token was sent.
     JwtSub,
+    /// `header:NAME`: that request header's value, hashed, if the header is present.
     Header(HeaderName),
 }
 
 impl KeySource {
+    /// Parses one entry of a policy's `key` list: `ip`, `api_key`, `jwt_sub` or
+    /// `header:NAME`.
     pub fn parse(text: &str) -> Result<Self, String> {
         match text {
             "ip" => Ok(Self::Ip),
@@ -43,12 +49,14 @@ impl KeySource {
 /// A rate and a burst.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limit {
+    /// The refill rate, also announced as the quota `q` per window `w` in `RateLimit-Policy`.
     pub rate: Rate,
     /// Bucket capacity: how many may be spent at once.
     pub burst: u64,
 }
 
 impl Limit {
+    /// The token bucket of this limit: `burst` tokens, refilled at `rate`.
     pub fn spec(&self) -> BucketSpec {
         BucketSpec::new(self.rate.amount, self.rate.period_us(), self.burst)
     }
@@ -76,6 +84,7 @@ pub enum GlobalMode {
 }
 
 impl GlobalMode {
+    /// The name used in the config's `mode`, in metric labels and in the admin API.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Strict => "strict",
@@ -96,6 +105,7 @@ pub enum OnStoreError {
 }
 
 impl OnStoreError {
+    /// The name used in the config's `on_store_error`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Open => "open",
@@ -105,19 +115,27 @@ impl OnStoreError {
     }
 }
 
+/// One rate-limit policy (a `[policies.NAME]` section): which requests it matches, what it
+/// keys on and how much it allows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
+    /// The section's `NAME`, used in bucket keys, headers, logs and metric labels (validated
+    /// as a token: letters, digits, `.`, `_`, `-`).
     pub name: String,
     /// Path prefixes (whole segments); empty matches every path.
     pub routes: Vec<String>,
     /// Methods; empty matches every method.
     pub methods: Vec<Method>,
+    /// Key sources, tried in order; the first that yields a value keys the bucket (none
+    /// does: the policy does not apply to the request).
     pub key: Vec<KeySource>,
+    /// The default limit, for callers whose tier has no override in `tiers`.
     pub limit: Limit,
     /// Per-tier overrides of `limit`.
     pub tiers: BTreeMap<String, Limit>,
     /// Tokens per request.
     pub cost: u64,
+    /// Whether the limit holds per region or across regions.
     pub scope: Scope,
     /// Global policies: the regional bucket's shape when it differs from the global limit
     /// (`regional_rate` / `regional_burst`); `None` uses the tier's limit.
@@ -125,6 +143,7 @@ pub struct Policy {
     /// Global policies: sub-windows of the sliding window (a sub-window's admissions are
     /// released once all of it is more than one window old).
     pub sub_windows: u32,
+    /// What to do when the bucket store fails or the breaker skips it.
     pub on_store_error: OnStoreError,
     /// Also send `X-RateLimit-Limit/Remaining/Reset`.
     pub legacy_headers: bool,
@@ -134,6 +153,9 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// Whether this policy covers a request: its method is in `methods` and its path lies
+    /// under one of `routes` by whole segments ([`path_has_prefix`]), an empty list matching
+    /// all.
     pub fn matches(&self, method: &Method, path: &str) -> bool {
         (self.methods.is_empty() || self.methods.contains(method))
             && (self.routes.is_empty() || self.routes.iter().any(|r| path_has_prefix(path, r)))
@@ -190,12 +212,16 @@ fn short_hash(bytes: &[u8]) -> String {
 /// One policy applied to one request.
 #[derive(Debug, Clone)]
 pub struct Applied<'p> {
+    /// The policy that matched the request's method and path.
     pub policy: &'p Policy,
+    /// The limit for the caller's tier: what the headers announce and, for a global policy,
+    /// the global quota (its regional bucket may use `regional` instead).
     pub limit: Limit,
     /// The tier whose override set `limit` (`None`: the policy's default limit).
     pub tier: Option<&'p str>,
     /// The bucket key value (`ip:...`, `key:NAME`, ...), hashed where caller-controlled.
     pub key: String,
+    /// The regional bucket to draw `cost` from: its storage key ([`bucket_key`]) and shape.
     pub bucket: BucketRequest,
 }
 

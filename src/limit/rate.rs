@@ -6,7 +6,9 @@ use std::time::Duration;
 /// `amount` units per `period`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
+    /// Units per period; at least 1 when parsed.
     pub amount: u64,
+    /// The window the amount is spread over; at least 1 ms when parsed.
     pub period: Duration,
 }
 
@@ -47,6 +49,8 @@ impl Rate {
         self.period.as_secs().max(1)
     }
 
+    /// The period in microseconds (saturating at `u64::MAX`), the unit of the bucket math
+    /// ([`crate::limit::bucket`]) and of global windows.
     pub fn period_us(&self) -> u64 {
         u64::try_from(self.period.as_micros()).unwrap_or(u64::MAX)
     }

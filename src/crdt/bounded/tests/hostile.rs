@@ -367,59 +367,6 @@ fn key_churn_returns_to_baseline() {
     );
 }
 
-fn rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// Figures, not a check (run with `--ignored --nocapture`): an Ask flood of a million
-/// distinct keys against a default table, then the same keys settled.
-#[test]
-#[ignore = "measurement"]
-fn ask_flood_figures() {
-    let (mut nodes, now) = reclaimed(3, 100);
-    let before = rss_kb();
-    let mut given = 0;
-    for i in 0..1_000_000 {
-        let ask = nodes[1].ask(1, &format!("flood-{i}"), 10);
-        if let Some(t) = nodes[0].on_ask(&ask, now) {
-            given += 1;
-            nodes[1].on_transfer(&t, now);
-        }
-    }
-    let flooded = (nodes[0].key_count(), rss_kb());
-    let later = now + W + W / 5 + 1;
-    let mut rounds = 0;
-    while nodes.iter().any(|n| n.key_count() > 0) && rounds < 10_000 {
-        rounds += 1;
-        for n in nodes.iter_mut() {
-            n.settle(later, 4_096);
-        }
-        deliver_all(&mut nodes, later);
-        for n in nodes.iter_mut() {
-            n.gc(later);
-        }
-    }
-    eprintln!(
-        "ask flood: {given} gifts for 1,000,000 asks; victim keys {} RSS {} kB -> {} kB; \
-         after {rounds} settle rounds keys {:?} RSS {} kB",
-        flooded.0,
-        before,
-        flooded.1,
-        nodes
-            .iter()
-            .map(BoundedTable::key_count)
-            .collect::<Vec<_>>(),
-        rss_kb()
-    );
-}
-
 /// A column of a newer epoch than our floor creates the key at that epoch: the next column
 /// of the same epoch joins it instead of voiding it.
 #[test]
