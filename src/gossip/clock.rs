@@ -4,9 +4,6 @@
 //! Separate because the driver, the transport's refusal log and anything else that feeds
 //! the pure cores a `now_us` must read the same clock.
 
-// The pure core is read as a library: every public item says what it is for.
-#![warn(missing_docs)]
-
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

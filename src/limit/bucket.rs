@@ -112,6 +112,50 @@ fn level(spec: BucketSpec, tat: u64, now_us: u64) -> (u64, u64) {
     (remaining, next)
 }
 
+/// One bucket a request must draw from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketRequest {
+    /// Full storage key, e.g. `tollgate:rl:{ip:203.0.113.7}:per-client`. The part in braces
+    /// is the Redis Cluster hash tag: buckets with the same tag live in the same slot and are
+    /// decided by one script atomically.
+    pub key: String,
+    /// Capacity and refill of the bucket the key names.
+    pub spec: BucketSpec,
+    /// Tokens this request takes.
+    pub cost: u64,
+}
+
+impl BucketRequest {
+    /// The hash tag (the text between the first `{` and the next `}`), or the whole key.
+    pub fn hash_tag(&self) -> &str {
+        hash_tag(&self.key)
+    }
+}
+
+/// Redis Cluster's hash-tag rule.
+pub fn hash_tag(key: &str) -> &str {
+    if let Some(open) = key.find('{')
+        && let Some(len) = key[open + 1..].find('}')
+        && len > 0
+    {
+        return &key[open + 1..open + 1 + len];
+    }
+    key
+}
+
+/// What a store answered for one bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketOutcome {
+    /// Whether the request's `cost` was taken.
+    pub admitted: bool,
+    /// Whole tokens left (after this request if admitted).
+    pub remaining: u64,
+    /// Microseconds until at least one more token is available (0 when full).
+    pub next_token_us: u64,
+    /// When rejected: microseconds until the cost fits (`u64::MAX`: never, cost > burst).
+    pub retry_after_us: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@
 use http::{HeaderName, HeaderValue};
 
 use super::policy::Limit;
-use crate::store::BucketOutcome;
+use crate::limit::bucket::BucketOutcome;
 
 /// `RateLimit`: per policy, the quota left `r` and the seconds `t` until more is available.
 pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");

@@ -31,7 +31,7 @@
 use std::collections::HashMap;
 
 use super::bucket::BucketSpec;
-use crate::store::BucketOutcome;
+use crate::limit::bucket::BucketOutcome;
 
 /// Most keys remembered; past it, expired entries go, and if that is not enough, all do
 /// (forgetting only costs store round trips and drops unused leased tokens).

@@ -9,8 +9,8 @@ use super::bucket::BucketSpec;
 use super::identity::Identity;
 use super::lease::LeaseSize;
 use super::rate::Rate;
+use crate::limit::bucket::BucketRequest;
 use crate::limit::identity::IpText;
-use crate::store::BucketRequest;
 
 /// What a policy keys its buckets on. A policy lists several, tried in order; the first that
 /// yields a value is used (`["api_key", "ip"]`: per key when one is sent, else per address).
