@@ -10,9 +10,9 @@
 //! is found by the ID a client or a log line shows.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::IpAddr;
 
-use axum::extract::{ConnectInfo, MatchedPath, Request};
+use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -21,6 +21,7 @@ use tracing::Instrument;
 use tracing::field::Empty;
 
 use crate::gateway::Gateway;
+use crate::http::context::{RequestContext, peer_of};
 use crate::metrics::Decision;
 use crate::telemetry;
 
@@ -88,6 +89,7 @@ pub async fn correlate(request: Request, next: Next) -> Response {
     let server = Server {
         route: route.as_deref(),
         region: None,
+        client: crate::http::context::connection_peer(&request),
     };
     traced(request, |request| next.run(request), server).await
 }
@@ -99,9 +101,9 @@ pub async fn correlate(request: Request, next: Next) -> Response {
 /// It is the outermost layer, so every answer, refusals and 429s included, is counted and
 /// traced, and the decision a limiter put in the response's extensions is seen.
 ///
-/// The configuration snapshot in force is taken here, once, and travels in the request's
-/// extensions, so the layers after it route the request as it was counted, whatever a
-/// reload swaps in meanwhile.
+/// The configuration snapshot in force, the route and the peer address are found here, once,
+/// and travel in the request's [`RequestContext`], so the layers after it route the request
+/// as it was counted, whatever a reload swaps in meanwhile.
 pub async fn correlate_gateway<F, Fut>(gateway: &Gateway, mut request: Request, next: F) -> Response
 where
     F: FnOnce(Request) -> Fut,
@@ -109,11 +111,17 @@ where
 {
     let started = Instant::now();
     let running = gateway.running();
-    request.extensions_mut().insert(running.clone());
     let routed = running.proxy.route(request.uri().path());
+    let peer = peer_of(&request);
+    request.extensions_mut().insert(RequestContext {
+        running: running.clone(),
+        peer,
+        upstream: routed.map(|routed| routed.upstream),
+    });
     let server = Server {
         route: routed.as_ref().map(|routed| routed.route),
         region: Some(&gateway.region),
+        client: Some(peer),
     };
     let response = traced(request, next, server).await;
     crate::metrics::record_request(
@@ -132,6 +140,8 @@ struct Server<'a> {
     route: Option<&'a str>,
     /// The gateway's region; services have none.
     region: Option<&'a str>,
+    /// The TCP peer, for `client.address`.
+    client: Option<IpAddr>,
 }
 
 /// Settles the request's ID, forwards it (the request header is overwritten, so whatever
@@ -152,10 +162,7 @@ where
         .insert(X_REQUEST_ID.clone(), id.header_value().clone());
     request.extensions_mut().insert(id.clone());
     let method = request.method().clone();
-    let client = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| addr.ip());
+    let client = server.client;
     if !telemetry::exporting() {
         // Without export the span is only log context, and at `info` it cost 9% of the
         // gateway's throughput (bench/run.sh, proxy.toml): it is a `debug` span, so lines

@@ -2,6 +2,7 @@
 //! services share (correlation IDs, problem responses).
 
 pub mod admin;
+pub mod context;
 pub mod correlation;
 pub mod problem;
 pub mod ratelimit;

@@ -31,7 +31,6 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -47,7 +46,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
-use crate::gateway::{Gateway, Running};
+use crate::gateway::Gateway;
+use crate::http::context::{RequestContext, peer_of};
 use crate::http::correlation::{RequestId, correlate_gateway};
 use crate::http::ratelimit::{RateLimiter, rate_limit};
 
@@ -221,19 +221,30 @@ impl Service<Request> for Forward {
 }
 
 async fn forward(gateway: Arc<Gateway>, request: Request) -> Response {
-    let client = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| addr.ip())
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     let id = request.extensions().get::<RequestId>().cloned();
-    // The snapshot the first layer took (see `correlate_gateway`).
-    let running = request
-        .extensions()
-        .get::<Arc<Running>>()
-        .cloned()
-        .unwrap_or_else(|| gateway.running());
-    match running.proxy.forward(request, client).await {
+    // The context the first layer set (see `correlate_gateway`); a stack built without that
+    // layer routes here.
+    let context = match RequestContext::of(&request) {
+        Some(context) => context.clone(),
+        None => {
+            let running = gateway.running();
+            let upstream = running
+                .proxy
+                .route(request.uri().path())
+                .map(|routed| routed.upstream);
+            RequestContext {
+                peer: peer_of(&request),
+                running,
+                upstream,
+            }
+        }
+    };
+    let RequestContext {
+        running,
+        peer,
+        upstream,
+    } = context;
+    match running.proxy.forward(upstream, request, peer).await {
         Ok(response) => response,
         Err(error) => {
             let correlation_id = id.as_ref().map(RequestId::as_str);

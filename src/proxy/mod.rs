@@ -120,9 +120,18 @@ pub struct ServiceStatus {
 /// Where a path is routed: the matching route prefix and its service's name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Routed<'a> {
+    /// The route prefix that matched (a bounded label for spans and metrics, unlike paths).
     pub route: &'a str,
+    /// The service's configured name.
     pub service: &'a str,
+    /// The service, for [`Proxy::forward`] on the same [`Proxy`].
+    pub upstream: UpstreamIdx,
 }
+
+/// One [`Proxy`]'s service, as its route table names it: meaningful only with the `Proxy`
+/// that routed it (a reload builds another).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamIdx(usize);
 
 /// Every upstream of a region and the routes to them.
 pub struct Proxy {
@@ -193,25 +202,25 @@ impl Proxy {
         self.routes.lookup_prefix(path).map(|(route, i)| Routed {
             route,
             service: &self.upstreams[i].config.name,
+            upstream: UpstreamIdx(i),
         })
     }
 
-    /// Forwards `request` from `client` to the service its path routes to.
+    /// Forwards `request` from `client` to `upstream`, the service [`Proxy::route`] found
+    /// for its path (`None`: no route, answered as such).
     ///
     /// Each attempt is a client span (OpenTelemetry HTTP client conventions) whose context is
     /// sent upstream as `traceparent`, so the upstream's server span is its child.
     pub async fn forward(
         &self,
+        upstream: Option<UpstreamIdx>,
         request: Request<Body>,
         client: IpAddr,
     ) -> Result<Response<Body>, ProxyError> {
-        let path = request.uri().path();
-        let upstream = self
-            .routes
-            .lookup(path)
-            .map(|i| &self.upstreams[i])
+        let upstream = upstream
+            .and_then(|UpstreamIdx(i)| self.upstreams.get(i))
             .ok_or_else(|| ProxyError::NoRoute {
-                path: path.to_owned(),
+                path: request.uri().path().to_owned(),
             })?;
         let name = &upstream.config.name;
         if content_length(&request).is_some_and(|len| len > self.max_request_body) {
