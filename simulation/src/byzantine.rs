@@ -109,6 +109,7 @@ fn runner_mode(mode: GlobalMode) -> Mode {
     match mode {
         GlobalMode::Eventual => Mode::Eventual,
         GlobalMode::Strict => Mode::Strict,
+        GlobalMode::Both => Mode::Both,
     }
 }
 

@@ -21,6 +21,9 @@ pub enum Mode {
     Eventual,
     /// Strict mode on the production machines.
     Strict,
+    /// An eventual and a strict policy on every request, all or nothing (not in the main
+    /// table: its bounds are the strict ones, tested in `tests/sim.rs`).
+    Both,
 }
 
 impl Mode {
@@ -34,6 +37,7 @@ impl Mode {
             Mode::Central => "central",
             Mode::Eventual => "eventual",
             Mode::Strict => "strict",
+            Mode::Both => "both",
         }
     }
 }
@@ -121,6 +125,15 @@ impl fmt::Display for Violation {
 
 /// Every mode's result for one seed of one scenario.
 pub fn run_seed(scenario: &Scenario, seed: u64) -> Result<Vec<(Mode, SeedResult)>, SimError> {
+    run_seed_in(scenario, seed, &Mode::ALL)
+}
+
+/// [`run_seed`] for the given modes ([`Mode::Both`] included).
+pub fn run_seed_in(
+    scenario: &Scenario,
+    seed: u64,
+    modes: &[Mode],
+) -> Result<Vec<(Mode, SeedResult)>, SimError> {
     let requests = scenario.requests(seed);
     let offered = requests.len() as u64;
     let reference = baseline::reference(scenario, &requests)?.len() as u64;
@@ -128,7 +141,7 @@ pub fn run_seed(scenario: &Scenario, seed: u64) -> Result<Vec<(Mode, SeedResult)
     let secs = TRAFFIC_US as f64 / 1e6;
     let heals = matches!(scenario.kind, Kind::Partition(_));
     let mut out = Vec::new();
-    for mode in Mode::ALL {
+    for &mode in modes {
         let (admissions, latency, bytes, convergence) = match mode {
             Mode::None => (baseline::none(scenario, &requests)?, 0.0, 0, None),
             Mode::Central => {
@@ -140,11 +153,11 @@ pub fn run_seed(scenario: &Scenario, seed: u64) -> Result<Vec<(Mode, SeedResult)
                 };
                 (c.admissions, lat, 0, None)
             }
-            Mode::Eventual | Mode::Strict => {
-                let gm = if mode == Mode::Eventual {
-                    GlobalMode::Eventual
-                } else {
-                    GlobalMode::Strict
+            Mode::Eventual | Mode::Strict | Mode::Both => {
+                let gm = match mode {
+                    Mode::Eventual => GlobalMode::Eventual,
+                    Mode::Strict => GlobalMode::Strict,
+                    _ => GlobalMode::Both,
                 };
                 let run = world::run(scenario, gm, seed, &requests)?;
                 // The worst recovery; one that never completed is the worst of all.
@@ -197,6 +210,17 @@ pub fn check(scenario: &Scenario, mode: Mode, r: &SeedResult) -> Vec<Violation> 
         })
     };
     match mode {
+        // A request under both policies is held to the quota by the strict one; its false
+        // rejections are the two rules' together (tested against each alone in tests/sim.rs).
+        Mode::Both => {
+            if r.max_in_window > LIMIT {
+                push(format!(
+                    "over-admission under both policies {:.2}% (admitted {} in one window, \
+                     quota {LIMIT}); must be exactly 0",
+                    r.over_pct, r.max_in_window
+                ));
+            }
+        }
         Mode::Strict => {
             if r.max_in_window > LIMIT {
                 push(format!(

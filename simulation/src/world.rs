@@ -31,8 +31,9 @@ use std::fmt;
 use tollgate::crdt::{Actor, Slot};
 use tollgate::gossip::codec::{self, DEFAULT_MAX_FRAME, Decoder};
 use tollgate::gossip::proto::{
-    Gossip, GossipConfig, GossipError, LinkState, Message, PeerId, PeerStatus,
+    GlobalCheck, Gossip, GossipConfig, GossipError, LinkState, Message, PeerId, PeerStatus,
 };
+use tollgate::limit::policy::GlobalMode as ProductionMode;
 
 use crate::adversary::{Adversary, Outgoing};
 use crate::net::{GATEWAYS, MAX_GATEWAYS, MS, Network};
@@ -60,13 +61,43 @@ pub fn gossip_config() -> GossipConfig {
     GossipConfig::default()
 }
 
-/// The two global modes, both run on the production machine.
+/// What global policies every request passes, decided as the gateway's request path does:
+/// by [`Gossip::admit`] on the production machine, all or nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum GlobalMode {
-    /// `try_admit_eventual`.
+    /// One eventual policy.
     Eventual,
-    /// `try_admit_strict`.
+    /// One strict policy.
     Strict,
+    /// An eventual and a strict policy of the same quota on every request: admitted only if
+    /// both have room, and what one took is given back when the other refuses.
+    Both,
+}
+
+impl GlobalMode {
+    /// The request's checks in this mode, in the order the gateway's policies would list
+    /// them.
+    pub fn checks(self, key: &str) -> Vec<GlobalCheck<'_>> {
+        let eventual = GlobalCheck {
+            policy: EVENTUAL,
+            mode: ProductionMode::Eventual,
+            key,
+            cost: 1,
+            quota: LIMIT,
+        };
+        let strict = GlobalCheck {
+            policy: STRICT,
+            mode: ProductionMode::Strict,
+            key,
+            cost: 1,
+            quota: LIMIT,
+        };
+        match self {
+            GlobalMode::Eventual => vec![eventual],
+            GlobalMode::Strict => vec![strict],
+            GlobalMode::Both => vec![eventual, strict],
+        }
+    }
 }
 
 /// One admitted request.
@@ -762,10 +793,10 @@ pub fn run_with(
                 continue;
             };
             let key = keys.get(req.key as usize).map(String::as_str).unwrap_or("");
-            let ok = match mode {
-                GlobalMode::Eventual => g.try_admit_eventual(EVENTUAL, key, 1, LIMIT, now_r),
-                GlobalMode::Strict => g.try_admit_strict(STRICT, key, 1, now_r),
-            };
+            let ok = g
+                .admit(&mode.checks(key), now_r)
+                .iter()
+                .all(|outcome| outcome.admitted);
             let ok = ok
                 || w.byzantine
                     .as_ref()

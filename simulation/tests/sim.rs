@@ -228,3 +228,38 @@ fn among_four_one_busy_gateway_gathers_its_share_and_two_thirds_of_each_other() 
         assert!((lo..=hi).contains(&most), "among {n}: {most} in one window");
     }
 }
+
+/// The request path's multi-policy admission (`Gossip::admit`, all or nothing) on the
+/// production machine: every request under an eventual and a strict policy of the same
+/// quota. Never more than the quota in a window, and the policy that had room is refunded
+/// whenever the other refuses, so the pair admits about what the stricter of the two admits
+/// alone: without the refunds, every request strict refused would still spend eventual
+/// quota.
+#[test]
+fn both_policies_on_every_request_stay_within_the_quota_and_refunds_keep_the_pair_whole() {
+    for s in scenario::all() {
+        for seed in 1..=2 {
+            let results =
+                runner::run_seed_in(&s, seed, &[Mode::Eventual, Mode::Strict, Mode::Both]).unwrap();
+            let [eventual, strict, both] = [0, 1, 2].map(|i| &results[i].1);
+            let violations = runner::check(&s, Mode::Both, both);
+            assert!(violations.is_empty(), "{}", violations[0]);
+            let alone = eventual.admitted.min(strict.admitted);
+            eprintln!(
+                "{} seed {seed}: both {} / eventual {} / strict {} (false rejections {:.2}%)",
+                s.name, both.admitted, eventual.admitted, strict.admitted, both.false_reject_pct
+            );
+            assert!(
+                both.admitted <= eventual.admitted.max(strict.admitted),
+                "{} seed {seed}",
+                s.name
+            );
+            assert!(
+                both.admitted + alone / 20 + 5 >= alone,
+                "{} seed {seed}: both admitted {}, the stricter alone {alone}",
+                s.name,
+                both.admitted
+            );
+        }
+    }
+}

@@ -80,7 +80,7 @@ mod identity;
 mod link;
 
 pub use super::clock::now_us;
-pub use handle::{GlobalCheck, GlobalOutcome, GossipHandle};
+pub use handle::GossipHandle;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -96,6 +96,7 @@ mod sync;
 mod tests;
 mod timers;
 
+pub use admit::{GlobalCheck, GlobalOutcome};
 pub use config::{GossipConfig, GossipError, Policies};
 pub use hello::{HelloRefusal, MAX_INCARNATION_SKEW_US, MAX_RETIRED, MIN_RESTART_INTERVAL_US};
 pub use identity::OwnIdentity;

@@ -34,7 +34,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::global::{GlobalEntry, GlobalLimits, GlobalPolicies};
-use crate::gossip::driver::{GlobalCheck, GlobalOutcome};
+use crate::gossip::proto::{GlobalCheck, GlobalOutcome};
 use crate::http::problem::Problem;
 use crate::limit::breaker::{Breaker, Transition};
 use crate::limit::decision::{self, Outcome, PolicyResult, Verdict};

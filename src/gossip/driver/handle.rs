@@ -13,8 +13,9 @@ use tokio::sync::Notify;
 use crate::crdt::PolicyId;
 use crate::gossip::clock::now_us;
 use crate::gossip::log_limit::{LogLimiter, LogVerdict, MAX_LOGGED_KINDS, REFUSAL_LOG_EVERY_US};
-use crate::gossip::proto::{Gossip, GossipStats, Inspection, PeerId, PeerReport};
-use crate::limit::policy::GlobalMode;
+use crate::gossip::proto::{
+    GlobalCheck, GlobalOutcome, Gossip, GossipStats, Inspection, PeerId, PeerReport,
+};
 
 /// [`Shared::generations`] of a peer without a current connection.
 const NO_CONNECTION: u64 = u64::MAX;
@@ -147,62 +148,17 @@ impl GossipHandle {
     /// decision is local, from the rights and counts gossip has brought so far.
     pub fn admit(&self, checks: &[GlobalCheck<'_>]) -> (Vec<GlobalOutcome>, u64) {
         let now = now_us();
-        let mut outcomes = Vec::with_capacity(checks.len());
-        {
-            let mut g = self.shared.lock();
-            if g.identity_conflict().is_some() {
-                // A newer process with our identity serves the slot: spending its share
-                // here too would admit it twice (see the module docs).
-                let refused = GlobalOutcome {
-                    admitted: false,
-                    remaining: 0,
-                };
-                return (vec![refused; checks.len()], now);
-            }
-            for check in checks {
-                let admitted = match check.mode {
-                    GlobalMode::Eventual => {
-                        g.try_admit_eventual(check.policy, check.key, check.cost, check.quota, now)
-                    }
-                    GlobalMode::Strict => {
-                        g.try_admit_strict(check.policy, check.key, check.cost, now)
-                    }
-                };
-                outcomes.push(GlobalOutcome {
-                    admitted,
-                    remaining: 0,
-                });
-            }
-            // All or nothing: a policy that admitted is refunded when another refused (its
-            // outcome still says it admitted, so the caller names only the refusing ones).
-            if outcomes.iter().any(|o| !o.admitted) {
-                for (check, outcome) in checks.iter().zip(&outcomes) {
-                    if outcome.admitted {
-                        refund_one(&mut g, check, now, now);
-                    }
-                }
-            }
-            for (check, outcome) in checks.iter().zip(&mut outcomes) {
-                outcome.remaining = match check.mode {
-                    GlobalMode::Eventual => {
-                        g.remaining_eventual(check.policy, check.key, check.quota, now)
-                    }
-                    GlobalMode::Strict => g.remaining_strict(check.policy, check.key, now),
-                };
-            }
-            self.shared.nudge(&g);
-        }
+        let mut g = self.shared.lock();
+        let outcomes = g.admit(checks, now);
+        self.shared.nudge(&g);
         (outcomes, now)
     }
 
     /// Gives back what [`GossipHandle::admit`] took at `admitted_at_us` for a request that
-    /// was then refused by another policy.
+    /// was then refused by another policy (see [`Gossip::refund_checks`]).
     pub fn refund(&self, checks: &[GlobalCheck<'_>], admitted_at_us: u64) {
-        let now = now_us();
         let mut g = self.shared.lock();
-        for check in checks {
-            refund_one(&mut g, check, admitted_at_us, now);
-        }
+        g.refund_checks(checks, admitted_at_us, now_us());
         self.shared.nudge(&g);
     }
 
@@ -255,46 +211,5 @@ impl GossipHandle {
     pub fn key_counts(&self) -> (usize, usize) {
         let g = self.shared.lock();
         (g.eventual().table().key_count(), g.strict().key_count())
-    }
-}
-
-/// One global policy of one request, for [`GossipHandle::admit`].
-#[derive(Debug, Clone, Copy)]
-pub struct GlobalCheck<'a> {
-    /// The policy's id in the gossip state.
-    pub policy: PolicyId,
-    /// Its mode.
-    pub mode: GlobalMode,
-    /// The client key.
-    pub key: &'a str,
-    /// The request's cost.
-    pub cost: u64,
-    /// The global quota per window (eventual mode; strict quotas are part of the state).
-    pub quota: u64,
-}
-
-/// How one [`GlobalCheck`] fared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GlobalOutcome {
-    /// Whether this policy had room (the request is admitted only if all had).
-    pub admitted: bool,
-    /// What is left after the decision: rights held here (strict), or the quota minus the
-    /// merged global count (eventual).
-    pub remaining: u64,
-}
-
-pub(super) fn refund_one(
-    g: &mut Gossip,
-    check: &GlobalCheck<'_>,
-    admitted_at_us: u64,
-    now_us: u64,
-) {
-    match check.mode {
-        GlobalMode::Eventual => {
-            g.refund(check.policy, check.key, admitted_at_us, check.cost, now_us);
-        }
-        GlobalMode::Strict => {
-            g.refund_strict(check.policy, check.key, admitted_at_us, check.cost, now_us);
-        }
     }
 }

@@ -1,4 +1,5 @@
-//! The limiter-facing API: admissions, refunds and what remains, in both modes, and the
+//! The limiter-facing API: one request's global policies decided together (all or nothing,
+//! with refunds), single-policy admissions, refunds and what remains, in both modes, and the
 //! strict mode's `Ask`s that admissions trigger.
 //!
 //! Separate because this is what the request path calls under the lock; the rest of the
@@ -7,8 +8,103 @@
 use super::{Gossip, MAX_PENDING_ASKS, Message, PeerId};
 use crate::crdt::PolicyId;
 use crate::crdt::bounded::Outgoing;
+use crate::limit::policy::GlobalMode;
+
+/// One global policy of one request, for [`Gossip::admit`].
+#[derive(Debug, Clone, Copy)]
+pub struct GlobalCheck<'a> {
+    /// The policy's id in the gossip state.
+    pub policy: PolicyId,
+    /// Its mode.
+    pub mode: GlobalMode,
+    /// The client key.
+    pub key: &'a str,
+    /// The request's cost.
+    pub cost: u64,
+    /// The global quota per window (eventual mode; strict quotas are part of the state).
+    pub quota: u64,
+}
+
+/// How one [`GlobalCheck`] fared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GlobalOutcome {
+    /// Whether this policy had room (the request is admitted only if all had).
+    pub admitted: bool,
+    /// What is left after the decision: rights held here (strict), or the quota minus the
+    /// merged global count (eventual).
+    pub remaining: u64,
+}
 
 impl Gossip {
+    /// Decides one request's global policies together: all admitted, or none (what the
+    /// admitting ones took is given back at once, so a request refused by one policy costs
+    /// the others nothing). A policy's outcome says whether *it* had room, so the caller can
+    /// name the refusing ones; `remaining` is read after the refunds. While another process
+    /// serves our identity ([`Gossip::identity_conflict`]) everything is refused: spending
+    /// our share here too would admit it twice.
+    pub fn admit(&mut self, checks: &[GlobalCheck<'_>], now_us: u64) -> Vec<GlobalOutcome> {
+        if self.identity_conflict().is_some() {
+            let refused = GlobalOutcome {
+                admitted: false,
+                remaining: 0,
+            };
+            return vec![refused; checks.len()];
+        }
+        let mut outcomes: Vec<GlobalOutcome> = checks
+            .iter()
+            .map(|check| GlobalOutcome {
+                admitted: match check.mode {
+                    GlobalMode::Eventual => self.try_admit_eventual(
+                        check.policy,
+                        check.key,
+                        check.cost,
+                        check.quota,
+                        now_us,
+                    ),
+                    GlobalMode::Strict => {
+                        self.try_admit_strict(check.policy, check.key, check.cost, now_us)
+                    }
+                },
+                remaining: 0,
+            })
+            .collect();
+        if outcomes.iter().any(|o| !o.admitted) {
+            for (check, outcome) in checks.iter().zip(&outcomes) {
+                if outcome.admitted {
+                    self.refund_check(check, now_us, now_us);
+                }
+            }
+        }
+        for (check, outcome) in checks.iter().zip(&mut outcomes) {
+            outcome.remaining = match check.mode {
+                GlobalMode::Eventual => {
+                    self.remaining_eventual(check.policy, check.key, check.quota, now_us)
+                }
+                GlobalMode::Strict => self.remaining_strict(check.policy, check.key, now_us),
+            };
+        }
+        outcomes
+    }
+
+    /// Gives back what [`Gossip::admit`] took at `admitted_at_us` for a request that was then
+    /// refused by a policy outside gossip (a local bucket).
+    pub fn refund_checks(&mut self, checks: &[GlobalCheck<'_>], admitted_at_us: u64, now_us: u64) {
+        for check in checks {
+            self.refund_check(check, admitted_at_us, now_us);
+        }
+    }
+
+    fn refund_check(&mut self, check: &GlobalCheck<'_>, admitted_at_us: u64, now_us: u64) {
+        match check.mode {
+            GlobalMode::Eventual => {
+                self.refund(check.policy, check.key, admitted_at_us, check.cost, now_us);
+            }
+            GlobalMode::Strict => {
+                self.refund_strict(check.policy, check.key, admitted_at_us, check.cost, now_us);
+            }
+        }
+    }
+
     /// Whether this incarnation is still learning the counts: it started less than a second
     /// (at most an idle timeout) ago and has not yet merged a full state from every peer. A
     /// new incarnation knows nothing of what was admitted before it (its predecessor's

@@ -991,6 +991,67 @@ fn a_strict_refund_returns_the_rights() {
     assert_eq!(sim.nodes[0].refund_strict(STRICT, "k", now, 3, now + MS), 0);
 }
 
+/// What the request path runs: one request's eventual and strict policies decided together.
+#[test]
+fn a_request_is_admitted_by_all_its_global_policies_or_by_none() {
+    use crate::limit::policy::GlobalMode;
+    let mut sim = Sim::new(14, CALM);
+    sim.run_until(T0 + 3 * SEC);
+    let now = sim.now;
+    let checks = [
+        GlobalCheck {
+            policy: LONG,
+            mode: GlobalMode::Eventual,
+            key: "k",
+            cost: 1,
+            quota: 1_000,
+        },
+        GlobalCheck {
+            policy: STRICT,
+            mode: GlobalMode::Strict,
+            key: "k",
+            cost: 1,
+            quota: STRICT_QUOTA,
+        },
+    ];
+    let node = &mut sim.nodes[0];
+    let held = node.remaining_strict(STRICT, "k", now);
+    assert_eq!(held, STRICT_QUOTA / 3);
+    for _ in 0..held {
+        let outcomes = node.admit(&checks, now);
+        assert!(outcomes.iter().all(|o| o.admitted), "{outcomes:?}");
+    }
+    assert_eq!(node.count(LONG, "k", now), held);
+    // The strict share is spent: the eventual policy had room, and is given it back.
+    let outcomes = node.admit(&checks, now);
+    assert_eq!(outcomes.map_admitted(), [true, false]);
+    assert_eq!(node.count(LONG, "k", now), held);
+    assert_eq!(outcomes[0].remaining, 1_000 - held);
+    assert_eq!(outcomes[1].remaining, 0);
+    // A request refused after the gossip decision (by a local bucket) gives both back.
+    node.refund_checks(&checks, now, now + MS);
+    assert_eq!(node.count(LONG, "k", now + MS), held - 1);
+    assert_eq!(node.remaining_strict(STRICT, "k", now + MS), 1);
+    // A process that found a newer one with its identity admits nothing.
+    let newer = node.me.incarnation + 1;
+    assert_eq!(
+        node.on_own_identity(newer, now + MS),
+        OwnIdentity::StoodDown
+    );
+    let outcomes = node.admit(&checks, now + MS);
+    assert_eq!(outcomes.map_admitted(), [false, false]);
+}
+
+trait MapAdmitted {
+    fn map_admitted(&self) -> Vec<bool>;
+}
+
+impl MapAdmitted for Vec<GlobalOutcome> {
+    fn map_admitted(&self) -> Vec<bool> {
+        self.iter().map(|o| o.admitted).collect()
+    }
+}
+
 #[test]
 fn a_new_incarnation_admits_eventual_only_once_it_learned_the_counts() {
     let mut sim = Sim::new(13, CALM);
