@@ -6,6 +6,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -174,16 +176,10 @@ async fn within<T>(future: impl Future<Output = T>) -> T {
         .expect("deadline passed")
 }
 
-/// Polls `condition` until it holds or the deadline passes.
+/// [`support::eventually`] for a condition that needs no await, within this file's
+/// deadline.
 async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never happened: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    support::eventually(what, DEADLINE, || std::future::ready(condition())).await;
 }
 
 /// Every region connected to every other, handshaken, and holding every peer's full state

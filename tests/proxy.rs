@@ -93,20 +93,13 @@ async fn assert_problem(response: reqwest::Response, status: u16, slug: &str) ->
     body
 }
 
-/// Polls `check` until it holds or the deadline passes.
-async fn eventually<F, Fut>(what: &str, mut check: F)
+/// [`support::eventually`] within this file's deadline.
+async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::eventually(what, DEADLINE, check).await;
 }
 
 #[tokio::test]

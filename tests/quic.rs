@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -69,16 +71,10 @@ async fn within<T>(future: impl Future<Output = T>) -> T {
         .expect("deadline passed")
 }
 
-/// Polls `condition` until it holds or the deadline passes.
+/// [`support::eventually`] for a condition that needs no await, within this file's
+/// deadline.
 async fn eventually(what: &str, condition: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never happened: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    support::eventually(what, DEADLINE, || std::future::ready(condition())).await;
 }
 
 /// The refusal counter with this reason was recorded (tests share the process's recorder,

@@ -15,6 +15,23 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Polls `check` until it holds, and fails the test naming `what` once `deadline` has passed:
+/// the integration tests wait for conditions, never for a fixed time.
+pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "never happened within {deadline:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// How long a fresh redis-server gets to answer PING.
 const REDIS_START_DEADLINE: Duration = Duration::from_secs(10);
 
