@@ -10,7 +10,9 @@
 //! - [`proxy`]: routing, instance pools and health, kept-alive upstream connections
 //!   ([`proxy::client`]), concurrency limits, forwarding.
 //! - [`http`]: the gateway's tower layer stack and its accept loop ([`http::stack`], in one
-//!   file), the admin API, correlation IDs and problem responses shared with the services.
+//!   file), what the first layer learns once per request ([`http::context`]: snapshot,
+//!   route, peer), the admin API, correlation IDs and problem responses shared with the
+//!   services.
 //! - [`gateway`]: a regional gateway process: listeners and graceful shutdown.
 //! - [`services`]: the airline's upstream services, users and bookings.
 //! - [`demo`]: `tollgate demo`, three regions and the services on one machine.
@@ -31,7 +33,7 @@
 //!     vocabulary), `config`, `peer` (per-peer state, the connection's as a value),
 //!     `links` (connection lifecycle), `hello` (handshake), `identity` (a second process
 //!     with our identity), `input`, `sync` (deltas, full states, anti-entropy), `admit`
-//!     (the limiter-facing API), `timers` (output and periodic work), `retire` (graceful
+//!     (the limiter-facing API: a request's global policies all or nothing), `timers` (output and periodic work), `retire` (graceful
 //!     shutdown), `report` (stats, inspection) and `rng`.
 //!   - `gossip/driver.rs`: the driver loop; its children `handle` (the request path's
 //!     side), `link` (one connection, owned by the connection table), `accept` (accepted
