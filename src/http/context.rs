@@ -1,8 +1,9 @@
 //! What the first layer learns about a request, once, for the layers after it: the
 //! configuration snapshot in force, the client's TCP address and the service the path routes
-//! to. Carried in the request's extensions, so a reload between layers cannot route a request
-//! differently from how it was counted, and no layer repeats the route lookup or the
-//! address extraction.
+//! to. Carried in the request's extensions, so a reload between layers cannot forward a
+//! request to another service than the one it was counted and traced under, and no layer
+//! repeats the route lookup or the address extraction. (The limiter's policies are swapped
+//! by a reload on their own; a request decided during one meets the old or the new rules.)
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;

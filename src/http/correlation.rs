@@ -10,7 +10,7 @@
 //! is found by the ID a client or a log line shows.
 
 use std::future::Future;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
@@ -21,7 +21,7 @@ use tracing::Instrument;
 use tracing::field::Empty;
 
 use crate::gateway::Gateway;
-use crate::http::context::{RequestContext, peer_of};
+use crate::http::context::{RequestContext, connection_peer};
 use crate::metrics::Decision;
 use crate::telemetry;
 
@@ -89,7 +89,7 @@ pub async fn correlate(request: Request, next: Next) -> Response {
     let server = Server {
         route: route.as_deref(),
         region: None,
-        client: crate::http::context::connection_peer(&request),
+        client: connection_peer(&request),
     };
     traced(request, |request| next.run(request), server).await
 }
@@ -112,16 +112,16 @@ where
     let started = Instant::now();
     let running = gateway.running();
     let routed = running.proxy.route(request.uri().path());
-    let peer = peer_of(&request);
+    let connection = connection_peer(&request);
     request.extensions_mut().insert(RequestContext {
         running: running.clone(),
-        peer,
+        peer: connection.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
         upstream: routed.map(|routed| routed.upstream),
     });
     let server = Server {
         route: routed.as_ref().map(|routed| routed.route),
         region: Some(&gateway.region),
-        client: Some(peer),
+        client: connection,
     };
     let response = traced(request, next, server).await;
     crate::metrics::record_request(

@@ -89,7 +89,12 @@ impl Gossip {
                     self.stats.misattributed += 1;
                     return;
                 }
-                if self.bounded.on_transfer(&t, now_us) != TransferOutcome::Accepted {
+                // A clipped transfer was merged (up to the bound); its excess is counted per
+                // author in the bounded table, not here.
+                if !matches!(
+                    self.bounded.on_transfer(&t, now_us),
+                    TransferOutcome::Accepted | TransferOutcome::Clipped
+                ) {
                     self.stats.transfers_refused += 1;
                 }
                 self.send_strict_outgoing(now_us);

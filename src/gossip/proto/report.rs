@@ -63,7 +63,8 @@ pub struct PeerReport {
     pub last_heard_us: Option<u64>,
     /// When we last merged a delta or full-state chunk from it (gossip lag).
     pub last_delta_us: Option<u64>,
-    /// Strict columns it sent beyond what it could honestly have given (clipped; see
+    /// Strict columns it sent beyond what it could honestly have given (transfers clipped
+    /// to the bound, handover entries refused; see
     /// [`crate::crdt::bounded::BoundedTable::unbounded_by_slot`]): never for an honest peer
     /// of the same configuration, so a rising count names a liar or a misconfigured peer.
     pub impossible_gifts: u64,
