@@ -938,11 +938,8 @@ impl BoundedTable {
     /// more than an honest column could, while refusing it whole would leave every later
     /// (cumulative) column of the pair refused too, and what we gave the liar lost to us for
     /// the epoch: the double spend among five starved an honest slot that way.
+    /// The caller has refused a column with `base > total` as malformed.
     fn accept_recv(&mut self, policy: PolicyId, key: &str, j: usize, col: &Col) -> TransferOutcome {
-        if col.base > col.total {
-            self.count_unbounded(j);
-            return TransferOutcome::Refused;
-        }
         let bound = self.bound_of(policy, j);
         let given = self.rights(policy, key).map_or(0, |kr| kr.given(j).total);
         let most = given.saturating_add(bound);

@@ -1024,7 +1024,7 @@ fn a_request_is_admitted_by_all_its_global_policies_or_by_none() {
     assert_eq!(node.count(LONG, "k", now), held);
     // The strict share is spent: the eventual policy had room, and is given it back.
     let outcomes = node.admit(&checks, now);
-    assert_eq!(outcomes.map_admitted(), [true, false]);
+    assert_eq!(admitted(&outcomes), [true, false]);
     assert_eq!(node.count(LONG, "k", now), held);
     assert_eq!(outcomes[0].remaining, 1_000 - held);
     assert_eq!(outcomes[1].remaining, 0);
@@ -1039,17 +1039,11 @@ fn a_request_is_admitted_by_all_its_global_policies_or_by_none() {
         OwnIdentity::StoodDown
     );
     let outcomes = node.admit(&checks, now + MS);
-    assert_eq!(outcomes.map_admitted(), [false, false]);
+    assert_eq!(admitted(&outcomes), [false, false]);
 }
 
-trait MapAdmitted {
-    fn map_admitted(&self) -> Vec<bool>;
-}
-
-impl MapAdmitted for Vec<GlobalOutcome> {
-    fn map_admitted(&self) -> Vec<bool> {
-        self.iter().map(|o| o.admitted).collect()
-    }
+fn admitted(outcomes: &[GlobalOutcome]) -> Vec<bool> {
+    outcomes.iter().map(|o| o.admitted).collect()
 }
 
 #[test]
