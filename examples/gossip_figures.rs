@@ -68,7 +68,7 @@ fn spec() -> WindowSpec {
 }
 
 fn memory_per_key(keys: usize) {
-    let now = driver::now_us();
+    let now = tollgate::clock::now_us();
     let actors: Vec<Actor> = REGIONS.iter().map(|r| Actor::new(*r, "a", 1)).collect();
     // The other regions' deltas, built first so they are not counted.
     let mut deltas = Vec::new();
@@ -246,7 +246,7 @@ async fn start(n_peers: usize, dir: &Path) -> (Vec<GossipHandle>, Vec<DriverTask
     let mut handles = Vec::new();
     let mut tasks = Vec::new();
     for (i, endpoint) in endpoints.into_iter().enumerate() {
-        let now = driver::now_us();
+        let now = tollgate::clock::now_us();
         let gossip = Gossip::new(
             slots[i].actor(now),
             slots.clone(),

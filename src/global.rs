@@ -31,6 +31,7 @@ use crate::gossip::quic::{self, GossipEndpoint, QuicError, TlsSwitch};
 use crate::gossip::tls::{PeerTls, TlsError};
 use crate::limit::policy::{GlobalMode, Limit, Policy, Scope};
 
+pub mod admission;
 mod certificates;
 pub mod strict_wait;
 
@@ -292,7 +293,7 @@ impl GlobalLimits {
             max_frame: settings.max_frame,
         };
         let endpoint = GossipEndpoint::bind_with(settings.listen, tls, slots.clone(), transport)?;
-        let now = driver::now_us();
+        let now = crate::clock::now_us();
         let me = Actor::new(config.region.clone(), settings.instance.clone(), now.max(1));
         let proto_config = proto::GossipConfig {
             interval_us: micros(settings.interval),
@@ -373,7 +374,7 @@ impl GlobalLimits {
     /// The strict policies that cannot admit with this gateway's share yet, and the peers
     /// they wait for (empty once it holds its share).
     pub fn strict_waiting(&self) -> Vec<StrictWaiting> {
-        self.strict.waiting(driver::now_us())
+        self.strict.waiting(crate::clock::now_us())
     }
 
     /// `region/instance` of a peer, for reports.

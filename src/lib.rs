@@ -43,6 +43,7 @@
 //!   retiring a gateway's gossip.
 
 pub mod certs;
+pub mod clock;
 pub mod config;
 pub mod crdt;
 pub mod demo;

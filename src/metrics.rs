@@ -91,48 +91,16 @@ const STORE_BUCKETS: &[f64] = &[
 /// an unscraped gateway would keep every sample it ever recorded.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
-/// A request's rate-limit outcome. The limiter puts it in the response's extensions; the
-/// request metrics read it from there (absent means no limiter ran: `none`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Decision {
-    /// A policy matched and the request had a token.
-    Admitted,
-    /// A policy matched and the request was refused (429).
-    Rejected,
-    /// No policy matched the request.
-    NoPolicy,
-    /// The store failed and the policy let the request through without counting it.
-    StoreFailOpen,
-    /// The store failed and an in-process fallback bucket (`on_store_error = "local"`) admitted.
-    AdmittedLocal,
-    /// Identity could not be established (401: unknown API key, bad token).
-    Unauthenticated,
-    /// The store failed and a `closed` policy refused (503).
-    Unavailable,
-}
+pub use crate::limit::decision::Decision;
 
-impl Decision {
-    /// The `decision` label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Admitted => "admitted",
-            Self::Rejected => "rejected",
-            Self::NoPolicy => "none",
-            Self::StoreFailOpen => "fail_open",
-            Self::AdmittedLocal => "admitted_local",
-            Self::Unauthenticated => "unauthenticated",
-            Self::Unavailable => "unavailable",
-        }
-    }
-
-    /// The label of a response: its decision, or `none` if no limiter set one.
-    pub fn label_of(extensions: &http::Extensions) -> &'static str {
-        extensions
-            .get::<Decision>()
-            .copied()
-            .unwrap_or(Decision::NoPolicy)
-            .as_str()
-    }
+/// The `decision` label of a response: the decision a limiter put in its extensions, or
+/// `none` if no limiter ran.
+pub fn decision_label(extensions: &http::Extensions) -> &'static str {
+    extensions
+        .get::<Decision>()
+        .copied()
+        .unwrap_or(Decision::NoPolicy)
+        .as_str()
 }
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -347,9 +315,9 @@ mod tests {
     #[test]
     fn decision_labels() {
         let mut extensions = http::Extensions::new();
-        assert_eq!(Decision::label_of(&extensions), "none");
+        assert_eq!(decision_label(&extensions), "none");
         extensions.insert(Decision::Rejected);
-        assert_eq!(Decision::label_of(&extensions), "rejected");
+        assert_eq!(decision_label(&extensions), "rejected");
         assert_eq!(Decision::Admitted.as_str(), "admitted");
         assert_eq!(Decision::StoreFailOpen.as_str(), "fail_open");
     }

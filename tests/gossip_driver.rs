@@ -111,7 +111,7 @@ fn start_region(
         policies(),
         0xC0FFEE,
         i as u64 + 1 + incarnation * 10,
-        driver::now_us(),
+        tollgate::clock::now_us(),
     )
     .unwrap();
     let peers = (0..REGIONS.len())
@@ -240,7 +240,7 @@ async fn a_client_hopping_regions_is_held_to_the_strict_quota() {
     let mut attempt = 0usize;
     while (admitted.len() as u64) < STRICT_QUOTA && tokio::time::Instant::now() < deadline {
         if mesh.handles[attempt % 3].try_admit_strict(STRICT, "hopper", 1) {
-            admitted.push(driver::now_us());
+            admitted.push(tollgate::clock::now_us());
         } else {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -249,7 +249,7 @@ async fn a_client_hopping_regions_is_held_to_the_strict_quota() {
     let quota_used = admitted.len() as u64;
     for i in 0..300 {
         if mesh.handles[i % 3].try_admit_strict(STRICT, "hopper", 1) {
-            admitted.push(driver::now_us());
+            admitted.push(tollgate::clock::now_us());
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }

@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use super::GlobalPolicies;
 use crate::crdt::{PolicyId, Slot};
-use crate::gossip::driver::{self, GossipHandle};
+use crate::gossip::driver::GossipHandle;
 use crate::gossip::proto::{LinkState, PeerReport, PeerStatus};
 use crate::limit::policy::GlobalMode;
 
@@ -155,7 +155,7 @@ impl StrictWatch {
         let mut ticks = tokio::time::interval(POLL);
         loop {
             ticks.tick().await;
-            let waiting = self.waiting(driver::now_us());
+            let waiting = self.waiting(crate::clock::now_us());
             if waiting.is_empty() {
                 if !warned.is_empty() {
                     tracing::info!("strict policies admit with this gateway's share now");

@@ -61,10 +61,10 @@
 //!
 //! # Time
 //!
-//! `now_us` is [`now_us`]: a monotonic clock (a Tokio [`Instant`] since a fixed per-process
+//! `now_us` is [`crate::clock::now_us`]: a monotonic clock (a Tokio [`Instant`] since a fixed per-process
 //! origin) anchored at the wall-clock time of that origin. Monotonic, so the machine never
 //! sees time go back; anchored at wall-clock time, so sub-window numbers agree between regions
-//! (up to clock skew), as the usage CRDT needs. Build the [`Gossip`] with [`now_us`] too.
+//! (up to clock skew), as the usage CRDT needs. Build the [`Gossip`] with it too.
 
 //!
 //! # Where things are
@@ -79,7 +79,7 @@ mod handle;
 mod identity;
 mod link;
 
-pub use super::clock::now_us;
+use crate::clock::now_us;
 pub use handle::GossipHandle;
 
 use std::collections::HashMap;
@@ -92,10 +92,10 @@ use quinn::{Connection, SendStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::clock::instant_of;
 use super::codec::{self, CodecError};
 use super::proto::{Gossip, HelloRefusal, Message, PeerId};
 use super::quic::{self, CLOSE_SHUTDOWN, FrameStream, GossipEndpoint, QuicError};
+use crate::clock::instant_of;
 use crate::crdt::Slot;
 use accept::accept_loop;
 use handle::Shared;

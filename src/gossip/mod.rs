@@ -2,7 +2,6 @@
 //! [`tls`]), the pure protocol state machine ([`proto`]) and the thin driver that runs it over
 //! QUIC ([`driver`]).
 
-pub mod clock;
 pub mod codec;
 pub mod driver;
 pub mod log_limit;

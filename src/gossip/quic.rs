@@ -43,10 +43,10 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::clock::now_us;
 use super::codec::{self, CodecError, Decoder};
 use super::log_limit::{LogLimiter, LogVerdict, MAX_LOGGED_KINDS, REFUSAL_LOG_EVERY_US};
 use super::tls::{self, CertName, PeerTls, TlsError};
+use crate::clock::now_us;
 use crate::crdt::Slot;
 
 /// Application close code: orderly shutdown.

@@ -117,7 +117,7 @@ fn age_ms(now_us: u64, at_us: Option<u64>) -> Option<u64> {
 
 /// The peers as `/ready` shows them.
 fn gossip_status(global: &GlobalLimits) -> serde_json::Value {
-    let now = crate::gossip::driver::now_us();
+    let now = crate::clock::now_us();
     let peers: Vec<serde_json::Value> = global
         .handle
         .peer_status()
@@ -155,7 +155,7 @@ fn gossip_status(global: &GlobalLimits) -> serde_json::Value {
 }
 
 fn record_gossip(global: &GlobalLimits) {
-    let now = crate::gossip::driver::now_us();
+    let now = crate::clock::now_us();
     let mut connected = 0u32;
     for p in global.handle.peer_status() {
         if is_connected(&p) {
@@ -238,7 +238,7 @@ async fn limits(
             .detail("pass the client key as ?key=, e.g. ?key=key:demo-free-key or ?key=ip:10.0.0.7")
             .into_response();
     };
-    let now = crate::gossip::driver::now_us();
+    let now = crate::clock::now_us();
     let tiers: Vec<serde_json::Value> = entries
         .iter()
         .map(|entry| {

@@ -22,7 +22,7 @@ use tracing::field::Empty;
 
 use crate::gateway::Gateway;
 use crate::http::context::{RequestContext, connection_peer};
-use crate::metrics::Decision;
+
 use crate::telemetry;
 
 /// The header that carries the correlation ID in both directions.
@@ -127,7 +127,7 @@ where
     crate::metrics::record_request(
         routed.map_or(crate::metrics::UNROUTED, |routed| routed.service),
         response.status(),
-        Decision::label_of(response.extensions()),
+        crate::metrics::decision_label(response.extensions()),
         started.elapsed(),
     );
     response

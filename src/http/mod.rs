@@ -6,4 +6,5 @@ pub mod context;
 pub mod correlation;
 pub mod problem;
 pub mod ratelimit;
+pub mod refusal;
 pub mod stack;

@@ -18,14 +18,15 @@ pub enum State {
     },
     /// The store is skipped until `probe_at`.
     Open {
-        /// When the next probe may go, on the clock of the `now` given to [`Breaker::allow`].
-        probe_at: Duration,
+        /// When the next probe may go (µs, on the clock of the `now_us` given to
+        /// [`Breaker::allow`]).
+        probe_at: u64,
     },
     /// One probe is in flight; others skip the store.
     Probing {
         /// When the probe was let through; if it has not reported back one probe interval
         /// later, another goes.
-        since: Duration,
+        since: u64,
     },
 }
 
@@ -44,7 +45,7 @@ pub enum Transition {
 pub struct Breaker {
     state: State,
     failure_threshold: u32,
-    probe_interval: Duration,
+    probe_interval_us: u64,
 }
 
 impl Breaker {
@@ -56,7 +57,7 @@ impl Breaker {
                 consecutive_failures: 0,
             },
             failure_threshold: failure_threshold.max(1),
-            probe_interval,
+            probe_interval_us: u64::try_from(probe_interval.as_micros()).unwrap_or(u64::MAX),
         }
     }
 
@@ -71,8 +72,8 @@ impl Breaker {
         !matches!(self.state, State::Closed { .. })
     }
 
-    /// Whether this request should use the store. `now` is time since any fixed origin.
-    pub fn allow(&mut self, now: Duration) -> bool {
+    /// Whether this request should use the store. `now` is µs since any fixed origin.
+    pub fn allow(&mut self, now: u64) -> bool {
         match self.state {
             State::Closed { .. } => true,
             State::Open { probe_at } if now >= probe_at => {
@@ -81,7 +82,7 @@ impl Breaker {
             }
             // A probe that never reported back (its task was cancelled) must not wedge the
             // breaker open forever: after another interval, probe again.
-            State::Probing { since } if now >= since + self.probe_interval => {
+            State::Probing { since } if now >= since.saturating_add(self.probe_interval_us) => {
                 self.state = State::Probing { since: now };
                 true
             }
@@ -102,7 +103,7 @@ impl Breaker {
     /// Records a store failure at `now`. Opens the breaker after `failure_threshold` in a row
     /// (returning [`Transition::Opened`]); while open or probing, it pushes the next probe to
     /// `now + probe_interval`.
-    pub fn on_failure(&mut self, now: Duration) -> Option<Transition> {
+    pub fn on_failure(&mut self, now: u64) -> Option<Transition> {
         match self.state {
             State::Closed {
                 consecutive_failures,
@@ -110,7 +111,7 @@ impl Breaker {
                 let failures = consecutive_failures + 1;
                 if failures >= self.failure_threshold {
                     self.state = State::Open {
-                        probe_at: now + self.probe_interval,
+                        probe_at: now.saturating_add(self.probe_interval_us),
                     };
                     Some(Transition::Opened)
                 } else {
@@ -122,10 +123,18 @@ impl Breaker {
             }
             State::Open { .. } | State::Probing { .. } => {
                 self.state = State::Open {
-                    probe_at: now + self.probe_interval,
+                    probe_at: now.saturating_add(self.probe_interval_us),
                 };
                 None
             }
+        }
+    }
+
+    /// The probe's request went away before the store answered: it proves nothing, so the
+    /// next request at or after `now` probes instead of waiting out another interval.
+    pub fn probe_abandoned(&mut self, now: u64) {
+        if let State::Probing { .. } = self.state {
+            self.state = State::Open { probe_at: now };
         }
     }
 }
@@ -134,13 +143,13 @@ impl Breaker {
 mod tests {
     use super::*;
 
-    const MS: Duration = Duration::from_millis(1);
+    const MS: u64 = 1_000;
 
     #[test]
     fn opens_after_threshold_and_probes_each_interval() {
-        let mut b = Breaker::new(3, 250 * MS);
-        assert_eq!(b.on_failure(Duration::ZERO), None);
-        assert_eq!(b.on_failure(1 * MS), None);
+        let mut b = Breaker::new(3, Duration::from_millis(250));
+        assert_eq!(b.on_failure(0), None);
+        assert_eq!(b.on_failure(MS), None);
         assert!(b.allow(2 * MS));
         assert_eq!(b.on_failure(2 * MS), Some(Transition::Opened));
         assert!(!b.allow(100 * MS));
@@ -155,19 +164,34 @@ mod tests {
 
     #[test]
     fn success_resets_the_failure_count() {
-        let mut b = Breaker::new(2, 250 * MS);
-        b.on_failure(Duration::ZERO);
+        let mut b = Breaker::new(2, Duration::from_millis(250));
+        b.on_failure(0);
         assert_eq!(b.on_success(), None);
-        assert_eq!(b.on_failure(1 * MS), None);
+        assert_eq!(b.on_failure(MS), None);
         assert_eq!(b.on_failure(2 * MS), Some(Transition::Opened));
     }
 
     #[test]
     fn lost_probe_does_not_wedge_the_breaker() {
-        let mut b = Breaker::new(1, 100 * MS);
-        b.on_failure(Duration::ZERO);
+        let mut b = Breaker::new(1, Duration::from_millis(100));
+        b.on_failure(0);
         assert!(b.allow(100 * MS));
         assert!(!b.allow(150 * MS));
         assert!(b.allow(200 * MS));
+    }
+
+    #[test]
+    fn an_abandoned_probe_lets_the_next_request_probe() {
+        let mut b = Breaker::new(1, Duration::from_millis(100));
+        b.on_failure(0);
+        assert!(b.allow(100 * MS));
+        assert!(!b.allow(110 * MS), "the probe is in flight");
+        b.probe_abandoned(120 * MS);
+        assert!(b.allow(120 * MS), "the next request probes at once");
+        assert!(!b.allow(121 * MS));
+        b.probe_abandoned(130 * MS);
+        b.on_failure(140 * MS);
+        b.probe_abandoned(150 * MS);
+        assert!(!b.allow(150 * MS), "only a probe in flight is given up");
     }
 }

@@ -112,6 +112,90 @@ fn level(spec: BucketSpec, tat: u64, now_us: u64) -> (u64, u64) {
     (remaining, next)
 }
 
+/// Several buckets decided together, all or nothing: what to answer and, only when every
+/// bucket admitted, the TATs to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllOrNothing {
+    /// One outcome per request, in order. A bucket that had room while another refused reports
+    /// its level untouched (admitted, nothing taken).
+    pub outcomes: Vec<BucketOutcome>,
+    /// (request index, new TAT) to store, in order (a key listed twice: the later entry is its
+    /// final TAT). Empty unless every bucket admitted.
+    pub commits: Vec<(usize, u64)>,
+}
+
+/// A bucket whose spec cannot be decided (a refill interval of 0 would divide by zero).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bucket {key:?} has interval_us 0 (build specs with BucketSpec::new)")]
+pub struct InvalidSpec {
+    /// The bucket's storage key.
+    pub key: String,
+}
+
+/// Decides `requests` together at `now_us`, all or nothing, with `stored(i)` the TAT stored
+/// for request `i`'s key (0: full). A key listed twice sees its own earlier draw. The same
+/// decision as `bucket.lua`'s, so memory, the `local` fallback and Redis agree.
+pub fn decide_all(
+    requests: &[&BucketRequest],
+    stored: impl Fn(usize) -> u64,
+    now_us: u64,
+) -> Result<AllOrNothing, InvalidSpec> {
+    if let Some(bad) = requests.iter().find(|r| r.spec.interval_us == 0) {
+        return Err(InvalidSpec {
+            key: bad.key.clone(),
+        });
+    }
+    let mut commits: Vec<(usize, u64)> = Vec::with_capacity(requests.len());
+    let mut decisions = Vec::with_capacity(requests.len());
+    for (i, request) in requests.iter().enumerate() {
+        let before = stored(i);
+        let current = commits
+            .iter()
+            .rev()
+            .find(|(j, _)| requests.get(*j).is_some_and(|r| r.key == request.key))
+            .map_or(before, |&(_, tat)| tat);
+        let decision = decide(request.spec, current, now_us, request.cost);
+        if decision.admitted {
+            commits.push((i, decision.tat_us));
+        }
+        decisions.push((before, decision));
+    }
+    let all_admitted = decisions.iter().all(|(_, d)| d.admitted);
+    let outcomes = requests
+        .iter()
+        .zip(decisions)
+        .map(|(request, (before, decision))| {
+            if all_admitted || !decision.admitted {
+                decision.outcome()
+            } else {
+                // This bucket had room but nothing was taken: its level as it is (a cost-0
+                // decision reports exactly that level).
+                BucketOutcome {
+                    admitted: true,
+                    retry_after_us: 0,
+                    ..decide(request.spec, before, now_us, 0).outcome()
+                }
+            }
+        })
+        .collect();
+    if !all_admitted {
+        commits.clear();
+    }
+    Ok(AllOrNothing { outcomes, commits })
+}
+
+impl BucketDecision {
+    /// What a caller is told of this decision (the TAT stays with the store).
+    pub fn outcome(&self) -> BucketOutcome {
+        BucketOutcome {
+            admitted: self.admitted,
+            remaining: self.remaining,
+            next_token_us: self.next_token_us,
+            retry_after_us: self.retry_after_us,
+        }
+    }
+}
+
 /// One bucket a request must draw from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BucketRequest {

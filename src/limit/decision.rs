@@ -34,6 +34,41 @@ pub enum Outcome {
     StoreDown,
 }
 
+/// A request's rate-limit outcome, as the metrics and the trace label it. The HTTP layer puts
+/// it in the response's extensions (absent means no limiter ran: `none`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Decision {
+    /// A policy matched and the request had a token.
+    Admitted,
+    /// A policy matched and the request was refused (429).
+    Rejected,
+    /// No policy matched the request.
+    NoPolicy,
+    /// The store failed and the policy let the request through without counting it.
+    StoreFailOpen,
+    /// The store failed and an in-process fallback bucket (`on_store_error = "local"`) admitted.
+    AdmittedLocal,
+    /// Identity could not be established (401: unknown API key, bad token).
+    Unauthenticated,
+    /// The store failed and a `closed` policy refused (503).
+    Unavailable,
+}
+
+impl Decision {
+    /// The `decision` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admitted => "admitted",
+            Self::Rejected => "rejected",
+            Self::NoPolicy => "none",
+            Self::StoreFailOpen => "fail_open",
+            Self::AdmittedLocal => "admitted_local",
+            Self::Unauthenticated => "unauthenticated",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
 /// One policy's result for one request.
 #[derive(Debug, Clone)]
 pub struct PolicyResult {

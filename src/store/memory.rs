@@ -3,8 +3,9 @@
 //!
 //! # Why it looks like this
 //!
-//! - **Same math as Redis.** Every decision is [`bucket::decide`] on one stored integer per key
-//!   (the TAT), so a bucket behaves identically here and in `bucket.lua`.
+//! - **Same math as Redis.** Every decision is [`bucket::decide_all`] on one stored integer per
+//!   key (the TAT), so a bucket behaves identically here and in `bucket.lua`. Each shard is a
+//!   pure [`LocalBuckets`] table, the same the limiter's `local` fallback uses.
 //! - **Sharded locks.** Keys are spread over [`DEFAULT_SHARDS`] `std::sync::Mutex`es by hash,
 //!   so unrelated requests on different cores rarely touch the same lock. The critical section
 //!   is a few hash lookups and integer operations, so a blocking mutex (never held across an
@@ -19,11 +20,10 @@
 //!   once it has seen as many operations as its last sweep kept entries (at least
 //!   [`SWEEP_MIN_OPS`]). The sweep costs at most two entries per operation amortized and
 //!   keeps each shard at most about twice its live entries. [`MemoryStore::sweep`] can also be called from a timer.
-//! - **Injectable clock.** [`MemoryStore::new`] uses a monotonic clock from
-//!   `tokio::time::Instant`, so tests can drive it with Tokio's paused clock;
+//! - **Injectable clock.** [`MemoryStore::new`] uses the process clock ([`crate::clock`],
+//!   on `tokio::time::Instant`), so tests can drive it with Tokio's paused clock;
 //!   [`MemoryStore::with_clock`] takes any microsecond clock for fully deterministic tests.
 
-use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -31,52 +31,21 @@ use futures_util::future::BoxFuture;
 
 use super::{BucketOutcome, BucketRequest, BucketStore, StoreError};
 use crate::limit::bucket;
+use crate::limit::local::LocalBuckets;
+pub use crate::limit::local::SWEEP_MIN_OPS;
 
 /// Lock shards of a store built by [`MemoryStore::new`]. A power of two well above the core
 /// count keeps the chance that two concurrent requests collide on a shard small.
 pub const DEFAULT_SHARDS: usize = 64;
-
-/// A shard is swept after at least this many operations (and at least as many operations as
-/// its last sweep kept entries), so small shards are not rescanned on every request.
-pub const SWEEP_MIN_OPS: u64 = 1024;
 
 /// Microseconds on a monotonic clock; only differences matter.
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// Token buckets kept in this process. Cheap to share behind an `Arc`.
 pub struct MemoryStore {
-    shards: Box<[Mutex<Shard>]>,
+    shards: Box<[Mutex<LocalBuckets>]>,
     hasher: RandomState,
     clock: Clock,
-    sweep_min_ops: u64,
-}
-
-#[derive(Default)]
-struct Shard {
-    /// Key → TAT in microseconds on `clock`. Only buckets that are not full are kept.
-    tats: HashMap<String, u64>,
-    ops_since_sweep: u64,
-    /// Entries left by the last sweep (all of them live then).
-    kept_by_last_sweep: u64,
-}
-
-impl Shard {
-    /// Counts one operation and drops the full buckets once there were as many operations
-    /// since the last sweep as it kept entries (at least `min_ops`). Each operation adds at
-    /// most one entry, so the shard never holds more than twice that many, and a sweep's cost
-    /// is paid for by the operations before it.
-    fn maybe_sweep(&mut self, now_us: u64, min_ops: u64) {
-        self.ops_since_sweep += 1;
-        if self.ops_since_sweep >= min_ops.max(self.kept_by_last_sweep) {
-            self.sweep(now_us);
-        }
-    }
-
-    fn sweep(&mut self, now_us: u64) {
-        self.tats.retain(|_, tat| *tat > now_us);
-        self.ops_since_sweep = 0;
-        self.kept_by_last_sweep = self.tats.len() as u64;
-    }
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -94,14 +63,10 @@ impl Default for MemoryStore {
 }
 
 impl MemoryStore {
-    /// A store on a process-local monotonic clock (`tokio::time::Instant`, so a paused Tokio
-    /// test clock drives it).
+    /// A store on the process clock ([`crate::clock`], which a paused Tokio test clock
+    /// drives).
     pub fn new() -> Self {
-        let start = tokio::time::Instant::now();
-        Self::with_clock(move || {
-            // u64 microseconds overflow after 584,000 years of uptime; saturate regardless.
-            u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
-        })
+        Self::with_clock(crate::clock::now_us)
     }
 
     /// A store on `clock` (microseconds; must not go backwards, or buckets refill late).
@@ -112,17 +77,16 @@ impl MemoryStore {
     fn build(shards: usize, sweep_min_ops: u64, clock: Clock) -> Self {
         Self {
             shards: (0..shards.max(1))
-                .map(|_| Mutex::new(Shard::default()))
+                .map(|_| Mutex::new(LocalBuckets::with_sweep_min_ops(sweep_min_ops)))
                 .collect(),
             hasher: RandomState::new(),
             clock,
-            sweep_min_ops,
         }
     }
 
     /// Buckets currently stored (not yet swept), for metrics and tests.
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|shard| lock(shard).tats.len()).sum()
+        self.shards.iter().map(|shard| lock(shard).len()).sum()
     }
 
     /// Whether no bucket is stored.
@@ -150,99 +114,35 @@ impl MemoryStore {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
-        if let Some(bad) = requests.iter().find(|r| r.spec.interval_us == 0) {
-            return Err(StoreError::Protocol(format!(
-                "bucket {:?} has interval_us 0 (build specs with BucketSpec::new)",
-                bad.key
-            )));
-        }
-
         let shard_of: Vec<usize> = requests.iter().map(|r| self.shard_index(&r.key)).collect();
         let mut order = shard_of.clone();
         order.sort_unstable();
         order.dedup();
         // Ascending shard order, each shard once: no two acquires can wait on each other in
         // a cycle.
-        let mut guards: Vec<MutexGuard<'_, Shard>> =
+        let mut guards: Vec<MutexGuard<'_, LocalBuckets>> =
             order.iter().map(|&i| lock(&self.shards[i])).collect();
         let now = (self.clock)();
         // `order` is sorted and holds every entry of `shard_of`, so this is its position.
         let slot = |i: usize| order.partition_point(|&s| s < shard_of[i]);
 
-        // TATs this call has decided so far: a key listed twice sees its first draw.
-        let mut pending: Vec<(&str, usize, u64)> = Vec::with_capacity(requests.len());
-        let mut decisions = Vec::with_capacity(requests.len());
-        for (i, request) in requests.iter().enumerate() {
-            let stored = guards[slot(i)].tats.get(&request.key).copied().unwrap_or(0);
-            let current = pending
-                .iter()
-                .rev()
-                .find(|(key, _, _)| *key == request.key)
-                .map_or(stored, |&(_, _, tat)| tat);
-            let decision = bucket::decide(request.spec, current, now, request.cost);
-            if decision.admitted {
-                pending.push((&request.key, slot(i), decision.tat_us));
-            }
-            decisions.push((stored, decision));
-        }
-
-        let all_admitted = decisions.iter().all(|(_, d)| d.admitted);
-        if all_admitted {
-            // Later entries for a repeated key carry its final TAT, so apply in order.
-            for &(key, slot, tat) in &pending {
-                let tats = &mut guards[slot].tats;
-                if tat > now {
-                    match tats.get_mut(key) {
-                        Some(stored) => *stored = tat,
-                        None => {
-                            tats.insert(key.to_owned(), tat);
-                        }
-                    }
-                } else {
-                    tats.remove(key);
-                }
-            }
+        let refs: Vec<&BucketRequest> = requests.iter().collect();
+        let decided = bucket::decide_all(&refs, |i| guards[slot(i)].tat(&requests[i].key), now)
+            .map_err(|invalid| StoreError::Protocol(invalid.to_string()))?;
+        // Later entries for a repeated key carry its final TAT, so apply in order.
+        for &(i, tat) in &decided.commits {
+            guards[slot(i)].set(&requests[i].key, tat, now);
         }
         for guard in &mut guards {
-            guard.maybe_sweep(now, self.sweep_min_ops);
+            guard.count_op(now);
         }
-        drop(guards);
-
-        let outcomes = requests
-            .iter()
-            .zip(decisions)
-            .map(|(request, (stored, decision))| {
-                if all_admitted || !decision.admitted {
-                    outcome(decision)
-                } else {
-                    // This bucket had room but nothing was taken: report its level as it is.
-                    // A cost-0 decision reports exactly that level, admitted or not.
-                    let level = bucket::decide(request.spec, stored, now, 0);
-                    BucketOutcome {
-                        admitted: true,
-                        remaining: level.remaining,
-                        next_token_us: level.next_token_us,
-                        retry_after_us: 0,
-                    }
-                }
-            })
-            .collect();
-        Ok(outcomes)
-    }
-}
-
-fn outcome(decision: bucket::BucketDecision) -> BucketOutcome {
-    BucketOutcome {
-        admitted: decision.admitted,
-        remaining: decision.remaining,
-        next_token_us: decision.next_token_us,
-        retry_after_us: decision.retry_after_us,
+        Ok(decided.outcomes)
     }
 }
 
 /// A poisoned shard is still consistent: every critical section only assigns whole integers,
 /// and nothing in it can panic, so the data is used as is.
-fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+fn lock(shard: &Mutex<LocalBuckets>) -> MutexGuard<'_, LocalBuckets> {
     shard.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -266,6 +166,7 @@ mod tests {
     use crate::limit::bucket::BucketSpec;
     use futures_util::FutureExt;
     use proptest::prelude::*;
+    use std::collections::HashMap;
     use std::sync::atomic::{AtomicU64, Ordering};
 
     const SEC: u64 = 1_000_000;
@@ -478,7 +379,10 @@ mod tests {
             .collect();
         if decisions.iter().all(|d| d.admitted) {
             *tats = scratch;
-            decisions.into_iter().map(outcome).collect()
+            decisions
+                .iter()
+                .map(bucket::BucketDecision::outcome)
+                .collect()
         } else {
             requests
                 .iter()
@@ -494,7 +398,7 @@ mod tests {
                             retry_after_us: 0,
                         }
                     } else {
-                        outcome(d)
+                        d.outcome()
                     }
                 })
                 .collect()

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::Notify;
 
+use crate::clock::now_us;
 use crate::crdt::PolicyId;
-use crate::gossip::clock::now_us;
 use crate::gossip::log_limit::{LogLimiter, LogVerdict, MAX_LOGGED_KINDS, REFUSAL_LOG_EVERY_US};
 use crate::gossip::proto::{
     GlobalCheck, GlobalOutcome, Gossip, GossipStats, Inspection, PeerId, PeerReport,

@@ -12,7 +12,7 @@ use super::{
     ACCEPT_STREAM_TIMEOUT, CLOSE_PROBE_DONE, Driver, Event, IDENTITY_CONFLICT, handle::Shared,
     resolve,
 };
-use crate::gossip::clock::now_us;
+use crate::clock::now_us;
 use crate::gossip::codec;
 use crate::gossip::proto::{Message, OwnIdentity, PeerId};
 use crate::gossip::quic;

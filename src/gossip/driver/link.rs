@@ -19,7 +19,7 @@ use super::{
     CLOSE_BAD_HELLO, CLOSE_REPLACED, Driver, DriverError, Event, HELLOS_REFUSED_TOTAL, PEER_QUEUE,
     PEER_QUEUE_BYTES, handle::Shared,
 };
-use crate::gossip::clock::now_us;
+use crate::clock::now_us;
 use crate::gossip::proto::{HelloRefusal, Message, PeerId};
 use crate::gossip::quic::{self, CLOSE_PROTOCOL_ERROR, CLOSE_SHUTDOWN, FrameStream};
 
