@@ -77,3 +77,79 @@ async fn the_limiter_keys_on_the_connection_peer_the_first_layer_recorded() {
         "{other}"
     );
 }
+
+/// A store that fails its first two calls, never answers its third, and admits from then on.
+struct FailsThenHangs {
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl tollgate::store::BucketStore for FailsThenHangs {
+    fn acquire(
+        &self,
+        requests: Vec<tollgate::store::BucketRequest>,
+    ) -> futures_util::future::BoxFuture<
+        '_,
+        Result<Vec<tollgate::store::BucketOutcome>, tollgate::store::StoreError>,
+    > {
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            match call {
+                0 | 1 => Err(tollgate::store::StoreError::Unavailable("down".into())),
+                2 => std::future::pending().await,
+                _ => Ok(requests
+                    .iter()
+                    .map(|_| tollgate::store::BucketOutcome {
+                        admitted: true,
+                        remaining: 1,
+                        next_token_us: 0,
+                        retry_after_us: 0,
+                    })
+                    .collect()),
+            }
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        "test"
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_whose_client_goes_away_lets_the_next_request_probe_at_once() {
+    use futures_util::FutureExt;
+    use tollgate::http::ratelimit::{Decision, RateLimiter};
+
+    let config = RegionConfig::parse(
+        Path::new("stack.toml"),
+        &CONFIG.replace("burst = 1", "burst = 1\non_store_error = \"closed\""),
+        |_| None,
+    )
+    .unwrap();
+    let store = Arc::new(FailsThenHangs {
+        calls: Default::default(),
+    });
+    let probe_interval = std::time::Duration::from_secs(10);
+    let limiter = RateLimiter::new(
+        config.policies.clone(),
+        config.identity.clone(),
+        store.clone(),
+        tollgate::limit::breaker::Breaker::new(2, probe_interval),
+    );
+    let peer = "10.0.0.1".parse().unwrap();
+    let headers = http::HeaderMap::new();
+    let check = || limiter.check(&http::Method::GET, "/api/v1/users", &headers, peer);
+    for _ in 0..2 {
+        assert_eq!(check().await.decision, Decision::Unavailable);
+    }
+    assert!(limiter.breaker_open());
+    tokio::time::advance(probe_interval).await;
+    // The probe's store call never answers; its client goes away (the future is dropped).
+    assert!(check().now_or_never().is_none());
+    let calls = || store.calls.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(calls(), 3);
+    // Without the drop guard the breaker would wait for the lost probe for another 10 s,
+    // refusing with 503 meanwhile.
+    assert_eq!(check().await.decision, Decision::Admitted);
+    assert_eq!(calls(), 4);
+    assert!(!limiter.breaker_open());
+}
