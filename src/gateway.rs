@@ -1,8 +1,10 @@
-//! A regional gateway process: the proxy listener, the admin listener, and their lifecycle.
+//! A regional gateway process: its parts assembled, the proxy listener, the admin listener,
+//! and their lifecycle.
 //!
 //! The configuration in force and what is built from it ([`Running`]) is one immutable
-//! snapshot, swapped whole by a reload ([`reload`]): a request reads it once when it
-//! starts and finishes on it.
+//! snapshot, swapped whole by a reload (`gateway/reload.rs`): a request reads it once when
+//! it starts and finishes on it. The layers and the admin API get narrow handles on the
+//! parts ([`Gateway::proxy_stack`], [`Gateway::admin_state`]) and do not know this module.
 
 mod reload;
 
@@ -12,26 +14,24 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use serde::Serialize;
 use tokio::net::TcpListener;
 
 use crate::config::RegionConfig;
 use crate::global::{GlobalError, GlobalLimits};
-use crate::http::admin::admin_app;
+use crate::http::admin::{AdminState, admin_app};
 use crate::http::ratelimit::RateLimiter;
-use crate::http::stack::{self, proxy_stack};
+use crate::http::stack::{self, ProxyStack};
 use crate::limit::breaker::Breaker;
 use crate::proxy::{Proxy, UpstreamTasks};
+use crate::running::InForce;
+pub use crate::running::Running;
+use crate::store::backend::Backend;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{RedisClusterStore, RedisStore};
 use crate::store::{BucketStore, StoreError};
 
 /// How long a stopping gateway waits for its peers to receive its last gossip.
 const GOSSIP_RETIRE_GRACE: Duration = Duration::from_secs(2);
-
-/// How long a readiness probe waits for Redis.
-const REDIS_PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// Why the gateway could not start or stopped abnormally.
 ///
@@ -58,32 +58,19 @@ impl From<GlobalError> for GatewayError {
     }
 }
 
-/// Where the region's buckets live, kept concrete for readiness pings.
-enum Backend {
-    Memory,
-    Redis(Arc<RedisStore>),
-    Cluster(Arc<RedisClusterStore>),
-}
-
 pub use reload::{ConfigSource, ReloadOutcome};
 
-/// The configuration in force and the proxy built from it.
-pub struct Running {
-    pub config: RegionConfig,
-    pub proxy: Proxy,
-    /// SHA-256 of the config file's bytes (hex), when the gateway was started from a file.
-    pub digest: Option<String>,
-}
-
-/// Everything a gateway's handlers share.
+/// A gateway's parts, assembled. The layers and the admin API each get only the parts they
+/// use ([`Gateway::proxy_stack`], [`Gateway::admin_state`]), so none of them depends on this
+/// module.
 pub struct Gateway {
     /// Fixed for the life of the process (a reload cannot change it).
-    pub region: String,
-    running: ArcSwap<Running>,
+    pub region: Arc<str>,
+    running: Arc<InForce>,
     pub limiter: Arc<RateLimiter>,
     /// The gateway's share in global limits, when it gossips.
     pub global: Option<Arc<GlobalLimits>>,
-    backend: Backend,
+    backend: Arc<Backend>,
     /// The file a reload reads.
     source: Option<PathBuf>,
     /// Health checks and connection expiry of the running proxy's upstreams.
@@ -138,15 +125,15 @@ impl Gateway {
         }
         let proxy = Proxy::new(&config);
         Ok(Self {
-            region: config.region.clone(),
-            running: ArcSwap::from_pointee(Running {
+            region: config.region.as_str().into(),
+            running: Arc::new(InForce::new(Running {
                 config,
                 proxy,
                 digest: source.as_ref().map(|s| s.digest.clone()),
-            }),
+            })),
             limiter: Arc::new(limiter),
             global,
-            backend,
+            backend: Arc::new(backend),
             source: source.map(|s| s.path),
             upstream_tasks: Mutex::new(UpstreamTasks::default()),
             reloading: Mutex::new(()),
@@ -156,7 +143,26 @@ impl Gateway {
     /// The snapshot in force now. A caller that holds it across awaits keeps using it after
     /// a reload, which is the point: a request finishes on the configuration it started with.
     pub fn running(&self) -> Arc<Running> {
-        self.running.load_full()
+        self.running.load()
+    }
+
+    /// The proxy listener's layer stack, on this gateway's parts.
+    pub fn proxy_stack(&self) -> ProxyStack {
+        stack::proxy_stack(
+            self.region.clone(),
+            self.running.clone(),
+            self.limiter.clone(),
+        )
+    }
+
+    /// What the admin API reads.
+    pub fn admin_state(&self) -> AdminState {
+        AdminState {
+            region: self.region.clone(),
+            running: self.running.clone(),
+            global: self.global.clone(),
+            backend: self.backend.clone(),
+        }
     }
 
     /// Starts the background tasks of upstreams the running proxy added, stops those of
@@ -171,40 +177,6 @@ impl Gateway {
         self.upstream_tasks
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    pub async fn redis_status(&self) -> RedisStatus {
-        let ping = match &self.backend {
-            Backend::Memory => return RedisStatus::NotConfigured,
-            Backend::Redis(store) => tokio::time::timeout(REDIS_PROBE_TIMEOUT, store.ping()).await,
-            Backend::Cluster(store) => {
-                tokio::time::timeout(REDIS_PROBE_TIMEOUT, store.ping()).await
-            }
-        };
-        match ping {
-            Ok(Ok(())) => RedisStatus::Up,
-            Ok(Err(error)) => RedisStatus::Down {
-                error: error.to_string(),
-            },
-            Err(_) => RedisStatus::Down {
-                error: format!("no answer within {REDIS_PROBE_TIMEOUT:?}"),
-            },
-        }
-    }
-}
-
-/// Redis as the readiness endpoint reports it.
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "status", rename_all = "kebab-case")]
-pub enum RedisStatus {
-    NotConfigured,
-    Up,
-    Down { error: String },
-}
-
-impl RedisStatus {
-    pub fn is_ready(&self) -> bool {
-        !matches!(self, Self::Down { .. })
     }
 }
 
@@ -252,9 +224,9 @@ pub async fn serve(
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
-    let proxy_server = stack::serve(listener, proxy_stack(gateway.clone()), stopped());
-    let admin_server =
-        axum::serve(admin_listener, admin_app(gateway.clone())).with_graceful_shutdown(stopped());
+    let proxy_server = stack::serve(listener, gateway.proxy_stack(), stopped());
+    let admin_server = axum::serve(admin_listener, admin_app(gateway.admin_state()))
+        .with_graceful_shutdown(stopped());
     let mut proxy_task = tokio::spawn(proxy_server);
     let mut admin_task = tokio::spawn(async move { admin_server.await });
     tracing::info!(%region, %proxy_addr, %admin_addr, "gateway listening");

@@ -11,9 +11,15 @@
 //!   ([`proxy::client`]), concurrency limits, forwarding.
 //! - [`http`]: the gateway's tower layer stack and its accept loop ([`http::stack`], in one
 //!   file), what the first layer learns once per request ([`http::context`]: snapshot,
-//!   route, peer), the admin API, correlation IDs and problem responses shared with the
-//!   services.
-//! - [`gateway`]: a regional gateway process: listeners and graceful shutdown.
+//!   route, peer), the rate-limit layer ([`http::ratelimit`], the shell around
+//!   [`limit::machine`]) and its refusals, the admin API, and correlation IDs shared with
+//!   the services.
+//! - [`problem`]: RFC 9457 problem documents, for every answer tollgate gives itself.
+//! - [`running`]: the configuration in force and the proxy built from it, one snapshot a
+//!   reload swaps whole.
+//! - [`gateway`]: a regional gateway process: assembles the parts (each layer and the
+//!   admin API get only what they use), listeners, reload and graceful shutdown.
+//! - [`clock`]: the one process clock (`u64` µs) every pure core is given `now` from.
 //! - [`services`]: the airline's upstream services, users and bookings.
 //! - [`demo`]: `tollgate demo`, three regions and the services on one machine.
 //! - [`telemetry`](crate::telemetry): logs, OTLP trace export, W3C trace context.
@@ -22,7 +28,9 @@
 //! - [`certs`]: `tollgate certs`, the deployment CA and one certificate per gateway for gossip.
 //! - [`probe`]: `tollgate probe URL`, a GET for container health checks (the image has no curl).
 //! - [`limit`] (pure): GCRA buckets, policies and their keys, caller identity, the store
-//!   breaker, verdicts and RateLimit headers, known-empty buckets and hot keys' leases.
+//!   breaker, verdicts and RateLimit headers, known-empty buckets, hot keys' leases,
+//!   in-process buckets, and the limiter machine ([`limit::machine`]) that runs one request
+//!   through them (`begin` / `settle` / `abandon`).
 //! - [`store`]: where regional buckets live: Redis (one Lua script per hash tag, Cluster
 //!   aware) or memory.
 //! - [`crdt`] (pure): sliding-window usage counters (PN-counter semantics) and the strict
@@ -37,10 +45,13 @@
 //!     shutdown), `report` (stats, inspection) and `rng`.
 //!   - `gossip/driver.rs`: the driver loop; its children `handle` (the request path's
 //!     side), `link` (one connection, owned by the connection table), `accept` (accepted
-//!     connections and their `Hello`) and `identity` (the self-probe); `gossip/clock.rs`
-//!     is the clock both feed the machine.
-//! - [`global`]: global policies → gossip policy ids and config digest; starting and
-//!   retiring a gateway's gossip.
+//!     connections and their `Hello`) and `identity` (the self-probe).
+//! - [`global`]: global policies → gossip policy ids and config digest; one request's global
+//!   decision ([`global::admission`]); starting and retiring a gateway's gossip.
+//!
+//! `cargo test --test layering -- --nocapture` checks and prints the module graph: no cycle
+//! between top-level modules, and no edge from the pure core (`limit`, `crdt`,
+//! `gossip::proto`, `gossip::codec`) to a shell.
 
 pub mod certs;
 pub mod clock;
@@ -54,7 +65,9 @@ pub mod http;
 pub mod limit;
 pub mod metrics;
 pub mod probe;
+pub mod problem;
 pub mod proxy;
+pub mod running;
 pub mod services;
 pub mod shutdown;
 pub mod store;

@@ -12,7 +12,7 @@ use tollgate::telemetry::{self, LogFormat, Role};
 /// mimalloc instead of glibc's malloc: a proxied request makes about two dozen short-lived
 /// allocations (headers, boxed futures, buffers) on one thread and frees them on another;
 /// glibc spends ~250 instructions and an arena lock per pair there, mimalloc a fraction
-/// (callgrind on `bench/proxy.toml`: see README, Performance).
+/// (callgrind on `loadtest/proxy.toml`: see README, Performance).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -291,7 +291,7 @@ fn resource(role: Role<'_>, var: impl Fn(&str) -> Option<String>) -> Resource {
 /// Whether spans are exported (an OTLP exporter was installed). Without export, per-request
 /// spans serve only as log context: callers then make a span with just the correlation ID,
 /// or none, since creating, formatting and entering a span with a dozen attributes cost
-/// about a fifth of the gateway's throughput (measured with `bench/run.sh`).
+/// about a fifth of the gateway's throughput (measured with `loadtest/run.sh`).
 pub fn exporting() -> bool {
     EXPORTING.load(Ordering::Acquire)
 }

@@ -255,10 +255,7 @@ fn every_way_to_reach_a_shell_is_caught_and_prose_is_not() {
         1
     );
     assert_eq!(
-        caught(
-            lease,
-            "fn f() { let _ = crate::http::problem::Problem::new(); }"
-        ),
+        caught(lease, "fn f() { let _ = crate::problem::Problem::new(); }"),
         1
     );
     assert_eq!(caught(lease, "fn f() { tokio::spawn(async {}); }"), 1);
@@ -297,4 +294,84 @@ fn every_way_to_reach_a_shell_is_caught_and_prose_is_not() {
             violations(input, source)
         );
     }
+}
+
+/// The node a module path belongs to in the crate graph: its top-level module.
+fn node_of(path: &[String]) -> Option<String> {
+    path.first().cloned()
+}
+
+/// Every edge between top-level modules of the library (`src/main.rs` is the binary).
+fn crate_edges() -> BTreeSet<(String, String)> {
+    std::env::set_current_dir(env!("CARGO_MANIFEST_DIR")).unwrap();
+    let mut files = Vec::new();
+    rust_files(Path::new("src"), &mut files);
+    let mut edges = BTreeSet::new();
+    for file in files
+        .iter()
+        .filter(|f| !f.ends_with("main.rs") && !f.ends_with("lib.rs"))
+    {
+        let source = std::fs::read_to_string(file).unwrap();
+        let Some(from) = node_of(&module_of(file)) else {
+            continue;
+        };
+        for (absolute, path) in paths_of(file, &source) {
+            if let Some(to) = node_of(&path).filter(|_| absolute)
+                && to != from
+            {
+                edges.insert((from.clone(), to));
+            }
+        }
+    }
+    edges
+}
+
+/// The cycles of a graph: its strongly connected components of more than one node.
+fn cycles(edges: &BTreeSet<(String, String)>) -> Vec<Vec<String>> {
+    let nodes: BTreeSet<&String> = edges.iter().flat_map(|(a, b)| [a, b]).collect();
+    let reaches = |from: &String, to: &String| {
+        let mut seen = BTreeSet::from([from]);
+        let mut stack = vec![from];
+        while let Some(n) = stack.pop() {
+            for (a, b) in edges {
+                if a == n && seen.insert(b) {
+                    stack.push(b);
+                }
+            }
+        }
+        seen.contains(to)
+    };
+    let mut done = BTreeSet::new();
+    let mut found = Vec::new();
+    for n in &nodes {
+        if done.contains(*n) {
+            continue;
+        }
+        let component: Vec<String> = nodes
+            .iter()
+            .filter(|m| reaches(n, m) && reaches(m, n))
+            .map(|m| (*m).clone())
+            .collect();
+        done.extend(component.iter().cloned());
+        if component.len() > 1 {
+            found.push(component);
+        }
+    }
+    found
+}
+
+/// `cargo test --test layering -- --nocapture the_crate` prints the graph.
+#[test]
+fn the_crate_module_graph_has_no_cycle() {
+    let edges = crate_edges();
+    assert!(edges.len() > 20, "found only {edges:?}");
+    eprintln!("crate module edges (top-level modules of the library):");
+    for (from, to) in &edges {
+        eprintln!("  {from} -> {to}");
+    }
+    let found = cycles(&edges);
+    assert!(
+        found.is_empty(),
+        "modules that depend on each other: {found:?}"
+    );
 }

@@ -16,7 +16,7 @@ use tower::ServiceExt;
 
 use tollgate::config::RegionConfig;
 use tollgate::gateway::Gateway;
-use tollgate::http::stack::{ProxyStack, proxy_stack};
+use tollgate::http::stack::ProxyStack;
 
 const CONFIG: &str = r#"
 region = "test"
@@ -35,7 +35,7 @@ burst = 1
 
 fn stack() -> ProxyStack {
     let config = RegionConfig::parse(Path::new("stack.toml"), CONFIG, |_| None).unwrap();
-    proxy_stack(Arc::new(Gateway::new(config).unwrap()))
+    Gateway::new(config).unwrap().proxy_stack()
 }
 
 fn from(peer: &str, path: &str) -> Request<Body> {

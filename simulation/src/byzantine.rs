@@ -35,7 +35,7 @@ use std::fmt::Write as _;
 
 use crate::adversary::{Byzantine, Strategy, share_of};
 use crate::metrics::max_in_window;
-use crate::net::{N_REGIONS, NetParams, gateway_name};
+use crate::net::{N_REGIONS, gateway_name};
 use crate::runner::{Mode, Violation};
 use crate::scenario::{
     Kind, LIMIT, LIMIT_RATE, Request, SUB_WINDOWS, Scenario, TRAFFIC_START_US, TRAFFIC_US,
@@ -76,7 +76,7 @@ pub fn scenario(n: usize) -> Scenario {
             rate: LOAD * LIMIT_RATE,
             regions: (0..n).collect(),
         },
-        net: NetParams::default(),
+        net: crate::net::geographic(),
         skew_us: default_skew(n),
         actions: Vec::new(),
     }

@@ -197,7 +197,7 @@ fn steady(name: &'static str, about: &'static str, workload: Workload, kind: Kin
         about,
         kind,
         workload,
-        net: NetParams::default(),
+        net: crate::net::geographic(),
         skew_us: default_skew(N_REGIONS),
         actions: Vec::new(),
     }
@@ -319,7 +319,7 @@ pub fn all() -> Vec<Scenario> {
                 loss: 0.05,
                 dup: 0.05,
                 reorder_us: 40 * MS,
-                ..NetParams::default()
+                ..crate::net::geographic()
             },
             ..steady(
                 "lossy-dup-reorder",

@@ -155,11 +155,11 @@ impl Gateway {
             global.set_policies(GlobalPolicies::from_policies(&config.policies));
         }
         crate::telemetry::set_log_level(config.log_level.as_deref());
-        self.running.store(Arc::new(Running {
+        self.running.replace(Running {
             config,
             proxy,
             digest: Some(digest.clone()),
-        }));
+        });
         self.follow_upstreams();
         ReloadOutcome::Applied { digest }
     }

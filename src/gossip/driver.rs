@@ -61,7 +61,7 @@
 //!
 //! # Time
 //!
-//! `now_us` is [`crate::clock::now_us`]: a monotonic clock (a Tokio [`Instant`] since a fixed per-process
+//! `now_us` is [`crate::clock::now_us`]: a monotonic clock (a Tokio `Instant` since a fixed per-process
 //! origin) anchored at the wall-clock time of that origin. Monotonic, so the machine never
 //! sees time go back; anchored at wall-clock time, so sub-window numbers agree between regions
 //! (up to clock skew), as the usage CRDT needs. Build the [`Gossip`] with it too.

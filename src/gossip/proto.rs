@@ -86,6 +86,7 @@ mod identity;
 mod input;
 mod links;
 pub mod message;
+pub mod net;
 mod peer;
 mod reload;
 pub mod report;

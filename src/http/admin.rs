@@ -28,14 +28,27 @@ use http::{StatusCode, header};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::gateway::Gateway;
 use crate::global::GlobalLimits;
 use crate::global::strict_wait::is_connected;
 use crate::gossip::proto::PeerStatus;
 use crate::http::correlation::correlate;
-use crate::http::problem::Problem;
+use crate::problem::Problem;
+use crate::running::InForce;
+use crate::store::backend::Backend;
 
-pub fn admin_app(gateway: Arc<Gateway>) -> Router {
+/// What the admin API reads of a gateway.
+#[derive(Clone)]
+pub struct AdminState {
+    pub region: Arc<str>,
+    /// The configuration in force (services and their instances, the config digest).
+    pub running: Arc<InForce>,
+    /// The gateway's share in global limits, when it gossips.
+    pub global: Option<Arc<GlobalLimits>>,
+    /// The region's store, pinged for readiness.
+    pub backend: Arc<Backend>,
+}
+
+pub fn admin_app(state: AdminState) -> Router {
     // Before the first request is served, so that none goes uncounted.
     crate::metrics::install();
     Router::new()
@@ -43,7 +56,7 @@ pub fn admin_app(gateway: Arc<Gateway>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/limits/{policy}", get(limits))
-        .with_state(gateway)
+        .with_state(Arc::new(state))
         .layer(from_fn(correlate))
 }
 
@@ -51,8 +64,8 @@ async fn health() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
-async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
-    for service in gateway.running().proxy.status() {
+async fn metrics(State(gateway): State<Arc<AdminState>>) -> Response {
+    for service in gateway.running.load().proxy.status() {
         crate::metrics::record_upstream(
             &service.name,
             service.in_flight,
@@ -69,10 +82,10 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
         .into_response()
 }
 
-async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
-    let running = gateway.running();
+async fn ready(State(gateway): State<Arc<AdminState>>) -> Response {
+    let running = gateway.running.load();
     let services = running.proxy.status();
-    let redis = gateway.redis_status().await;
+    let redis = gateway.backend.status().await;
     let services_ready = services.iter().all(|s| s.healthy_instances > 0);
     // A process that stood down for a newer one with its identity serves no global policy:
     // a load balancer should send its traffic to the other.
@@ -88,7 +101,7 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
     };
     let mut body = json!({
         "status": if ready { "ready" } else { "not-ready" },
-        "region": gateway.region,
+        "region": &*gateway.region,
         // SHA-256 of the config file in force (the last one a reload applied).
         "config_digest": running.digest,
         "dependencies": {
@@ -205,7 +218,7 @@ struct LimitsQuery {
 
 /// `GET /limits/{policy}?key=K`.
 async fn limits(
-    State(gateway): State<Arc<Gateway>>,
+    State(gateway): State<Arc<AdminState>>,
     Path(policy): Path<String>,
     Query(query): Query<LimitsQuery>,
 ) -> Response {

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Request};
 
-use crate::gateway::Running;
 use crate::proxy::UpstreamIdx;
+use crate::running::Running;
 
 /// A request's facts as the first layer found them.
 #[derive(Clone)]

@@ -20,8 +20,8 @@ use tokio::time::Instant;
 use tracing::Instrument;
 use tracing::field::Empty;
 
-use crate::gateway::Gateway;
 use crate::http::context::{RequestContext, connection_peer};
+use crate::running::InForce;
 
 use crate::telemetry;
 
@@ -104,13 +104,18 @@ pub async fn correlate(request: Request, next: Next) -> Response {
 /// The configuration snapshot in force, the route and the peer address are found here, once,
 /// and travel in the request's [`RequestContext`], so the layers after it route the request
 /// as it was counted, whatever a reload swaps in meanwhile.
-pub async fn correlate_gateway<F, Fut>(gateway: &Gateway, mut request: Request, next: F) -> Response
+pub async fn correlate_gateway<F, Fut>(
+    region: &str,
+    in_force: &InForce,
+    mut request: Request,
+    next: F,
+) -> Response
 where
     F: FnOnce(Request) -> Fut,
     Fut: Future<Output = Response>,
 {
     let started = Instant::now();
-    let running = gateway.running();
+    let running = in_force.load();
     let routed = running.proxy.route(request.uri().path());
     let connection = connection_peer(&request);
     request.extensions_mut().insert(RequestContext {
@@ -120,7 +125,7 @@ where
     });
     let server = Server {
         route: routed.as_ref().map(|routed| routed.route),
-        region: Some(&gateway.region),
+        region: Some(region),
         client: connection,
     };
     let response = traced(request, next, server).await;
@@ -165,7 +170,7 @@ where
     let client = server.client;
     if !telemetry::exporting() {
         // Without export the span is only log context, and at `info` it cost 9% of the
-        // gateway's throughput (bench/run.sh, proxy.toml): it is a `debug` span, so lines
+        // gateway's throughput (loadtest/run.sh, proxy.toml): it is a `debug` span, so lines
         // logged inside a request carry the correlation ID when RUST_LOG asks for debug. The
         // lines about a request itself name it at any level (see `http::stack::forward`).
         let span = tracing::debug_span!("request", correlation_id = %id);

@@ -4,7 +4,6 @@
 pub mod admin;
 pub mod context;
 pub mod correlation;
-pub mod problem;
 pub mod ratelimit;
 pub mod refusal;
 pub mod stack;

@@ -1,13 +1,13 @@
 //! The limiter's answers when a request is not forwarded: 429, 503 and 401, as problem
-//! documents ([`crate::http::problem`]).
+//! documents ([`crate::problem`]).
 
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use serde_json::json;
 
-use crate::http::problem::Problem;
 use crate::limit::decision::Verdict;
 use crate::limit::identity::IdentityError;
+use crate::problem::Problem;
 
 /// The response for a verdict that refuses (`None`: it admits).
 pub fn for_verdict(verdict: &Verdict) -> Option<Response> {

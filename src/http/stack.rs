@@ -24,7 +24,7 @@
 //!
 //! The proxy listener has one route (everything) and three layers. Built as an axum router
 //! with `from_fn` middleware, the routing, the per-layer boxing and the handler adapters cost
-//! about 9,000 instructions per request (callgrind, `bench/proxy.toml`), a sixth of the
+//! about 9,000 instructions per request (callgrind, `loadtest/proxy.toml`), a sixth of the
 //! gateway's whole work for a proxied request. Here each layer is a plain tower service whose
 //! future is boxed once, and hyper serves the stack directly. The admin listener and the demo
 //! services, whose routes are many and whose traffic is small, stay on axum.
@@ -46,10 +46,10 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
-use crate::gateway::Gateway;
 use crate::http::context::{RequestContext, peer_of};
 use crate::http::correlation::{RequestId, correlate_gateway};
 use crate::http::ratelimit::{RateLimiter, rate_limit};
+use crate::running::InForce;
 
 /// How long a client may take to send a request's head: a slow client holds a connection, not
 /// the gateway.
@@ -65,13 +65,21 @@ pub type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response, Infallibl
 /// The proxy listener's service: the three layers above, outermost first.
 pub type ProxyStack = Staged<Correlate, Staged<RateLimit, Forward>>;
 
-/// Builds the stack. Requests must carry [`ConnectInfo<SocketAddr>`] (as [`serve`] adds) so
-/// the client address is known.
-pub fn proxy_stack(gateway: Arc<Gateway>) -> ProxyStack {
+/// Builds the stack for the gateway of `region`, on the configuration `running` holds and
+/// the rules `limiter` holds. Each layer gets only what it uses. Requests must carry
+/// [`ConnectInfo<SocketAddr>`] (as [`serve`] adds) so the client address is known.
+pub fn proxy_stack(
+    region: Arc<str>,
+    running: Arc<InForce>,
+    limiter: Arc<RateLimiter>,
+) -> ProxyStack {
     ServiceBuilder::new()
-        .layer(StageLayer(Correlate(gateway.clone())))
-        .layer(StageLayer(RateLimit(gateway.limiter.clone())))
-        .service(Forward(gateway))
+        .layer(StageLayer(Correlate {
+            region,
+            running: running.clone(),
+        }))
+        .layer(StageLayer(RateLimit(limiter)))
+        .service(Forward(running))
 }
 
 /// Serves `stack` on `listener` (HTTP/1.1) until `shutdown` resolves, then stops accepting and
@@ -182,13 +190,20 @@ impl<St: Stage, S: Next + Clone> Service<Request> for Staged<St, S> {
     }
 }
 
-/// Layer 1: the request's correlation ID, server span and metrics.
+/// Layer 1: the request's correlation ID, server span and metrics, and its
+/// [`RequestContext`] (the snapshot in force, the route, the client address).
 #[derive(Clone)]
-pub struct Correlate(Arc<Gateway>);
+pub struct Correlate {
+    region: Arc<str>,
+    running: Arc<InForce>,
+}
 
 impl Stage for Correlate {
     async fn around<S: Next>(self, request: Request, inner: S) -> Response {
-        correlate_gateway(&self.0, request, |request| call_inner(inner, request)).await
+        correlate_gateway(&self.region, &self.running, request, |request| {
+            call_inner(inner, request)
+        })
+        .await
     }
 }
 
@@ -204,7 +219,7 @@ impl Stage for RateLimit {
 
 /// Layer 3, the innermost service: forwards to the upstream the path routes to.
 #[derive(Clone)]
-pub struct Forward(Arc<Gateway>);
+pub struct Forward(Arc<InForce>);
 
 impl Service<Request> for Forward {
     type Response = Response;
@@ -220,14 +235,14 @@ impl Service<Request> for Forward {
     }
 }
 
-async fn forward(gateway: Arc<Gateway>, request: Request) -> Response {
+async fn forward(in_force: Arc<InForce>, request: Request) -> Response {
     let id = request.extensions().get::<RequestId>().cloned();
     // The context the first layer set (see `correlate_gateway`); a stack built without that
     // layer routes here.
     let context = match RequestContext::of(&request) {
         Some(context) => context.clone(),
         None => {
-            let running = gateway.running();
+            let running = in_force.load();
             let upstream = running
                 .proxy
                 .route(request.uri().path())

@@ -4,7 +4,7 @@
 //!
 //! That client is general: absolute URIs, one pool for every (scheme, authority) behind one
 //! lock, DNS on the blocking thread pool, and request futures that are boxed and moved several
-//! times. A profile of the plain proxy path (callgrind, `bench/proxy.toml`) put about 11,000
+//! times. A profile of the plain proxy path (callgrind, `loadtest/proxy.toml`) put about 11,000
 //! instructions per request in it, a sixth of everything the gateway did for a request. The
 //! gateway has already chosen the instance when it sends, so each instance keeps its own idle
 //! stack here:

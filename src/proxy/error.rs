@@ -5,7 +5,7 @@ use std::time::Duration;
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 
-use crate::http::problem::Problem;
+use crate::problem::Problem;
 
 /// A request the gateway could not forward, or whose upstream failed.
 #[derive(Debug, thiserror::Error)]

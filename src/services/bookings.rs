@@ -29,7 +29,7 @@ use super::users_client::{UserLookup, UsersClient};
 use super::web::{self, JsonObject, Violations};
 use super::{BookingsArgs, ServiceError};
 use crate::http::correlation::RequestId;
-use crate::http::problem::Problem;
+use crate::problem::Problem;
 
 /// Most passengers one booking may carry.
 pub const MAX_PASSENGERS: usize = 9;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::StatusCode;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use crate::http::problem::Problem;
+use crate::problem::Problem;
 
 /// How long one Redis command may take before the request fails with 503. Redis answers in
 /// well under a millisecond when healthy, so waiting longer only piles requests up.

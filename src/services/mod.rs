@@ -10,7 +10,7 @@
 //! serve the same data and the gateway can balance or fail over between them freely.
 //!
 //! Both speak JSON in camelCase, report every error as RFC 9457 problem+json (see
-//! [`crate::http::problem`]), expose `GET /health`, and echo `X-Request-ID` on every response.
+//! [`crate::problem`]), expose `GET /health`, and echo `X-Request-ID` on every response.
 //! Every request is a server span carrying its `correlation_id` and continuing the caller's
 //! W3C trace context (see [`crate::telemetry`]).
 

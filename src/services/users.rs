@@ -29,7 +29,7 @@ pub use store::{UserPage, UserStore};
 
 use super::web::{self, JsonObject, Violations};
 use super::{ServiceError, UsersArgs};
-use crate::http::problem::Problem;
+use crate::problem::Problem;
 
 /// Shortest and longest username.
 pub const USERNAME_LEN: std::ops::RangeInclusive<usize> = 3..=32;

@@ -10,6 +10,7 @@ use futures_util::future::BoxFuture;
 // which store answers them; the stores speak them.
 pub use crate::limit::bucket::{BucketOutcome, BucketRequest, hash_tag};
 
+pub mod backend;
 pub mod memory;
 pub mod redis;
 

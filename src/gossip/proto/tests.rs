@@ -1,16 +1,18 @@
 //! Deterministic tests of the gossip state machine over an in-memory network.
 //!
-//! The harness is a tiny discrete-event loop: a queue of `(deliver_at, seq) → event` with
-//! per-link latency, loss, duplication and partitions drawn from a seeded PRNG. Every message
+//! The harness is a tiny discrete-event loop: a queue of `(deliver_at, seq) → event` over
+//! the in-memory network the simulator also runs on ([`super::net`]: per-message latency,
+//! loss, duplication and partitions drawn from a seeded PRNG). Every message
 //! goes through the real codec (encoded, hashed into a trace, decoded), so the tests also
 //! check that everything the machine emits frames and decodes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use super::*;
 use crate::crdt::bounded::StrictPolicy;
 use crate::crdt::{Ack, Announce, Ask, Col, Delta, EventualPolicy, Handover, Transfer, WindowSpec};
 use crate::gossip::codec::{self, DEFAULT_MAX_FRAME, Decoder};
+use crate::gossip::proto::net::{NetParams, Network};
 
 /// A realistic wall-clock start (2025), so sub-window numbers look like production ones.
 const T0: u64 = 1_750_000_000_000_000;
@@ -91,20 +93,13 @@ impl Fnv {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Net {
-    min_latency_us: u64,
-    max_latency_us: u64,
-    loss: f64,
-    dup: f64,
+/// The calm network: one-way delays of 10-30 ms, nothing lost.
+fn calm() -> NetParams {
+    NetParams::uniform(40 * MS, 0.5)
 }
 
-const CALM: Net = Net {
-    min_latency_us: 10 * MS,
-    max_latency_us: 30 * MS,
-    loss: 0.0,
-    dup: 0.0,
-};
+/// The longest one-way delay of [`calm`].
+const MAX_LATENCY_US: u64 = 30 * MS;
 
 #[derive(Debug)]
 enum Event {
@@ -130,15 +125,13 @@ struct Sim {
     /// `(time, seq) → (target node, event)`.
     queue: BTreeMap<(u64, u64), (usize, Event)>,
     seq: u64,
-    rng: SplitMix64,
-    net: Net,
-    cut: BTreeSet<(usize, usize)>,
+    net: Network,
     trace: Fnv,
     transmitted: u64,
 }
 
 impl Sim {
-    fn new(seed: u64, net: Net) -> Self {
+    fn new(seed: u64, net: NetParams) -> Self {
         let nodes = slots()
             .iter()
             .enumerate()
@@ -160,9 +153,7 @@ impl Sim {
             nodes,
             queue: BTreeMap::new(),
             seq: 0,
-            rng: SplitMix64::new(seed),
-            net,
-            cut: BTreeSet::new(),
+            net: Network::new(net, seed),
             trace: Fnv(0xcbf2_9ce4_8422_2325),
             transmitted: 0,
         }
@@ -188,24 +179,15 @@ impl Sim {
     }
 
     fn is_cut(&self, a: usize, b: usize) -> bool {
-        self.cut.contains(&(a.min(b), a.max(b)))
+        !self.net.both_open(a, b)
     }
 
     fn partition(&mut self, island: usize) {
-        for other in 0..self.nodes.len() {
-            if other != island {
-                self.cut.insert((island.min(other), island.max(other)));
-            }
-        }
+        self.net.isolate(island, self.nodes.len());
     }
 
     fn heal(&mut self) {
-        self.cut.clear();
-    }
-
-    fn latency(&mut self) -> u64 {
-        let spread = self.net.max_latency_us - self.net.min_latency_us;
-        self.net.min_latency_us + self.rng.up_to(spread)
+        self.net.heal();
     }
 
     fn schedule(&mut self, at: u64, to: usize, event: Event) {
@@ -219,13 +201,9 @@ impl Sim {
         for i in 0..self.nodes.len() {
             while let Some(peer) = self.nodes[i].poll_connect(now) {
                 let to = usize::from(peer.0);
-                let lat = self.latency();
+                let lat = self.net.delay(i, to);
                 if self.is_cut(i, to) {
-                    self.schedule(
-                        now + 2 * self.net.max_latency_us,
-                        i,
-                        Event::DialFailed { from: to },
-                    );
+                    self.schedule(now + 2 * MAX_LATENCY_US, i, Event::DialFailed { from: to });
                 } else {
                     self.schedule(now + lat, to, Event::Connect { from: i });
                 }
@@ -233,7 +211,7 @@ impl Sim {
             while let Some(peer) = self.nodes[i].poll_close() {
                 let to = usize::from(peer.0);
                 if !self.is_cut(i, to) {
-                    let lat = self.latency();
+                    let lat = self.net.delay(i, to);
                     self.schedule(now + lat, to, Event::Closed { from: i });
                 }
             }
@@ -244,16 +222,15 @@ impl Sim {
                 self.trace.write(&[i as u8, to as u8]);
                 self.trace.write(&bytes);
                 self.transmitted += 1;
-                if self.is_cut(i, to) || self.rng.chance(self.net.loss) {
+                if self.is_cut(i, to) {
                     continue;
                 }
-                let copies = if self.rng.chance(self.net.dup) { 2 } else { 1 };
-                for _ in 0..copies {
+                for _ in 0..self.net.copies() {
                     let mut decoder = Decoder::new(DEFAULT_MAX_FRAME);
                     decoder.extend(&bytes);
                     let decoded: Message = decoder.decode().unwrap().expect("a whole frame");
                     assert_eq!(decoded, msg, "codec round trip");
-                    let lat = self.latency();
+                    let lat = self.net.delay(i, to);
                     self.schedule(
                         now + lat,
                         to,
@@ -277,7 +254,7 @@ impl Sim {
             }
             Event::Connect { from } => {
                 if self.is_cut(from, to) {
-                    let lat = self.latency();
+                    let lat = self.net.delay(to, from);
                     self.schedule(now + lat, from, Event::DialFailed { from: to });
                 } else {
                     self.nodes[to].on_connected(PeerId(from as u16), now);
@@ -372,7 +349,7 @@ fn assert_converged(sim: &Sim, keys: &[String], expected: u64) {
 
 #[test]
 fn handshake_connects_everyone() {
-    let mut sim = Sim::new(1, CALM);
+    let mut sim = Sim::new(1, calm());
     sim.run_until(T0 + 500 * MS);
     assert!(sim.all_connected());
     for n in &sim.nodes {
@@ -389,12 +366,12 @@ fn burst_converges_within_three_intervals_plus_latency() {
 }
 
 fn burst_converges_within_three_intervals_plus_latency_with(seed: u64) {
-    let mut sim = Sim::new(seed, CALM);
+    let mut sim = Sim::new(seed, calm());
     sim.run_until(T0 + SEC);
     assert!(sim.all_connected());
     let ks = keys(200);
     burst(&mut sim, &ks, 2);
-    let deadline = sim.now + 3 * config().interval_us + CALM.max_latency_us;
+    let deadline = sim.now + 3 * config().interval_us + MAX_LATENCY_US;
     sim.run_until(deadline);
     assert_converged(&sim, &ks, 6);
 }
@@ -407,10 +384,10 @@ fn loss_and_duplication_are_repaired() {
 }
 
 fn loss_and_duplication_are_repaired_with(seed: u64) {
-    let lossy = Net {
+    let lossy = NetParams {
         loss: 0.2,
         dup: 0.1,
-        ..CALM
+        ..calm()
     };
     let mut sim = Sim::new(seed, lossy);
     let ks = keys(100);
@@ -421,7 +398,7 @@ fn loss_and_duplication_are_repaired_with(seed: u64) {
         burst(&mut sim, &ks[..(round as usize * 5 + 5)], 1);
     }
     sim.run_until(sim.now + 200 * MS);
-    sim.net = CALM;
+    sim.net.set_params(calm());
     let stop = sim.now;
     // Deltas are resent after two intervals without confirmation; a digest round is the
     // backstop. Allow two anti-entropy periods.
@@ -441,7 +418,7 @@ fn partition_then_heal_converges() {
 }
 
 fn partition_then_heal_converges_with(seed: u64) {
-    let mut sim = Sim::new(seed, CALM);
+    let mut sim = Sim::new(seed, calm());
     sim.run_until(T0 + SEC);
     let ks = keys(50);
     burst(&mut sim, &ks, 1);
@@ -463,11 +440,11 @@ fn partition_then_heal_converges_with(seed: u64) {
     assert_eq!(sim.nodes[2].count(LONG, &ks[0], sim.now), 3 + 10);
     sim.heal();
     let c = config();
-    let rtt = 2 * CALM.max_latency_us;
+    let rtt = 2 * MAX_LATENCY_US;
     // Dial + Hello + FullState, each one way.
-    let handshake = 3 * CALM.max_latency_us;
+    let handshake = 3 * MAX_LATENCY_US;
     // A dial in flight at the heal fails first.
-    let failed_dial = 2 * CALM.max_latency_us;
+    let failed_dial = 2 * MAX_LATENCY_US;
     sim.run_until(sim.now + 3 * c.interval_us + rtt + c.backoff_cap_us + handshake + failed_dial);
     for (i, k) in ks.iter().enumerate() {
         let expected = if i < 10 { 3 + 30 } else { 3 };
@@ -478,7 +455,7 @@ fn partition_then_heal_converges_with(seed: u64) {
 
 #[test]
 fn a_restarted_peer_is_a_new_actor_and_its_predecessor_still_counts() {
-    let mut sim = Sim::new(7, CALM);
+    let mut sim = Sim::new(7, calm());
     sim.run_until(T0 + 3 * SEC);
     assert!(sim.nodes.iter().all(|n| n.strict().is_reclaimed()));
     let ks = keys(10);
@@ -520,18 +497,18 @@ fn max_in_any_window(times: &[u64], w: u64) -> usize {
 
 #[test]
 fn region_hopping_client_gets_at_most_the_limit() {
-    let lossy = Net {
+    let lossy = NetParams {
         loss: 0.1,
         dup: 0.1,
-        ..CALM
+        ..calm()
     };
     for seed in SEEDS {
-        region_hopping_client_gets_at_most_the_limit_with(seed, CALM);
+        region_hopping_client_gets_at_most_the_limit_with(seed, calm());
         region_hopping_client_gets_at_most_the_limit_with(seed, lossy);
     }
 }
 
-fn region_hopping_client_gets_at_most_the_limit_with(seed: u64, net: Net) {
+fn region_hopping_client_gets_at_most_the_limit_with(seed: u64, net: NetParams) {
     let mut sim = Sim::new(seed, net);
     // Strict mode: every slot waits a window plus a sub-window, then hands over (announces
     // repeat until then, so lost handovers only delay it).
@@ -580,10 +557,10 @@ fn region_hopping_client_gets_at_most_the_limit_with(seed: u64, net: Net) {
 
 /// A lossy run with admissions: the fingerprint of everything transmitted.
 fn lossy_run(seed: u64) -> (u64, u64, Vec<u64>) {
-    let net = Net {
+    let net = NetParams {
         loss: 0.1,
         dup: 0.05,
-        ..CALM
+        ..calm()
     };
     let mut sim = Sim::new(seed, net);
     let ks = keys(20);
@@ -612,7 +589,7 @@ fn same_seed_same_transmissions() {
 
 #[test]
 fn config_mismatch_is_reported_and_not_merged() {
-    let mut sim = Sim::new(6, CALM);
+    let mut sim = Sim::new(6, calm());
     sim.nodes[2] = Gossip::new(
         slots()[2].actor(1),
         slots(),
@@ -758,7 +735,7 @@ fn hostile_input_is_dropped_without_panicking() {
 
 #[test]
 fn many_waiting_changes_are_sent_before_the_interval() {
-    let mut sim = Sim::new(8, CALM);
+    let mut sim = Sim::new(8, calm());
     sim.run_until(T0 + SEC);
     assert!(sim.all_connected());
     // Right after a flush: the next one is almost an interval away.
@@ -952,7 +929,7 @@ fn splitmix_is_the_reference_sequence() {
 
 #[test]
 fn a_retiring_node_hands_its_rights_to_a_peer_and_sends_its_last_usage() {
-    let mut sim = Sim::new(11, CALM);
+    let mut sim = Sim::new(11, calm());
     sim.run_until(T0 + 3 * SEC);
     assert!(sim.nodes.iter().all(|n| n.strict().is_reclaimed()));
     let now = sim.now;
@@ -979,7 +956,7 @@ fn a_retiring_node_hands_its_rights_to_a_peer_and_sends_its_last_usage() {
 
 #[test]
 fn a_strict_refund_returns_the_rights() {
-    let mut sim = Sim::new(12, CALM);
+    let mut sim = Sim::new(12, calm());
     sim.run_until(T0 + 3 * SEC);
     let now = sim.now;
     let before = sim.nodes[0].remaining_strict(STRICT, "k", now);
@@ -995,7 +972,7 @@ fn a_strict_refund_returns_the_rights() {
 #[test]
 fn a_request_is_admitted_by_all_its_global_policies_or_by_none() {
     use crate::limit::policy::GlobalMode;
-    let mut sim = Sim::new(14, CALM);
+    let mut sim = Sim::new(14, calm());
     sim.run_until(T0 + 3 * SEC);
     let now = sim.now;
     let checks = [
@@ -1048,7 +1025,7 @@ fn admitted(outcomes: &[GlobalOutcome]) -> Vec<bool> {
 
 #[test]
 fn a_new_incarnation_admits_eventual_only_once_it_learned_the_counts() {
-    let mut sim = Sim::new(13, CALM);
+    let mut sim = Sim::new(13, calm());
     sim.run_until(T0 + 3 * SEC);
     for _ in 0..30 {
         assert!(sim.nodes[1].try_admit_eventual(SHORT, "k", 1, SHORT_LIMIT, sim.now));

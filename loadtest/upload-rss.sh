@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Proxies a 100 MB streamed upload through a real gateway and prints its peak RSS growth.
-# Usage: bench/upload-rss.sh [MEGABYTES]
+# Usage: loadtest/upload-rss.sh [MEGABYTES]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --bin tollgate --example upload_rss
-exec target/release/examples/upload_rss "${1:-100}"
+exec target/release/measure/upload_rss "${1:-100}"

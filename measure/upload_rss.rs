@@ -1,7 +1,7 @@
 //! Benchmark (not a test): proxies a large streamed upload through a real gateway process and
 //! reports the gateway's peak RSS growth. Target: under 50 MB for 100 MB.
 //!
-//! Run with `bench/upload-rss.sh` (or `cargo run --release --example upload_rss -- [MB]`).
+//! Run with `loadtest/upload-rss.sh` (or `cargo run --release --example upload_rss -- [MB]`).
 //! The gateway is the built `tollgate` binary next to this example in `target/release`; the
 //! upstream is a sink in this process that counts and discards what it receives.
 

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Throughput and latency of tollgate against nginx and a direct upstream, on this machine.
 #
-#   bench/run.sh            # ROUNDS=2 DURATION=10s CONNECTIONS=64 by default
-#   bench/run.sh --quick    # smoke test: ROUNDS=1 DURATION=2s, prints only (RESULTS.md kept)
-#   CONFIGS="global-eventual global-strict" bench/run.sh --quick   # only these tollgate configs
-#   INSTALL_OHA=1 bench/run.sh   # also install oha for the fixed-rate phase (a long build)
+#   loadtest/run.sh            # ROUNDS=2 DURATION=10s CONNECTIONS=64 by default
+#   loadtest/run.sh --quick    # smoke test: ROUNDS=1 DURATION=2s, prints only (RESULTS.md kept)
+#   CONFIGS="global-eventual global-strict" loadtest/run.sh --quick   # only these tollgate configs
+#   INSTALL_OHA=1 loadtest/run.sh   # also install oha for the fixed-rate phase (a long build)
 #
 # Starts a static upstream (nginx returning a small JSON body) on 127.0.0.1:9001, nginx as a
 # reverse proxy (:8091) and as proxy + limit_req (:8092, never rejecting), Redis on :6379,
-# and tollgate on :8090 with each bench/*.toml in turn; runs `wrk -t1 -cN` against each,
+# and tollgate on :8090 with each loadtest/*.toml in turn; runs `wrk -t1 -cN` against each,
 # alternating targets over several rounds; prints req/s, latency percentiles, CPU seconds per
-# 10,000 requests and RSS of the process under test, and Redis's own CPU per 10,000 requests; writes bench/RESULTS.md (keeping its
+# 10,000 requests and RSS of the process under test, and Redis's own CPU per 10,000 requests; writes loadtest/RESULTS.md (keeping its
 # "Microbenchmarks" section, which `cargo bench` numbers are copied into by hand).
 #
 # The global configs are measured with two peer gateways running (started from the same file
@@ -27,7 +27,7 @@ QUICK=0
 for arg in "$@"; do
   case $arg in
     --quick) QUICK=1 ;;
-    *) echo "usage: bench/run.sh [--quick]" >&2; exit 2 ;;
+    *) echo "usage: loadtest/run.sh [--quick]" >&2; exit 2 ;;
   esac
 done
 if [ "$QUICK" = 1 ]; then
@@ -41,7 +41,7 @@ CONNECTIONS=${CONNECTIONS:-64}
 OHA_DURATION=${OHA_DURATION:-10s}
 CONFIGS=${CONFIGS:-proxy redis-policy redis-no-lease reject global-eventual global-strict}
 # A quick run is a smoke test: its numbers must not replace a real run's.
-RESULTS=bench/RESULTS.md
+RESULTS=loadtest/RESULTS.md
 if [ "$QUICK" = 1 ]; then RESULTS=; fi
 BIN=${CARGO_TARGET_DIR:-target}/release/tollgate
 WORK=$(mktemp -d)
@@ -230,11 +230,11 @@ for round in $(seq 1 "$ROUNDS"); do
   run_target "nginx + limit_req" http://127.0.0.1:8092/api/v1/users/42 "$(nginx_worker)"
   for config in $CONFIGS; do
     if [[ $config == global-* ]]; then
-      start_peers "bench/$config.toml"
-      start_tollgate "bench/$config.toml"
+      start_peers "loadtest/$config.toml"
+      start_tollgate "loadtest/$config.toml"
       wait_global
     else
-      start_tollgate "bench/$config.toml"
+      start_tollgate "loadtest/$config.toml"
     fi
     run_target "tollgate $config.toml" http://127.0.0.1:8090/api/v1/users/42 "$TOLLGATE_PID"
     stop_tollgate
@@ -275,7 +275,7 @@ if need oha && grep -q '^tollgate proxy.toml' "$results"; then
     # scheduler sharing the cores between the load generator, the proxy and the upstream.
     run_fixed "nginx proxy" http://127.0.0.1:8091/api/v1/users/42 "$rate"
     for config in proxy redis-policy; do
-      start_tollgate "bench/$config.toml"
+      start_tollgate "loadtest/$config.toml"
       wrk -t1 -c"$CONNECTIONS" -d1s http://127.0.0.1:8090/api/v1/users/42 >/dev/null
       run_fixed "tollgate $config.toml" http://127.0.0.1:8090/api/v1/users/42 "$rate"
       stop_tollgate
@@ -301,7 +301,7 @@ emit(f"{datetime.date.today()} on {os.cpu_count()} cores ({cpu}), {platform.syst
 emit(f"`wrk -t1 -c{conns} -d{duration}`, {rounds} rounds alternating targets, medians shown. Upstream: nginx")
 emit(f"returning a 35-byte JSON body. CPU and RSS are the process under test (the nginx worker for")
 emit(f"nginx rows: it also serves the upstream; for global configs the gateway measured, not its two")
-emit(f"peers). Reproduce with `bench/run.sh`.\n")
+emit(f"peers). Reproduce with `loadtest/run.sh`.\n")
 emit("| target | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 10k req | RSS MiB | non-2xx | Redis CPU s / 10k req |")
 emit("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for name in rows:

@@ -3,7 +3,7 @@
 # reloaded every second, its policy's `rate` changed every other time and, every INVALID_EVERY
 # seconds, replaced by an invalid file (which must keep the running config).
 #
-#   bench/reload.sh                      # DURATION=30 CONNECTIONS=32 INVALID_EVERY=7
+#   loadtest/reload.sh                      # DURATION=30 CONNECTIONS=32 INVALID_EVERY=7
 #
 # Prints wrk's connection errors and responses by status (429 is the policy's own refusal;
 # anything else but 200 is a failure), and after each reload the `q` of `RateLimit-Policy`
