@@ -32,7 +32,7 @@ use crate::limit::identity::{self, IdentityConfig};
 use crate::limit::machine::{Answer, Decided, Limiter, Pending, Step};
 use crate::limit::policy::{self, Applied, Policy};
 pub use crate::metrics::Decision;
-use crate::store::{BucketRequest, BucketStore, StoreError};
+use crate::store::{BucketOutcome, BucketRequest, BucketStore, StoreError};
 
 /// What a reload replaces: the policies and how callers are identified. A request decides
 /// on the rules it started with, whatever a reload swaps in meanwhile.
@@ -56,8 +56,8 @@ pub struct RateLimiter {
     rules: ArcSwap<Rules>,
     /// The region's store (Redis, or memory when there is no Redis).
     store: Arc<dyn BucketStore>,
-    /// Held only between awaits, for microseconds: a blocking mutex is cheaper than an
-    /// async one.
+    /// Never held across an await, and its work is integer and map operations (amortized
+    /// O(1): the tables sweep as they go), so a blocking mutex is cheaper than an async one.
     machine: Mutex<Limiter>,
     /// The deployment-wide state of global policies, when the gateway gossips.
     global: Option<Arc<GlobalLimits>>,
@@ -188,6 +188,7 @@ impl RateLimiter {
         let mut step = self
             .machine()
             .begin(applied, global_outcomes.unwrap_or_default(), now_us());
+        let mut last_error = None;
         let decided = loop {
             let pending = match step {
                 Step::Done(decided) => break decided,
@@ -195,8 +196,15 @@ impl RateLimiter {
             };
             let buckets = pending.buckets(applied);
             let asked = pending.asked();
+            debug_assert!(!held.pending.holds_anything(), "one claim at a time");
             held.pending = pending;
-            let answer = self.ask_store(buckets, asked).await;
+            let answer = match self.ask_store(buckets, asked).await {
+                Ok(outcomes) => Answer::Outcomes(outcomes),
+                Err(error) => {
+                    last_error = Some(error);
+                    Answer::Failed
+                }
+            };
             let pending = std::mem::take(&mut held.pending);
             step = self.machine().settle(pending, applied, answer, now_us());
         };
@@ -207,18 +215,23 @@ impl RateLimiter {
         }
         // Settled: nothing left for the guard to give back.
         held.global = None;
+        self.breaker_changed(decided.breaker, last_error.as_ref());
         decided
     }
 
-    /// One store call for `buckets`, expecting `asked` outcomes.
-    async fn ask_store(&self, buckets: Vec<BucketRequest>, asked: usize) -> Answer {
+    /// One store call for `buckets`, expecting `asked` outcomes; a failure is counted by kind.
+    async fn ask_store(
+        &self,
+        buckets: Vec<BucketRequest>,
+        asked: usize,
+    ) -> Result<Vec<BucketOutcome>, StoreError> {
         // No timer of our own: every store answers within its deadline (the trait's
         // contract), and a second timer per request cost a timer-wheel insert and removal.
         let started = Instant::now();
         let answer = self.store.acquire(buckets).await;
         crate::metrics::record_store_latency(self.store.kind(), started.elapsed());
         let error = match answer {
-            Ok(outcomes) if outcomes.len() == asked => return Answer::Outcomes(outcomes),
+            Ok(outcomes) if outcomes.len() == asked => return Ok(outcomes),
             Ok(outcomes) => {
                 StoreError::Protocol(format!("{} outcomes for {asked} buckets", outcomes.len()))
             }
@@ -232,7 +245,28 @@ impl RateLimiter {
         metrics::counter!(crate::metrics::STORE_ERRORS_TOTAL, "store" => self.store.kind(), "kind" => kind)
             .increment(1);
         tracing::debug!(store = self.store.kind(), %error, "bucket store call failed");
-        Answer::Failed
+        Err(error)
+    }
+
+    /// The breaker's gauge and log line, when a request changed it.
+    fn breaker_changed(&self, transition: Option<Transition>, error: Option<&StoreError>) {
+        let store = self.store.kind();
+        match transition {
+            Some(Transition::Opened) => {
+                metrics::gauge!(crate::metrics::STORE_BREAKER_OPEN, "store" => store).set(1.0);
+                let error = error.map(ToString::to_string);
+                tracing::warn!(
+                    store,
+                    error,
+                    "bucket store failing: breaker open, policies fall back to their on_store_error"
+                );
+            }
+            Some(Transition::Closed) => {
+                metrics::gauge!(crate::metrics::STORE_BREAKER_OPEN, "store" => store).set(0.0);
+                tracing::info!(store, "bucket store answering again, back to normal");
+            }
+            None => {}
+        }
     }
 
     /// Only traces use this span: its fields appear on no log line.
@@ -259,26 +293,13 @@ impl RateLimiter {
         span
     }
 
-    /// Metrics, the breaker's log line and the span's fields for a decision.
+    /// Metrics and the span's fields for a decision.
     fn report(&self, applied: &[Applied<'_>], decided: &Decided, span: &tracing::Span) {
-        let store = self.store.kind();
-        match decided.breaker {
-            Some(Transition::Opened) => {
-                metrics::gauge!(crate::metrics::STORE_BREAKER_OPEN, "store" => store).set(1.0);
-                tracing::warn!(
-                    store,
-                    "bucket store failing: breaker open, policies fall back to their on_store_error"
-                );
-            }
-            Some(Transition::Closed) => {
-                metrics::gauge!(crate::metrics::STORE_BREAKER_OPEN, "store" => store).set(0.0);
-                tracing::info!(store, "bucket store answering again, back to normal");
-            }
-            None => {}
-        }
-        for &i in &decided.lease_served {
-            if let Some(a) = applied.get(i) {
-                crate::metrics::count_lease_served(&a.policy.name);
+        if decided.lease_served != 0 {
+            for (i, a) in applied.iter().enumerate().take(64) {
+                if decided.lease_served >> i & 1 == 1 {
+                    crate::metrics::count_lease_served(&a.policy.name);
+                }
             }
         }
         let remaining = decided.results.iter().filter_map(|r| match r.outcome {
@@ -310,9 +331,11 @@ impl Drop for Held<'_> {
     fn drop(&mut self) {
         if self.pending.holds_anything() {
             let pending = std::mem::take(&mut self.pending);
-            self.limiter
+            let transition = self
+                .limiter
                 .machine()
                 .abandon(pending, self.applied, now_us());
+            self.limiter.breaker_changed(transition, None);
         }
         if let (Some(limits), Some(taken)) = (&self.limiter.global, &self.global) {
             limits.give_back(taken);

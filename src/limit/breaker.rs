@@ -130,11 +130,12 @@ impl Breaker {
         }
     }
 
-    /// The probe's request went away before the store answered: it proves nothing, so the
-    /// next request at or after `now` probes instead of waiting out another interval.
-    pub fn probe_abandoned(&mut self, now: u64) {
-        if let State::Probing { .. } = self.state {
-            self.state = State::Open { probe_at: now };
+    /// The probe let through at `since` went away before the store answered: it proves
+    /// nothing, so the next request at or after `probe_at` probes instead of waiting out a
+    /// whole interval. A probe let through since is left alone.
+    pub fn probe_abandoned(&mut self, since: u64, probe_at: u64) {
+        if self.state == (State::Probing { since }) {
+            self.state = State::Open { probe_at };
         }
     }
 }
@@ -186,12 +187,17 @@ mod tests {
         b.on_failure(0);
         assert!(b.allow(100 * MS));
         assert!(!b.allow(110 * MS), "the probe is in flight");
-        b.probe_abandoned(120 * MS);
-        assert!(b.allow(120 * MS), "the next request probes at once");
+        b.probe_abandoned(100 * MS, 120 * MS);
+        assert!(!b.allow(119 * MS), "not before the given time");
+        assert!(b.allow(120 * MS), "then the next request probes");
         assert!(!b.allow(121 * MS));
-        b.probe_abandoned(130 * MS);
+        b.probe_abandoned(100 * MS, 130 * MS);
+        assert!(
+            !b.allow(130 * MS),
+            "a stale probe leaves the current one alone"
+        );
         b.on_failure(140 * MS);
-        b.probe_abandoned(150 * MS);
+        b.probe_abandoned(120 * MS, 150 * MS);
         assert!(!b.allow(150 * MS), "only a probe in flight is given up");
     }
 }

@@ -13,6 +13,8 @@
 //! The guarantee (property-tested below): in any interval of length `t`, at most
 //! `burst + t / interval_us` tokens are admitted.
 
+use std::borrow::Borrow;
+
 /// The shape of one bucket: capacity and refill speed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BucketSpec {
@@ -135,24 +137,32 @@ pub struct InvalidSpec {
 /// Decides `requests` together at `now_us`, all or nothing, with `stored(i)` the TAT stored
 /// for request `i`'s key (0: full). A key listed twice sees its own earlier draw. The same
 /// decision as `bucket.lua`'s, so memory, the `local` fallback and Redis agree.
-pub fn decide_all(
-    requests: &[&BucketRequest],
+pub fn decide_all<R: Borrow<BucketRequest>>(
+    requests: &[R],
     stored: impl Fn(usize) -> u64,
     now_us: u64,
 ) -> Result<AllOrNothing, InvalidSpec> {
-    if let Some(bad) = requests.iter().find(|r| r.spec.interval_us == 0) {
+    if let Some(bad) = requests
+        .iter()
+        .map(Borrow::borrow)
+        .find(|r| r.spec.interval_us == 0)
+    {
         return Err(InvalidSpec {
             key: bad.key.clone(),
         });
     }
     let mut commits: Vec<(usize, u64)> = Vec::with_capacity(requests.len());
     let mut decisions = Vec::with_capacity(requests.len());
-    for (i, request) in requests.iter().enumerate() {
+    for (i, request) in requests.iter().map(Borrow::borrow).enumerate() {
         let before = stored(i);
         let current = commits
             .iter()
             .rev()
-            .find(|(j, _)| requests.get(*j).is_some_and(|r| r.key == request.key))
+            .find(|(j, _)| {
+                requests
+                    .get(*j)
+                    .is_some_and(|r| r.borrow().key == request.key)
+            })
             .map_or(before, |&(_, tat)| tat);
         let decision = decide(request.spec, current, now_us, request.cost);
         if decision.admitted {
@@ -163,6 +173,7 @@ pub fn decide_all(
     let all_admitted = decisions.iter().all(|(_, d)| d.admitted);
     let outcomes = requests
         .iter()
+        .map(Borrow::borrow)
         .zip(decisions)
         .map(|(request, (before, decision))| {
             if all_admitted || !decision.admitted {

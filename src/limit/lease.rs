@@ -46,7 +46,9 @@ pub const AUTO_BURST_DIVISOR: u64 = 64;
 
 /// How long one lease request may be outstanding before another may be sent. The rate-limit
 /// layer reports every answer and failure; only a request dropped mid-flight (its client went
-/// away) never reports back, and must not block leasing for long.
+/// away) never reports back. The store may still apply that one, so its lease request lapses
+/// only after this long, not at once (a client disconnecting on purpose cannot take a lease
+/// per request), and not later either (leasing is not blocked for long).
 pub const ASK_TIMEOUT_US: u64 = 250_000;
 
 /// A policy's lease setting (`lease` in its config section).

@@ -10,6 +10,7 @@
 //!
 //! Pure: no clock, no IO. Every call takes `now_us`.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 
 use super::bucket::{self, BucketOutcome, BucketRequest, InvalidSpec};
@@ -46,19 +47,19 @@ impl LocalBuckets {
     }
 
     /// Decides `requests` together, all or nothing, and stores what they took.
-    pub fn acquire(
+    pub fn acquire<R: Borrow<BucketRequest>>(
         &mut self,
-        requests: &[&BucketRequest],
+        requests: &[R],
         now_us: u64,
     ) -> Result<Vec<BucketOutcome>, InvalidSpec> {
         let decided = bucket::decide_all(
             requests,
-            |i| requests.get(i).map_or(0, |r| self.tat(&r.key)),
+            |i| requests.get(i).map_or(0, |r| self.tat(&r.borrow().key)),
             now_us,
         )?;
         for &(i, tat) in &decided.commits {
             if let Some(request) = requests.get(i) {
-                self.set(&request.key, tat, now_us);
+                self.set(&request.borrow().key, tat, now_us);
             }
         }
         self.count_op(now_us);

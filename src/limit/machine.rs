@@ -17,13 +17,22 @@
 //!
 //! A [`Pending`] is the request's claim on the limiter: lease tokens it drew, lease requests
 //! it holds open, the breaker probe it may be. [`Limiter::settle`] or [`Limiter::abandon`]
-//! consumes it, so whatever it held is given back exactly once. The shell calls `abandon`
-//! from a drop guard: a request whose client went away mid-store-call returns its lease
-//! tokens, frees its lease requests and lets the next request probe a recovering store.
+//! consumes it (a holder must not drop it otherwise). The shell calls `abandon` from a drop
+//! guard, for a request whose client went away mid-store-call:
 //!
-//! What the store itself took for an abandoned request stays taken: the store may have
-//! applied it, and refusing a little more is the safe side.
+//! - lease tokens it drew in process go back to the lease;
+//! - a lease request it made stays open until the ask timeout, as if the answer were late:
+//!   the store may well have applied the call (Redis runs a script whose caller went away),
+//!   so asking again at once would let a client that disconnects on purpose take a lease
+//!   per request from a shared bucket;
+//! - if it was the breaker's probe of a failing store, the next probe may go once the
+//!   store's deadline has passed since this one went, instead of a whole probe interval
+//!   later (and not at once: a client that disconnects on purpose must not turn every
+//!   request into a call to a failing store).
 //!
+//! What the store itself took for an abandoned request stays taken: refusing a little more
+//! is the safe side.
+
 //! Pure: no clock, no IO, no locks. Every call takes `now_us` from [`crate::clock`]'s scale.
 
 use super::breaker::{Breaker, Transition};
@@ -38,6 +47,9 @@ use super::policy::{Applied, OnStoreError};
 #[derive(Debug)]
 pub struct Limiter {
     breaker: Breaker,
+    /// The longest the shell waits for one request's store calls: an abandoned probe is
+    /// over by then.
+    store_wait_us: u64,
     /// Buckets the store refused, until their cost fits again: refused without asking.
     empty: EmptyBuckets,
     /// Tokens taken from the store ahead of time for hot keys: admitted without asking.
@@ -78,8 +90,9 @@ pub struct Pending {
     /// Per applied policy: served from a lease, or asked for (with a lease on top).
     draws: Vec<Draw>,
     global: GlobalOutcomes,
-    /// This request is the breaker's probe of a failing store.
-    probe: bool,
+    /// This request is the breaker's probe of a failing store, sent at this time (until the
+    /// store's first answer reports to the breaker).
+    probe: Option<u64>,
     /// Already the retry without leases: a refusal now stands.
     retried: bool,
     /// A breaker change from the first answer, reported with the decision.
@@ -106,7 +119,8 @@ impl Pending {
     /// Whether abandoning it would give anything back (lease tokens, a lease request, the
     /// breaker's probe).
     pub fn holds_anything(&self) -> bool {
-        self.probe
+        self.probe.is_some()
+            || self.breaker.is_some()
             || self.draws.iter().any(|draw| {
                 matches!(draw, Draw::Served(_)) || matches!(draw, Draw::Ask { extra } if *extra > 0)
             })
@@ -125,7 +139,8 @@ impl Pending {
 #[derive(Debug, Clone)]
 pub struct Decided {
     /// Per policy that was decided, for the headers: every applied policy, except on the
-    /// short cuts (a global refusal or a known-empty bucket report only the refusing ones).
+    /// short cuts (a global refusal reports the global policies, a known-empty bucket the
+    /// refusing ones).
     pub results: Vec<PolicyResult>,
     /// Forward it, 429 or 503.
     pub verdict: Verdict,
@@ -136,9 +151,9 @@ pub struct Decided {
     pub refund_global: bool,
     /// A breaker state change this request caused (worth a log line and a gauge).
     pub breaker: Option<Transition>,
-    /// Indices of the applied policies that an admitted request drew from leases (counted in
-    /// the metrics).
-    pub lease_served: Vec<usize>,
+    /// The applied policies an admitted request drew from leases, bit `i` for policy `i`
+    /// (counted in the metrics; policies past the 64th of one request are not counted).
+    pub lease_served: u64,
 }
 
 impl Limiter {
@@ -148,6 +163,7 @@ impl Limiter {
     pub fn new(breaker: Breaker, ask_timeout_us: u64) -> Self {
         Self {
             breaker,
+            store_wait_us: ask_timeout_us,
             empty: EmptyBuckets::default(),
             leases: Leases::default().with_ask_timeout(ask_timeout_us),
             local: LocalBuckets::default(),
@@ -179,11 +195,11 @@ impl Limiter {
                     Some(result(applied.get(i)?, Outcome::Decided(outcome)))
                 })
                 .collect();
-            return Step::Done(decided(results, false, false, None, Vec::new()));
+            return Step::Done(decided(results, false, false, None, 0));
         }
         let took_global = !global.is_empty();
         if let Some(results) = self.known_empty(applied, now_us) {
-            return Step::Done(decided(results, took_global, false, None, Vec::new()));
+            return Step::Done(decided(results, took_global, false, None, 0));
         }
         let draws = self.draw_leases(applied, now_us);
         if draws.iter().all(|draw| matches!(draw, Draw::Served(_))) {
@@ -197,7 +213,7 @@ impl Limiter {
                 })
                 .collect();
             merge_global(&mut results, &global);
-            let lease_served = (0..applied.len()).collect();
+            let lease_served = every_policy(applied.len());
             return Step::Done(decided(results, took_global, false, None, lease_served));
         }
         let was_open = self.breaker.is_open();
@@ -208,7 +224,7 @@ impl Limiter {
         Step::Ask(Pending {
             draws,
             global,
-            probe: was_open,
+            probe: was_open.then_some(now_us),
             retried: false,
             breaker: None,
         })
@@ -222,6 +238,11 @@ impl Limiter {
         answer: Answer,
         now_us: u64,
     ) -> Step {
+        debug_assert_eq!(
+            pending.draws.len(),
+            applied.len(),
+            "the request's own policies"
+        );
         let outcomes = match answer {
             Answer::Outcomes(outcomes) if outcomes.len() == pending.asked() => outcomes,
             Answer::Outcomes(_) | Answer::Failed => {
@@ -251,18 +272,38 @@ impl Limiter {
                 draws,
                 retried: true,
                 breaker,
+                // The first answer reported to the breaker: the retry is no probe.
+                probe: None,
                 ..pending
             });
         }
         Step::Done(self.store_answered(applied, &pending, outcomes, breaker, now_us))
     }
 
-    /// `pending`'s request went away before the store answered: gives back what it held.
-    pub fn abandon(&mut self, pending: Pending, applied: &[Applied<'_>], now_us: u64) {
-        self.return_leases(applied, &pending.draws, now_us);
-        if pending.probe {
-            self.breaker.probe_abandoned(now_us);
+    /// `pending`'s request went away before the store answered: gives back what it held (see
+    /// the module docs). Returns a breaker change an earlier answer of the request caused,
+    /// still to be reported.
+    pub fn abandon(
+        &mut self,
+        pending: Pending,
+        applied: &[Applied<'_>],
+        now_us: u64,
+    ) -> Option<Transition> {
+        debug_assert_eq!(
+            pending.draws.len(),
+            applied.len(),
+            "the request's own policies"
+        );
+        for (a, draw) in applied.iter().zip(&pending.draws) {
+            if let Draw::Served(_) = draw {
+                self.leases.give_back(&a.bucket.key, a.bucket.cost, now_us);
+            }
         }
+        if let Some(sent_us) = pending.probe {
+            let next = sent_us.saturating_add(self.store_wait_us).max(now_us);
+            self.breaker.probe_abandoned(sent_us, next);
+        }
+        pending.breaker
     }
 
     /// Refusals without a store round trip: if a bucket of the request is known to be empty,
@@ -357,11 +398,11 @@ impl Limiter {
         let admitted = outcomes.iter().all(|o| o.admitted);
         let mut outcomes = outcomes.into_iter();
         let mut results = Vec::with_capacity(applied.len());
-        let mut lease_served = Vec::new();
+        let mut lease_served = 0u64;
         for (i, (a, draw)) in applied.iter().zip(&pending.draws).enumerate() {
             let outcome = match draw {
                 Draw::Served(served) if admitted => {
-                    lease_served.push(i);
+                    lease_served |= bit(i);
                     *served
                 }
                 Draw::Served(served) => {
@@ -447,7 +488,7 @@ impl Limiter {
             })
             .collect();
         merge_global(&mut results, global);
-        decided(results, !global.is_empty(), used_local, breaker, Vec::new())
+        decided(results, !global.is_empty(), used_local, breaker, 0)
     }
 }
 
@@ -458,7 +499,7 @@ fn decided(
     took_global: bool,
     used_local: bool,
     breaker: Option<Transition>,
-    lease_served: Vec<usize>,
+    lease_served: u64,
 ) -> Decided {
     let verdict = decision::verdict(&results);
     let decision = match &verdict {
@@ -477,8 +518,21 @@ fn decided(
         decision,
         refund_global: took_global && !admitted,
         breaker,
-        lease_served: if admitted { lease_served } else { Vec::new() },
+        lease_served: if admitted { lease_served } else { 0 },
     }
+}
+
+/// Policy `i`'s bit in [`Decided::lease_served`] (none past the 64th).
+fn bit(i: usize) -> u64 {
+    u32::try_from(i)
+        .ok()
+        .and_then(|i| 1u64.checked_shl(i))
+        .unwrap_or(0)
+}
+
+/// The bits of the first `n` policies.
+fn every_policy(n: usize) -> u64 {
+    (0..n.min(64)).fold(0, |bits, i| bits | bit(i))
 }
 
 /// Folds the (admitting) global outcomes into the regional results: a policy passes only if

@@ -123,6 +123,7 @@ fn a_hot_key_is_served_from_its_lease_without_the_store() {
     for i in 0..200 {
         let (decided, n) = run(&mut limiter, &mut store, &a, Vec::new(), i * MS);
         assert!(admitted(&decided));
+        assert_eq!(decided.lease_served, u64::from(n == 0), "served from the lease");
         asks += n;
     }
     // The second request asks for a lease of 100; then 100 requests are served per ask.
@@ -246,24 +247,37 @@ fn a_refused_lease_request_is_asked_again_for_the_cost_alone() {
 }
 
 #[test]
-fn a_request_abandoned_while_asking_for_a_lease_frees_the_lease_request() {
+fn a_lease_request_abandoned_after_the_store_applied_it_lapses_only_at_the_ask_timeout() {
+    // A client that closes its connection while every request asks for a lease: the store
+    // applies each call, so each abandoned lease request must not free the key for another.
     let p = policy("p", 6400, LeaseSize::Auto, OnStoreError::Closed);
     let a = [applied(&p, "ip:1")];
     let (mut limiter, mut store) = (limiter(), Store::new());
     assert!(admitted(
         &run(&mut limiter, &mut store, &a, Vec::new(), 0).0
     ));
-    let Step::Ask(pending) = limiter.begin(&a, Vec::new(), MS) else {
-        panic!("the second request asks, for a lease")
+    let key = a[0].bucket.key.clone();
+    let before = store.granted[&key];
+    let mut leases = 0;
+    for i in 1..=70 {
+        let Step::Ask(pending) = limiter.begin(&a, Vec::new(), i * MS) else {
+            panic!("asks the store")
+        };
+        if pending.buckets(&a)[0].cost > 1 {
+            leases += 1;
+        }
+        // The store applies the call; the answer finds nobody.
+        let _ = store.answer(&pending, &a, i * MS);
+        let _ = limiter.abandon(pending, &a, i * MS);
+    }
+    assert_eq!(leases, 1, "one lease request per ask timeout");
+    assert_eq!(store.granted[&key] - before, 100 + 70);
+    // After the ask timeout, leasing resumes.
+    let Step::Ask(pending) = limiter.begin(&a, Vec::new(), 300 * MS) else {
+        panic!("asks the store")
     };
-    assert!(pending.buckets(&a)[0].cost > 1, "with a lease on top");
-    limiter.abandon(pending, &a, MS);
-    // Without the abandon, no lease could be asked for until the ask timeout.
-    let Step::Ask(pending) = limiter.begin(&a, Vec::new(), 2 * MS) else {
-        panic!("asks again")
-    };
-    assert!(pending.buckets(&a)[0].cost > 1, "and may lease again");
-    limiter.abandon(pending, &a, 2 * MS);
+    assert!(pending.buckets(&a)[0].cost > 1, "may lease again");
+    let _ = limiter.abandon(pending, &a, 300 * MS);
 }
 
 #[test]
@@ -284,15 +298,17 @@ fn a_request_abandoned_after_drawing_from_a_lease_gives_the_tokens_back() {
         panic!("the cold bucket is asked")
     };
     assert_eq!(limiter.leases.tokens(&alone[0].bucket.key, MS), held - 1);
-    limiter.abandon(pending, &both, MS);
+    assert_eq!(limiter.abandon(pending, &both, MS), None);
     assert_eq!(limiter.leases.tokens(&alone[0].bucket.key, MS), held);
 }
 
 #[test]
-fn an_abandoned_probe_lets_the_next_request_probe() {
+fn an_abandoned_probe_lets_the_next_request_probe_once_the_store_deadline_passed() {
     let p = policy("p", 10, LeaseSize::Tokens(0), OnStoreError::Closed);
     let a = [applied(&p, "ip:1")];
-    let (mut limiter, mut store) = (limiter(), Store::new());
+    // The shell waits at most 50 ms for the store.
+    let mut limiter = Limiter::new(Breaker::new(2, Duration::from_millis(100)), 50 * MS);
+    let mut store = Store::new();
     store.up = false;
     for t in 0..2 {
         run(&mut limiter, &mut store, &a, Vec::new(), t * MS);
@@ -302,10 +318,60 @@ fn an_abandoned_probe_lets_the_next_request_probe() {
         panic!("a probe after the interval")
     };
     assert!(probe.holds_anything());
-    limiter.abandon(probe, &a, 151 * MS);
+    assert_eq!(limiter.abandon(probe, &a, 151 * MS), None);
+    // Not at once: a client that disconnects on purpose cannot make every request a probe.
+    let Step::Done(skipped) = limiter.begin(&a, Vec::new(), 152 * MS) else {
+        panic!("the store is still skipped")
+    };
+    assert_eq!(skipped.decision, Decision::Unavailable);
+    // Once the abandoned probe's call is over for sure, the next request probes, without
+    // waiting for the rest of the 100 ms interval.
+    let Step::Ask(next) = limiter.begin(&a, Vec::new(), 200 * MS) else {
+        panic!("the next request probes")
+    };
+    let _ = limiter.abandon(next, &a, 200 * MS);
+}
+
+#[test]
+fn a_breaker_change_is_reported_even_when_the_retry_is_abandoned() {
+    let p = policy("p", 6400, LeaseSize::Auto, OnStoreError::Closed);
+    let a = [applied(&p, "ip:1")];
+    let (mut limiter, mut store) = (limiter(), Store::new());
+    assert!(admitted(
+        &run(&mut limiter, &mut store, &a, Vec::new(), 0).0
+    ));
+    // The store fails twice: the breaker opens.
+    store.up = false;
+    let cold = policy("cold", 10, LeaseSize::Tokens(0), OnStoreError::Closed);
+    let c = [applied(&cold, "ip:2")];
+    for t in 1..3 {
+        run(&mut limiter, &mut store, &c, Vec::new(), t * MS);
+    }
+    assert!(limiter.breaker_open());
+    store.up = true;
+    // Another gateway empties the bucket so far that the lease no longer fits.
+    let other = BucketRequest {
+        cost: 6400 - 50,
+        ..a[0].bucket.clone()
+    };
+    assert!(store.buckets.acquire(&[&other], 200 * MS).unwrap()[0].admitted);
+    // The probe asks for a lease, is refused, closes the breaker and retries; its client
+    // goes away during the retry.
+    let Step::Ask(probe) = limiter.begin(&a, Vec::new(), 200 * MS) else {
+        panic!("a probe")
+    };
+    let answer = store.answer(&probe, &a, 200 * MS);
+    let Step::Ask(retry) = limiter.settle(probe, &a, answer, 200 * MS) else {
+        panic!("the retry without the lease")
+    };
+    assert!(!limiter.breaker_open());
     assert!(
-        matches!(limiter.begin(&a, Vec::new(), 152 * MS), Step::Ask(_)),
-        "the next request probes at once"
+        retry.holds_anything(),
+        "the transition is still to be reported"
+    );
+    assert_eq!(
+        limiter.abandon(retry, &a, 201 * MS),
+        Some(Transition::Closed)
     );
 }
 
@@ -313,11 +379,13 @@ fn an_abandoned_probe_lets_the_next_request_probe() {
 #[derive(Debug, Clone)]
 enum Event {
     /// A request on these policies (indices into the set below) and key; `cancel_at`: the
-    /// store call at which its client goes away (beyond the calls it makes: never).
+    /// store call at which its client goes away (beyond the calls it makes: never), before
+    /// the store sees the call or, `after_store`, once it applied it.
     Request {
         policies: Vec<usize>,
         key: u8,
         cancel_at: usize,
+        after_store: bool,
         global: Option<bool>,
     },
     /// Another gateway spends tokens of a key's bucket straight in the store.
@@ -332,8 +400,8 @@ enum Event {
 
 fn events() -> impl Strategy<Value = Vec<Event>> {
     let event = prop_oneof![
-        6 => (proptest::collection::vec(0usize..3, 1..3), 0u8..3, 0usize..4, proptest::option::of(any::<bool>()))
-            .prop_map(|(policies, key, cancel_at, global)| Event::Request { policies, key, cancel_at, global }),
+        6 => (proptest::collection::vec(0usize..3, 1..3), 0u8..3, 0usize..4, any::<bool>(), proptest::option::of(any::<bool>()))
+            .prop_map(|(policies, key, cancel_at, after_store, global)| Event::Request { policies, key, cancel_at, after_store, global }),
         1 => (0usize..3, 0u8..3, 1u64..200).prop_map(|(policy, key, cost)| Event::Elsewhere { policy, key, cost }),
         1 => any::<bool>().prop_map(Event::StoreDown),
         2 => (0u64..50_000).prop_map(Event::Advance),
@@ -358,7 +426,7 @@ proptest! {
         let mut now = 1_000 * MS;
         for event in schedule {
             match event {
-                Event::Request { mut policies, key, cancel_at, global } => {
+                Event::Request { mut policies, key, cancel_at, after_store, global } => {
                     policies.sort_unstable();
                     policies.dedup();
                     let key = format!("ip:{key}");
@@ -378,7 +446,10 @@ proptest! {
                             Step::Done(decided) => break Some(decided),
                             Step::Ask(pending) => {
                                 if calls == cancel_at {
-                                    limiter.abandon(pending, &a, now);
+                                    if after_store {
+                                        let _ = store.answer(&pending, &a, now);
+                                    }
+                                    let _ = limiter.abandon(pending, &a, now);
                                     break None;
                                 }
                                 calls += 1;
