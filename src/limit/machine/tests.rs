@@ -123,7 +123,11 @@ fn a_hot_key_is_served_from_its_lease_without_the_store() {
     for i in 0..200 {
         let (decided, n) = run(&mut limiter, &mut store, &a, Vec::new(), i * MS);
         assert!(admitted(&decided));
-        assert_eq!(decided.lease_served, u64::from(n == 0), "served from the lease");
+        assert_eq!(
+            decided.lease_served,
+            u64::from(n == 0),
+            "served from the lease"
+        );
         asks += n;
     }
     // The second request asks for a lease of 100; then 100 requests are served per ask.
