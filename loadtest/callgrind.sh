@@ -6,6 +6,7 @@
 #   TOLLGATE_BIN=path/to/tollgate loadtest/callgrind.sh    # measures that binary (no build)
 #   N1=2000 N2=12000 CONCURRENCY=1 WORKERS=1 CONFIGS="proxy memory-policy" loadtest/callgrind.sh
 #   KEEP=/tmp/cg loadtest/callgrind.sh             # keep the callgrind.out files (callgrind_annotate)
+#   CONFIGS="proxy nginx-proxy" loadtest/callgrind.sh   # tollgate and nginx, the same way
 #
 # For each config the gateway runs twice under `valgrind --tool=callgrind`, once for N1 and
 # once for N2 requests (GET /api/v1/users/42 over CONCURRENCY keep-alive connections, each
@@ -16,7 +17,10 @@
 # Configs (next to this script): `proxy` is proxy.toml (plain proxy). `memory-policy` is
 # redis-policy.toml with TOLLGATE_REDIS_URL="" (so without Redis: its token bucket, limit never
 # reached, lives in the in-memory store); any other name is NAME.toml as it is (a config naming a Redis
-# needs one running). Listen addresses and the upstream instance are overridden with the
+# needs one running). `nginx-proxy` and `nginx-limit-req` are the reference: nginx in one
+# process (`master_process off`, so callgrind sees the process that does the work) proxying
+# to the same upstream with keep-alive, as loadtest/run.sh configures it, the second with a
+# `limit_req` never reached; EXCLUDE does not apply to them. Listen addresses and the upstream instance are overridden with the
 # TOLLGATE_LISTEN / TOLLGATE_ADMIN_LISTEN / TOLLGATE_SERVICE_UPSTREAM_INSTANCES variables, so
 # every port is a free one on 127.0.0.1 and the files are used unmodified.
 #
@@ -44,7 +48,7 @@ N1=${N1:-2000}
 N2=${N2:-12000}
 CONCURRENCY=${CONCURRENCY:-1}
 WORKERS=${WORKERS:-1}
-CONFIGS=${CONFIGS:-proxy memory-policy}
+CONFIGS=${CONFIGS:-proxy memory-policy nginx-proxy nginx-limit-req}
 KEEP=${KEEP:-}
 EXCLUDE=${EXCLUDE-quanta::Clock::new}
 if [ "$N2" -le "$N1" ]; then echo "N2 ($N2) must be larger than N1 ($N1)" >&2; exit 2; fi
@@ -230,30 +234,62 @@ read -r UPSTREAM_PORT LISTEN_PORT ADMIN_PORT < <(free_ports 3)
 python3 "$WORK/upstream.py" "$UPSTREAM_PORT" & UPSTREAM_PID=$!
 wait_port "$UPSTREAM_PORT" "$UPSTREAM_PID" 10
 
-# measure NAME FILE N [ENV...]: IR = total Ir of a gateway run under callgrind serving N
-# requests. (Not a $(...) subshell: the EXIT trap must see GATEWAY_PID.)
+# nginx_conf NAME: writes $WORK/NAME/nginx.conf, nginx as the reference proxy to the same
+# upstream, in one process (no master: callgrind follows one process, and a worker is where
+# nginx's per-request work happens), keep-alive to the upstream as run.sh configures it;
+# NAME nginx-limit-req adds a limit_req never reached.
+nginx_conf() {
+  local dir=$WORK/$1 limit=
+  [ "$1" = nginx-limit-req ] && limit='limit_req zone=bench burst=100000000 nodelay;'
+  mkdir -p "$dir/logs"
+  cat >"$dir/nginx.conf" <<NGINX
+daemon off;
+master_process off;
+worker_processes 1;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  # nginx closes a client connection after 1,000 requests and an upstream one likewise by
+  # default; tollgate recycles neither, so neither does nginx here.
+  keepalive_requests 100000000;
+  client_body_temp_path $dir/body;
+  proxy_temp_path $dir/proxy;
+  fastcgi_temp_path $dir/fastcgi;
+  uwsgi_temp_path $dir/uwsgi;
+  scgi_temp_path $dir/scgi;
+  upstream backend { server 127.0.0.1:$UPSTREAM_PORT; keepalive 128; keepalive_requests 100000000; }
+  limit_req_zone \$binary_remote_addr zone=bench:10m rate=100000000r/s;
+  server {
+    listen 127.0.0.1:$LISTEN_PORT;
+    location / { $limit proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+NGINX
+}
+
+# measure NAME N EXCLUDE COMMAND...: IR = total Ir (less EXCLUDE's) of COMMAND run under
+# callgrind serving N requests on LISTEN_PORT. (Not a $(...) subshell: the EXIT trap must see
+# GATEWAY_PID.)
 measure() {
-  local name=$1 file=$2 n=$3 out
+  local name=$1 n=$2 exclude=$3 out
   IR=
   shift 3
   out="$WORK/callgrind.out.$name.$n"
-  env -u RUST_LOG -u OTEL_EXPORTER_OTLP_ENDPOINT -u OTEL_EXPORTER_OTLP_TRACES_ENDPOINT \
-    TOKIO_WORKER_THREADS="$WORKERS" \
-    TOLLGATE_LISTEN="127.0.0.1:$LISTEN_PORT" TOLLGATE_ADMIN_LISTEN="127.0.0.1:$ADMIN_PORT" \
-    TOLLGATE_SERVICE_UPSTREAM_INSTANCES="http://127.0.0.1:$UPSTREAM_PORT" "$@" \
-    valgrind --tool=callgrind --vgdb=no --callgrind-out-file="$out" \
-    "$BIN" gateway --config "$file" >"$WORK/gateway.$name.$n.log" 2>&1 &
+  valgrind --tool=callgrind --vgdb=no --callgrind-out-file="$out" "$@" \
+    >"$WORK/gateway.$name.$n.log" 2>&1 &
   GATEWAY_PID=$!
   if ! wait_port "$LISTEN_PORT" "$GATEWAY_PID" 180 ||
     ! python3 "$WORK/load.py" "$LISTEN_PORT" "$n" "$CONCURRENCY"; then
-    echo "gateway run $name/$n failed; its log:" >&2
-    tail -20 "$WORK/gateway.$name.$n.log" >&2
+    echo "run $name/$n failed; its log:" >&2
+    tail -20 "$WORK/gateway.$name.$n.log" "$WORK/$name/error.log" 2>/dev/null >&2
     return 1
   fi
   kill -TERM "$GATEWAY_PID"
-  wait "$GATEWAY_PID" || { echo "gateway $name/$n exited with $?:" >&2; tail -20 "$WORK/gateway.$name.$n.log" >&2; return 1; }
+  wait "$GATEWAY_PID" || { echo "$name/$n exited with $?:" >&2; tail -20 "$WORK/gateway.$name.$n.log" >&2; return 1; }
   GATEWAY_PID=
-  IR=$(python3 "$WORK/ir.py" "$EXCLUDE" "$out")
+  IR=$(python3 "$WORK/ir.py" "$exclude" "$out")
   if [ -n "$KEEP" ]; then mkdir -p "$KEEP"; cp "$out" "$KEEP/"; fi
 }
 
@@ -262,14 +298,29 @@ if ! git diff --quiet HEAD 2>/dev/null; then COMMIT="$COMMIT+uncommitted"; fi
 echo "commit $COMMIT: instructions per proxied request (callgrind Ir${EXCLUDE:+ less $EXCLUDE}; (Ir(N2) - Ir(N1)) / (N2 - N1), N1=$N1 N2=$N2, $CONCURRENCY connection(s), $WORKERS worker thread(s))"
 printf '%-16s %s\n' config instructions/request
 for config in $CONFIGS; do
-  extra=()
+  cmd=()
+  exclude=$EXCLUDE
   case $config in
-    memory-policy) file=$CONFIG_DIR/redis-policy.toml; extra=(TOLLGATE_REDIS_URL=) ;;
-    *) file=$CONFIG_DIR/$config.toml ;;
+    nginx-proxy | nginx-limit-req)
+      command -v nginx >/dev/null || { echo "nginx not on PATH" >&2; exit 1; }
+      nginx_conf "$config"
+      cmd=(nginx -c "$WORK/$config/nginx.conf" -p "$WORK/$config")
+      exclude= ;;
+    *)
+      extra=()
+      case $config in
+        memory-policy) file=$CONFIG_DIR/redis-policy.toml; extra=(TOLLGATE_REDIS_URL=) ;;
+        *) file=$CONFIG_DIR/$config.toml ;;
+      esac
+      [ -f "$file" ] || { echo "no config $file" >&2; exit 1; }
+      cmd=(env -u RUST_LOG -u OTEL_EXPORTER_OTLP_ENDPOINT -u OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
+        TOKIO_WORKER_THREADS="$WORKERS"
+        TOLLGATE_LISTEN="127.0.0.1:$LISTEN_PORT" TOLLGATE_ADMIN_LISTEN="127.0.0.1:$ADMIN_PORT"
+        TOLLGATE_SERVICE_UPSTREAM_INSTANCES="http://127.0.0.1:$UPSTREAM_PORT" "${extra[@]}"
+        "$BIN" gateway --config "$file") ;;
   esac
-  [ -f "$file" ] || { echo "no config $file" >&2; exit 1; }
-  measure "$config" "$file" "$N1" "${extra[@]}"; read -r ir1 total1 excluded1 <<<"$IR"
-  measure "$config" "$file" "$N2" "${extra[@]}"; read -r ir2 total2 excluded2 <<<"$IR"
+  measure "$config" "$N1" "$exclude" "${cmd[@]}"; read -r ir1 total1 excluded1 <<<"$IR"
+  measure "$config" "$N2" "$exclude" "${cmd[@]}"; read -r ir2 total2 excluded2 <<<"$IR"
   echo "$config $N1 $total1 $excluded1 $N2 $total2 $excluded2" >>"$WORK/raw"
   python3 -c 'import sys; n1, i1, n2, i2 = map(int, sys.argv[1:5]); print(f"{sys.argv[5]:<16} {(i2 - i1) / (n2 - n1):.0f}")' \
     "$N1" "$ir1" "$N2" "$ir2" "$config"

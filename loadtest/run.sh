@@ -6,12 +6,15 @@
 #   CONFIGS="global-eventual global-strict" loadtest/run.sh --quick   # only these tollgate configs
 #   INSTALL_OHA=1 loadtest/run.sh   # also install oha for the fixed-rate phase (a long build)
 #
-# Starts a static upstream (nginx returning a small JSON body) on 127.0.0.1:9001, nginx as a
-# reverse proxy (:8091) and as proxy + limit_req (:8092, never rejecting), Redis on :6379,
-# and tollgate on :8090 with each loadtest/*.toml in turn; runs `wrk -t1 -cN` against each,
-# alternating targets over several rounds; prints req/s, latency percentiles, CPU seconds per
-# 10,000 requests and RSS of the process under test, and Redis's own CPU per 10,000 requests; writes loadtest/RESULTS.md (keeping its
-# "Microbenchmarks" section, which `cargo bench` numbers are copied into by hand).
+# Starts a static upstream (its own nginx instance, one worker, returning a small JSON body)
+# on 127.0.0.1:9001 that every target proxies to; two more nginx instances that only proxy to
+# it, one worker (:8091 plain, :8092 with limit_req, never rejecting) and two workers (:8095,
+# :8096); Redis on :6379; and tollgate on :8090 with each loadtest/*.toml in turn. Runs
+# `wrk -t1 -cN` against each, alternating targets over several rounds; prints req/s, latency
+# percentiles, CPU seconds per 10,000 requests and RSS of the process under test only (an
+# nginx instance's workers, tollgate's process), and Redis's own CPU per 10,000 requests;
+# writes loadtest/RESULTS.md (keeping its "Microbenchmarks" section, which `cargo bench`
+# numbers are copied into by hand). Instructions per request: loadtest/callgrind.sh.
 #
 # The global configs are measured with two peer gateways running (started from the same file
 # with the instance and ports overridden, on :8093/:8094, admin :9093/:9094, gossip UDP
@@ -66,8 +69,8 @@ if [ "${INSTALL_OHA:-0}" = 1 ] && ! need oha; then
   rm -rf "$WORK/oha-target"
 fi
 cargo build --release --bin tollgate
-# Gossip certificates for the global configs (one region, three instances).
-"$BIN" certs --out "$WORK/certs" --regions bench >/dev/null
+# Gossip certificates for the global configs: one region, one certificate per gateway.
+"$BIN" certs --out "$WORK/certs" --gateways bench/a,bench/b,bench/c >/dev/null
 
 wait_port() {
   for _ in $(seq 1 200); do
@@ -78,45 +81,63 @@ wait_port() {
   return 1
 }
 
-cat >"$WORK/nginx.conf" <<NGINX
+# Every process runs alone: the upstream is its own nginx (one worker, never a target's own
+# worker), and each nginx under test is a separate instance that only proxies to it, as
+# tollgate does. (Before 2026-12-03 one nginx worker served both the upstream and the proxy,
+# which let nginx skip a process hop tollgate paid: that setup's ratios were too kind.)
+# nginx_instance NAME WORKERS SERVERS: writes $WORK/NAME/nginx.conf and starts it.
+nginx_instance() {
+  local name=$1 workers=$2 servers=$3
+  mkdir -p "$WORK/$name/logs"
+  cat >"$WORK/$name/nginx.conf" <<NGINX
 daemon off;
-worker_processes 1;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log warn;
+worker_processes $workers;
+pid $WORK/$name/nginx.pid;
+error_log $WORK/$name/error.log warn;
 events { worker_connections 4096; }
 http {
   access_log off;
-  upstream backend { server 127.0.0.1:9001; keepalive 128; }
+  # nginx closes a client connection after 1,000 requests and an upstream one likewise by
+  # default; tollgate recycles neither, so neither does nginx here.
+  keepalive_requests 100000000;
+  client_body_temp_path $WORK/$name/body;
+  proxy_temp_path $WORK/$name/proxy;
+  fastcgi_temp_path $WORK/$name/fastcgi;
+  uwsgi_temp_path $WORK/$name/uwsgi;
+  scgi_temp_path $WORK/$name/scgi;
+  upstream backend { server 127.0.0.1:9001; keepalive 128; keepalive_requests 100000000; }
   limit_req_zone \$binary_remote_addr zone=bench:10m rate=100000000r/s;
-  server {
-    listen 127.0.0.1:9001;
-    default_type application/json;
-    location / { return 200 '{"id":42,"name":"bench","ok":true}'; }
-  }
-  server {
-    listen 127.0.0.1:8091;
-    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
-  }
-  server {
-    listen 127.0.0.1:8092;
-    location / {
-      limit_req zone=bench burst=100000000 nodelay;
-      proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";
-    }
-  }
+$servers
 }
 NGINX
-# Two nginx instances would share a master; one master with one worker serves the upstream
-# and both proxies, so nginx-as-proxy competes with its own upstream exactly as tollgate does.
-nginx -c "$WORK/nginx.conf" -p "$WORK" & PIDS+=($!)
-wait_port 9001; wait_port 8091
+  nginx -c "$WORK/$name/nginx.conf" -p "$WORK/$name" & PIDS+=($!)
+}
+PROXY='proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";'
+nginx_instance upstream 1 '  server {
+    listen 127.0.0.1:9001;
+    default_type application/json;
+    location / { return 200 '"'"'{"id":42,"name":"bench","ok":true}'"'"'; }
+  }'
+# One worker (as nginx is usually benchmarked against a single-threaded proxy) and two (one
+# per core, as tollgate runs one Tokio worker thread per core).
+for spec in "nginx1 1 8091 8092" "nginx2 2 8095 8096"; do
+  read -r name workers plain limited <<<"$spec"
+  nginx_instance "$name" "$workers" "  server { listen 127.0.0.1:$plain; location / { $PROXY } }
+  server {
+    listen 127.0.0.1:$limited;
+    location / { limit_req zone=bench burst=100000000 nodelay; $PROXY }
+  }"
+done
+wait_port 9001; wait_port 8091; wait_port 8092; wait_port 8095; wait_port 8096
 if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
   redis-server --port 6379 --bind 127.0.0.1 --save '' --appendonly no >/dev/null & PIDS+=($!)
   wait_port 6379
 fi
 # Redis's own CPU is part of what a Redis policy costs (it shares the cores).
 REDIS_PID=$(pgrep -f '^redis-server [^ ]*:6379( |$)' | head -1 || true)
-nginx_worker() { pgrep -P "$(cat "$WORK/nginx.pid")" | head -1; }
+# nginx_workers NAME: the worker processes of that instance (what is measured; the master
+# only supervises).
+nginx_workers() { pgrep -P "$(cat "$WORK/$1/nginx.pid")" | tr '\n' ' '; }
 
 # http_get PORT PATH: the raw response (no curl on a fresh machine).
 http_get() {
@@ -134,9 +155,10 @@ done = function(summary, latency, requests)
 end
 LUA
 
-# cpu_ticks PID: utime+stime in clock ticks.
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+# cpu_ticks PID...: utime+stime in clock ticks, summed over the processes.
+cpu_ticks() { local pid sum=0; for pid in "$@"; do sum=$((sum + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done; echo "$sum"; }
+# rss_kib PID...: resident memory, summed over the processes.
+rss_kib() { local pid sum=0; for pid in "$@"; do sum=$((sum + $(awk '/VmRSS/ {print $2}' "/proc/$pid/status"))); done; echo "$sum"; }
 # redis_ticks: Redis's cpu_ticks (0 if its process is not visible).
 redis_ticks() { if [ -n "$REDIS_PID" ]; then cpu_ticks "$REDIS_PID"; else echo 0; fi; }
 # peer_ticks: cpu_ticks summed over the running peers (0 without peers).
@@ -148,18 +170,20 @@ peer_ticks() {
 
 results="$WORK/results.tsv"
 : >"$results"
-# run_target NAME URL PID: one wrk run; CPU and RSS of PID, and CPU of the peers if any (they
+# run_target NAME URL "PID...": one wrk run; CPU and RSS of the processes under test, and CPU of the peers if any (they
 # share the 2 cores: what gossip costs them is part of what a global policy costs).
 run_target() {
   local name=$1 url=$2 pid=$3 before after peers_before peers_after redis_before redis_after
-  before=$(cpu_ticks "$pid")
+  # shellcheck disable=SC2086 # PID... is a list
+  before=$(cpu_ticks $pid)
   peers_before=$(peer_ticks)
   redis_before=$(redis_ticks)
   wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$WORK/p999.lua" "$url" >"$WORK/wrk.out"
-  after=$(cpu_ticks "$pid")
+  # shellcheck disable=SC2086
+  after=$(cpu_ticks $pid)
   peers_after=$(peer_ticks)
   redis_after=$(redis_ticks)
-  python3 - "$name" "$((after - before))" "$(rss_kib "$pid")" "$(getconf CLK_TCK)" "$WORK/wrk.out" \
+  python3 - "$name" "$((after - before))" "$(rss_kib $pid)" "$(getconf CLK_TCK)" "$WORK/wrk.out" \
     "$((peers_after - peers_before))" "$((redis_after - redis_before))" >>"$results" <<'PY'
 import re, sys
 name, ticks, rss, hz = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -192,8 +216,10 @@ stop_tollgate() { kill "$TOLLGATE_PID"; wait "$TOLLGATE_PID" 2>/dev/null || true
 # and peer list they compare by digest agree), another instance and other ports.
 PEER_PIDS=()
 start_peers() { # config
+  local i instance
   for i in 1 2; do
-    TOLLGATE_INSTANCE=$i TOLLGATE_LISTEN=127.0.0.1:$((8092 + i)) \
+    instance=$(printf '%s' bc | cut -c"$i")
+    TOLLGATE_INSTANCE=$instance TOLLGATE_LISTEN=127.0.0.1:$((8092 + i)) \
       TOLLGATE_ADMIN_LISTEN=127.0.0.1:$((9092 + i)) TOLLGATE_GOSSIP_LISTEN=127.0.0.1:$((7411 + i)) \
       env -u RUST_LOG "$BIN" gateway --config "$1" >"$WORK/peer-$i.log" 2>&1 &
     PEER_PIDS+=($!)
@@ -225,9 +251,11 @@ wait_global() {
 
 for round in $(seq 1 "$ROUNDS"); do
   echo "round $round/$ROUNDS" >&2
-  run_target "upstream direct" http://127.0.0.1:9001/api/v1/users/42 "$(nginx_worker)"
-  run_target "nginx proxy" http://127.0.0.1:8091/api/v1/users/42 "$(nginx_worker)"
-  run_target "nginx + limit_req" http://127.0.0.1:8092/api/v1/users/42 "$(nginx_worker)"
+  run_target "upstream direct" http://127.0.0.1:9001/api/v1/users/42 "$(nginx_workers upstream)"
+  run_target "nginx proxy" http://127.0.0.1:8091/api/v1/users/42 "$(nginx_workers nginx1)"
+  run_target "nginx + limit_req" http://127.0.0.1:8092/api/v1/users/42 "$(nginx_workers nginx1)"
+  run_target "nginx proxy, 2 workers" http://127.0.0.1:8095/api/v1/users/42 "$(nginx_workers nginx2)"
+  run_target "nginx + limit_req, 2 workers" http://127.0.0.1:8096/api/v1/users/42 "$(nginx_workers nginx2)"
   for config in $CONFIGS; do
     if [[ $config == global-* ]]; then
       start_peers "loadtest/$config.toml"
@@ -298,10 +326,11 @@ def med(name, i): return statistics.median(r[i] for r in rows[name])
 cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
 emit(f"# Benchmark results\n")
 emit(f"{datetime.date.today()} on {os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}.")
-emit(f"`wrk -t1 -c{conns} -d{duration}`, {rounds} rounds alternating targets, medians shown. Upstream: nginx")
-emit(f"returning a 35-byte JSON body. CPU and RSS are the process under test (the nginx worker for")
-emit(f"nginx rows: it also serves the upstream; for global configs the gateway measured, not its two")
-emit(f"peers). Reproduce with `loadtest/run.sh`.\n")
+emit(f"`wrk -t1 -c{conns} -d{duration}`, {rounds} rounds alternating targets, medians shown. Upstream: its own")
+emit(f"nginx instance (one worker) returning a 35-byte JSON body, the same for every target. CPU and RSS are")
+emit(f"the process under test only: the workers of the nginx instance that proxies (it serves nothing")
+emit(f"else), tollgate's process (for global configs the gateway measured, not its two peers).")
+emit(f"Reproduce with `loadtest/run.sh`.\n")
 emit("| target | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 10k req | RSS MiB | non-2xx | Redis CPU s / 10k req |")
 emit("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for name in rows:
@@ -311,13 +340,21 @@ def ratio_line(text, a, b):
     if a in rows and b in rows:
         emit(f"- {text}: {med(a, 0) / med(b, 0):.2f}x")
 ratio_line("tollgate proxy / nginx proxy", "tollgate proxy.toml", "nginx proxy")
+ratio_line("tollgate proxy / nginx proxy, 2 workers", "tollgate proxy.toml", "nginx proxy, 2 workers")
 ratio_line("tollgate Redis policy / nginx + limit_req", "tollgate redis-policy.toml", "nginx + limit_req")
+ratio_line("tollgate Redis policy / nginx + limit_req, 2 workers", "tollgate redis-policy.toml", "nginx + limit_req, 2 workers")
 ratio_line("tollgate Redis policy without leases / nginx + limit_req", "tollgate redis-no-lease.toml", "nginx + limit_req")
 ratio_line("tollgate global eventual (+ Redis) / nginx + limit_req", "tollgate global-eventual.toml", "nginx + limit_req")
 ratio_line("tollgate global strict (+ Redis) / nginx + limit_req", "tollgate global-strict.toml", "nginx + limit_req")
 ratio_line("tollgate global eventual / tollgate Redis policy", "tollgate global-eventual.toml", "tollgate redis-policy.toml")
 ratio_line("tollgate global strict / tollgate Redis policy", "tollgate global-strict.toml", "tollgate redis-policy.toml")
 ratio_line("tollgate 429 path / tollgate admit path (Redis policy)", "tollgate reject.toml", "tollgate redis-policy.toml")
+def cpu_line(text, a, b, with_redis=False):
+    if a in rows and b in rows:
+        emit(f"- CPU per request, {text}: {(med(a, 4) + (med(a, 8) if with_redis else 0)) / med(b, 4):.2f}x")
+cpu_line("tollgate proxy / nginx proxy", "tollgate proxy.toml", "nginx proxy")
+cpu_line("tollgate proxy / nginx proxy, 2 workers", "tollgate proxy.toml", "nginx proxy, 2 workers")
+cpu_line("tollgate Redis policy (+ Redis's CPU) / nginx + limit_req", "tollgate redis-policy.toml", "nginx + limit_req", True)
 for name in rows:
     if name.startswith("tollgate global-"):
         emit(f"- {name}: its two peers used {med(name, 7):.3f} CPU s per 10k requests together (gossip)")

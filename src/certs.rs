@@ -55,12 +55,12 @@ pub enum CertsError {
     NoGateways,
     /// A region name that cannot be a DNS label.
     #[error(
-        "bad region name {0:?}: use 1-63 lowercase letters, digits and inner hyphens (a DNS label)"
+        "bad region name {0:?}: use 1-63 lowercase letters, digits and inner hyphens (a DNS label), not only digits"
     )]
     BadRegion(String),
     /// An instance name that cannot be a DNS label.
     #[error(
-        "bad instance name {0:?}: use 1-63 lowercase letters, digits and inner hyphens (a DNS label)"
+        "bad instance name {0:?}: use 1-63 lowercase letters, digits and inner hyphens (a DNS label), not only digits"
     )]
     BadInstance(String),
     /// A `--gateways` item that is not `region/instance`.
