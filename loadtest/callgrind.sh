@@ -28,9 +28,9 @@
 # every request as loadtest/run.sh's nginx does: 200, a 34-byte JSON body, keep-alive. The load
 # generator is Python too, also outside valgrind (neither is counted).
 #
-# WORKERS (TOKIO_WORKER_THREADS, default 1, as the README's callgrind figures) fixes the
-# runtime's worker threads: with several, work stealing and parking depend on how valgrind
-# happens to schedule the threads. Logging is the default (RUST_LOG unset: info) and no trace
+# WORKERS (default 1, as the README's callgrind figures) fixes the proxy worker threads
+# (TOLLGATE_WORKERS) and the main runtime's (TOKIO_WORKER_THREADS): with several, which thread
+# accepts and how idle threads park depend on how valgrind happens to schedule them. Logging is the default (RUST_LOG unset: info) and no trace
 # exporter is configured (OTEL_* unset), as loadtest/run.sh runs the gateway.
 #
 # EXCLUDE (a regex on function names, default quanta::Clock::new; empty to count everything):
@@ -314,7 +314,7 @@ for config in $CONFIGS; do
       esac
       [ -f "$file" ] || { echo "no config $file" >&2; exit 1; }
       cmd=(env -u RUST_LOG -u OTEL_EXPORTER_OTLP_ENDPOINT -u OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
-        TOKIO_WORKER_THREADS="$WORKERS"
+        TOKIO_WORKER_THREADS="$WORKERS" TOLLGATE_WORKERS="$WORKERS"
         TOLLGATE_LISTEN="127.0.0.1:$LISTEN_PORT" TOLLGATE_ADMIN_LISTEN="127.0.0.1:$ADMIN_PORT"
         TOLLGATE_SERVICE_UPSTREAM_INSTANCES="http://127.0.0.1:$UPSTREAM_PORT" "${extra[@]}"
         "$BIN" gateway --config "$file") ;;

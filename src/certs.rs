@@ -237,9 +237,10 @@ pub fn validate_region(region: &str) -> Result<(), CertsError> {
     validate_label(region).map_err(|()| CertsError::BadRegion(region.to_owned()))
 }
 
-/// Whether `label` is a lowercase DNS label that cannot be read as a number.
-fn validate_label(label: &str) -> Result<(), ()> {
-    let ok = !label.is_empty()
+/// Whether `label` is a lowercase DNS label that cannot be read as a number: what a region
+/// or instance name must be, since both are part of a certificate's name.
+pub fn is_dns_label(label: &str) -> bool {
+    !label.is_empty()
         && label.len() <= MAX_LABEL_LEN
         && label
             .bytes()
@@ -247,8 +248,11 @@ fn validate_label(label: &str) -> Result<(), ()> {
         && !label.starts_with('-')
         && !label.ends_with('-')
         // An all-digit name could be read as (part of) an IP address.
-        && !label.bytes().all(|b| b.is_ascii_digit());
-    if ok { Ok(()) } else { Err(()) }
+        && !label.bytes().all(|b| b.is_ascii_digit())
+}
+
+fn validate_label(label: &str) -> Result<(), ()> {
+    if is_dns_label(label) { Ok(()) } else { Err(()) }
 }
 
 /// Creates a CA and one certificate per gateway in `out` (created if missing). Refuses to

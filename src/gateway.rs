@@ -21,6 +21,7 @@ use crate::global::{GlobalError, GlobalLimits};
 use crate::http::admin::{AdminState, admin_app};
 use crate::http::ratelimit::RateLimiter;
 use crate::http::stack::{self, ProxyStack};
+use crate::http::workers;
 use crate::limit::breaker::Breaker;
 use crate::proxy::{Proxy, UpstreamTasks};
 use crate::running::InForce;
@@ -224,12 +225,14 @@ pub async fn serve(
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
-    let proxy_server = stack::serve(listener, gateway.proxy_stack(), stopped());
+    let workers = workers::count(gateway.running().config.workers);
+    let proxy_server =
+        workers::serve_on_workers(listener, gateway.proxy_stack(), workers, stopped());
     let admin_server = axum::serve(admin_listener, admin_app(gateway.admin_state()))
         .with_graceful_shutdown(stopped());
     let mut proxy_task = tokio::spawn(proxy_server);
     let mut admin_task = tokio::spawn(async move { admin_server.await });
-    tracing::info!(%region, %proxy_addr, %admin_addr, "gateway listening");
+    tracing::info!(%region, %proxy_addr, %admin_addr, workers, "gateway listening");
 
     tokio::select! {
         () = shutdown => {}

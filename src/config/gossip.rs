@@ -34,6 +34,10 @@ pub const ENV_GOSSIP_CERTS: &str = "TOLLGATE_GOSSIP_CERTS";
 /// their peers by host names the shipped files cannot know).
 pub const ENV_GOSSIP_PEERS: &str = "TOLLGATE_GOSSIP_PEERS";
 
+/// The instance of a gateway or peer that names none: the one `tollgate certs --regions`
+/// issues a certificate for.
+pub const DEFAULT_INSTANCE: &str = "a";
+
 /// Replaced by this gateway's instance in the `ca`, `cert` and `key` paths.
 pub const INSTANCE_PLACEHOLDER: &str = "{instance}";
 
@@ -104,12 +108,12 @@ pub(super) fn read_gossip(
         },
         None => file_listen,
     };
-    let file_instance: String = section.or("instance", "0".to_owned(), errors);
+    let file_instance: String = section.or("instance", DEFAULT_INSTANCE.to_owned(), errors);
     let instance = env(ENV_INSTANCE).unwrap_or(file_instance);
     if !is_name(&instance) {
         errors.push(
             section.key("instance"),
-            format!("{instance:?}: use lowercase letters, digits and '-' (at most 64)"),
+            format!("{instance:?}: use 1-63 lowercase letters, digits and inner hyphens, not only digits"),
         );
     }
     let certs_dir = env(ENV_GOSSIP_CERTS).map(PathBuf::from);
@@ -177,7 +181,7 @@ pub(super) fn read_gossip(
     for (i, mut peer) in peer_sections.into_iter().enumerate() {
         let at = format!("{}[{i}]", section.key("peers"));
         let region: Option<String> = peer.required("region", errors);
-        let instance: String = peer.or("instance", "0".to_owned(), errors);
+        let instance: String = peer.or("instance", DEFAULT_INSTANCE.to_owned(), errors);
         let addr: Option<String> = peer.required("addr", errors);
         peer.finish(errors);
         if let Some(region) = &region
@@ -191,7 +195,7 @@ pub(super) fn read_gossip(
         if !is_name(&instance) {
             errors.push(
                 format!("{at}.instance"),
-                format!("{instance:?}: use lowercase letters, digits and '-'"),
+                format!("{instance:?}: use 1-63 lowercase letters, digits and inner hyphens, not only digits"),
             );
         }
         if let Some(addr) = &addr
@@ -282,12 +286,10 @@ fn parse_peers_env(text: &str) -> Result<Vec<PeerSettings>, String> {
     Ok(peers)
 }
 
+/// Instance names are part of the gateway's certificate name, so `tollgate certs` takes the
+/// same ones.
 fn is_name(text: &str) -> bool {
-    !text.is_empty()
-        && text.len() <= 64
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    crate::certs::is_dns_label(text)
 }
 
 fn is_host_port(text: &str) -> bool {

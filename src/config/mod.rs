@@ -39,6 +39,10 @@ pub const ENV_LISTEN: &str = "TOLLGATE_LISTEN";
 pub const ENV_ADMIN_LISTEN: &str = "TOLLGATE_ADMIN_LISTEN";
 /// Environment variable overriding `redis_url`; empty means "no Redis".
 pub const ENV_REDIS_URL: &str = "TOLLGATE_REDIS_URL";
+/// Environment variable overriding `workers`.
+pub const ENV_WORKERS: &str = "TOLLGATE_WORKERS";
+/// Most proxy worker threads a config may ask for (a typo's guard, not a tuning limit).
+pub const MAX_WORKERS: usize = 1024;
 
 /// The environment variable replacing `services.<name>.instances`: `TOLLGATE_SERVICE_`, the
 /// name in upper case with `-` as `_`, then `_INSTANCES`; its value is the instance URLs
@@ -106,6 +110,9 @@ pub struct RegionConfig {
     pub max_request_body: u64,
     /// How long a graceful shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
+    /// Threads serving the proxy listener, each with its own single-threaded runtime (`None`:
+    /// one per CPU core). Read at start only.
+    pub workers: Option<usize>,
     /// Log filter (`info`, `debug`, `tollgate=debug,info`, ...); `RUST_LOG` overrides it.
     pub log_level: Option<String>,
     /// Upstream services by name.
@@ -289,6 +296,7 @@ fn read_region(
     };
     let max_request_body = root.or("max_request_body", ByteSize(10 << 20), errors).0;
     let drain_timeout = root.or("drain_timeout", Duration::from_secs(30), errors);
+    let workers = read_workers(&mut root, env, errors);
     let log_level: Option<String> = root.optional("log_level", errors);
     if let Some(level) = &log_level
         && let Err(error) = crate::telemetry::parse_log_filter(level)
@@ -388,6 +396,7 @@ fn read_region(
         redis_url,
         max_request_body,
         drain_timeout,
+        workers,
         log_level,
         services,
         redis_cluster,
@@ -398,6 +407,52 @@ fn read_region(
         policies,
         gossip,
     })
+}
+
+/// `workers`: a number of threads or `"auto"` (one per core, the default); `TOLLGATE_WORKERS`
+/// overrides the file.
+fn read_workers(
+    root: &mut Section<'_>,
+    env: &impl Fn(&str) -> Option<String>,
+    errors: &mut Errors,
+) -> Option<usize> {
+    // Read even when the environment overrides it, so it is still checked.
+    let file: Option<WorkerCount> = root.optional("workers", errors);
+    match env(ENV_WORKERS) {
+        Some(text) => parse_workers(text.trim()).unwrap_or_else(|message| {
+            errors.push(format!("(environment) {ENV_WORKERS}"), message);
+            None
+        }),
+        None => file.and_then(|WorkerCount(n)| n),
+    }
+}
+
+/// The value of `workers`: `None` for `"auto"`.
+struct WorkerCount(Option<usize>);
+
+impl fields::FromToml for WorkerCount {
+    fn from_toml(value: &toml::Value) -> Result<Self, String> {
+        match value {
+            toml::Value::Integer(n) => parse_workers(&n.to_string()).map(WorkerCount),
+            toml::Value::String(text) => parse_workers(text).map(WorkerCount),
+            other => Err(format!(
+                "expected \"auto\" or a number of threads, found {}",
+                other.type_str()
+            )),
+        }
+    }
+}
+
+fn parse_workers(text: &str) -> Result<Option<usize>, String> {
+    if text == "auto" {
+        return Ok(None);
+    }
+    match text.parse::<usize>() {
+        Ok(n) if (1..=MAX_WORKERS).contains(&n) => Ok(Some(n)),
+        _ => Err(format!(
+            "{text:?}: expected \"auto\" or a number of threads from 1 to {MAX_WORKERS}"
+        )),
+    }
 }
 
 fn env_or(
@@ -721,6 +776,58 @@ instances = ["http://127.0.0.1:7101"]
                 .contains("(environment) TOLLGATE_SERVICE_USERS_INSTANCES: at least one"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn workers_are_a_count_or_auto_and_the_environment_overrides_them() {
+        let with = |line: &str| MINIMAL.replacen("\n[services", &format!("{line}\n\n[services"), 1);
+        assert_eq!(parse(MINIMAL).unwrap().workers, None);
+        assert_eq!(parse(&with("workers = 3")).unwrap().workers, Some(3));
+        assert_eq!(parse(&with("workers = \"auto\"")).unwrap().workers, None);
+        for bad in [
+            "workers = 0",
+            "workers = -1",
+            "workers = 100000",
+            "workers = \"many\"",
+            "workers = 1.5",
+        ] {
+            let found = problems(&with(bad));
+            assert!(found.iter().any(|p| p.key == "workers"), "{bad}: {found:?}");
+        }
+        let env =
+            |value: &'static str| move |name: &str| (name == ENV_WORKERS).then(|| value.to_owned());
+        let config =
+            RegionConfig::parse(Path::new("t.toml"), &with("workers = 3"), env("1")).unwrap();
+        assert_eq!(config.workers, Some(1));
+        let err = RegionConfig::parse(Path::new("t.toml"), MINIMAL, env("zero")).unwrap_err();
+        assert!(
+            err.to_string().contains("(environment) TOLLGATE_WORKERS"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn gossip_instances_are_the_names_tollgate_certs_issues() {
+        let gossip = |instance: &str| {
+            format!(
+                "{MINIMAL}\n[gossip]\nlisten = \"127.0.0.1:7400\"\n{instance}ca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n\n[[gossip.peers]]\nregion = \"us-east\"\n{instance}addr = \"127.0.0.1:7400\"\n"
+            )
+        };
+        let config = parse(&gossip("")).unwrap();
+        assert_eq!(
+            config.gossip.unwrap().instance,
+            "a",
+            "the default is the one `certs --regions` issues"
+        );
+        let config = parse(&gossip("instance = \"b-2\"\n")).unwrap();
+        assert_eq!(config.gossip.unwrap().instance, "b-2");
+        for bad in ["0", "-a", "A", "a_b"] {
+            let found = problems(&gossip(&format!("instance = \"{bad}\"\n")));
+            assert!(
+                found.iter().any(|p| p.key == "gossip.instance"),
+                "{bad}: {found:?}"
+            );
+        }
     }
 
     #[test]

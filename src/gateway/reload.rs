@@ -11,9 +11,9 @@
 //! - `log_level`, `max_request_body`, `drain_timeout`, health checks;
 //! - gossip certificates (CA, certificate, key): gossip connections made from then on.
 //!
-//! Settings a running process cannot change in place (addresses it listens on, the store, the
-//! gossip slots, the global policies) make the reload `restart_required`: nothing is applied,
-//! and the log names them.
+//! Settings a running process cannot change in place (addresses it listens on, its worker
+//! threads, the store, the gossip slots, the global policies) make the reload
+//! `restart_required`: nothing is applied, and the log names them.
 //!
 //! A request takes the snapshot in force when it starts and finishes on it; the swap is one
 //! pointer store.
@@ -176,6 +176,7 @@ fn restart_keys(old: &RegionConfig, new: &RegionConfig) -> Vec<&'static str> {
     check("region", old.region == new.region);
     check("listen", old.listen == new.listen);
     check("admin_listen", old.admin_listen == new.admin_listen);
+    check("workers", old.workers == new.workers);
     check("redis_url", old.redis_url == new.redis_url);
     check("redis_cluster", old.redis_cluster == new.redis_cluster);
     check("store_timeout", old.store_timeout == new.store_timeout);

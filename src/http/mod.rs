@@ -7,3 +7,4 @@ pub mod correlation;
 pub mod ratelimit;
 pub mod refusal;
 pub mod stack;
+pub mod workers;

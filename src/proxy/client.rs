@@ -18,7 +18,14 @@
 //!
 //! A failed connect never touched the request: it comes back inside [`SendError::Connect`], so
 //! the proxy can try another instance with the same request, body included.
+//!
+//! The idle stacks are one per proxy worker thread ([`set_home`]): hyper drives each
+//! connection as a task on the runtime that opened it, so a request sent on a connection of
+//! another worker would cross threads twice (there and back). A worker with no idle connection
+//! of its own opens one rather than borrow another's, as each nginx worker keeps its own
+//! keep-alive cache.
 
+use std::cell::Cell;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -32,6 +39,16 @@ use tokio::time::Instant;
 use super::body::LimitedBody;
 use crate::config::Instance;
 
+thread_local! {
+    static HOME: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Gives this thread its own idle connections: each proxy worker thread calls it once with
+/// its index (1 and up; every other thread shares index 0).
+pub fn set_home(index: usize) {
+    HOME.set(index);
+}
+
 /// Idle connections older than this are closed: each may hold a slot on the upstream, and
 /// servers drop idle connections themselves after a while (nginx after 75 s).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -44,10 +61,11 @@ pub struct Connections {
     /// What the upstream sees as `Host`: its own authority, as nginx sends by default.
     host_header: HeaderValue,
     connect_timeout: Duration,
-    /// Idle connections kept at most; more are closed when they come back.
+    /// Idle connections each worker keeps at most; more are closed when they come back.
     max_idle: usize,
-    /// Most recently used last.
-    idle: Mutex<Vec<Idle>>,
+    /// One stack per worker (its [`set_home`] index modulo their number), most recently used
+    /// last: a connection is only ever taken on the worker whose runtime drives it.
+    idle: Box<[Mutex<Vec<Idle>>]>,
 }
 
 struct Idle {
@@ -83,13 +101,16 @@ impl Connections {
         let host_header = HeaderValue::from_str(authority.as_str())
             .or_else(|_| HeaderValue::from_str(host))
             .unwrap_or(HeaderValue::from_static("localhost"));
+        // The workers (one per core by default) and everything else (index 0). More workers
+        // than that share stacks, which is correct, only slower.
+        let stacks = std::thread::available_parallelism().map_or(1, |n| n.get()) + 1;
         Self {
             host: host.to_owned(),
             port: authority.port_u16().unwrap_or(super::DEFAULT_HTTP_PORT),
             host_header,
             connect_timeout,
-            max_idle,
-            idle: Mutex::new(Vec::new()),
+            max_idle: max_idle.div_ceil(stacks).max(1),
+            idle: (0..stacks).map(|_| Mutex::new(Vec::new())).collect(),
         }
     }
 
@@ -104,9 +125,10 @@ impl Connections {
         self: &Arc<Self>,
         mut request: Request<LimitedBody>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
-        while let Some(mut sender) = self.take_idle() {
+        let home = HOME.get() % self.idle.len();
+        while let Some(mut sender) = self.take_idle(home) {
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok((response, self.lease(sender))),
+                Ok(response) => return Ok((response, self.lease(sender, home))),
                 Err(mut error) => match error.take_message() {
                     // It closed between the check and the send: the request never left.
                     Some(unsent) => request = unsent,
@@ -124,36 +146,39 @@ impl Connections {
             }
         };
         match sender.try_send_request(request).await {
-            Ok(response) => Ok((response, self.lease(sender))),
+            Ok(response) => Ok((response, self.lease(sender, home))),
             Err(error) => Err(SendError::Failed(error.into_error())),
         }
     }
 
     /// Idle connections now open (for tests and status).
     pub fn idle_count(&self) -> usize {
-        self.lock().len()
+        (0..self.idle.len()).map(|home| self.lock(home).len()).sum()
     }
 
     /// Closes idle connections that are past [`IDLE_TIMEOUT`] or already closed.
     pub fn reap(&self, now: Instant) {
-        self.lock().retain(|idle| {
-            !idle.sender.is_closed() && now.duration_since(idle.since) < IDLE_TIMEOUT
-        });
+        for home in 0..self.idle.len() {
+            self.lock(home).retain(|idle| {
+                !idle.sender.is_closed() && now.duration_since(idle.since) < IDLE_TIMEOUT
+            });
+        }
     }
 
-    fn lease(self: &Arc<Self>, sender: SendRequest<LimitedBody>) -> Lease {
+    fn lease(self: &Arc<Self>, sender: SendRequest<LimitedBody>, home: usize) -> Lease {
         Lease {
             connections: self.clone(),
             sender: Some(sender),
+            home,
         }
     }
 
     /// The most recently used idle connection that can take a request now. Closed and expired
     /// ones are dropped on the way; busy ones (a request body still going out after an early
     /// response) stay for later.
-    fn take_idle(&self) -> Option<SendRequest<LimitedBody>> {
+    fn take_idle(&self, home: usize) -> Option<SendRequest<LimitedBody>> {
         let now = Instant::now();
-        let mut idle = self.lock();
+        let mut idle = self.lock(home);
         let mut i = idle.len();
         while i > 0 {
             i -= 1;
@@ -169,11 +194,11 @@ impl Connections {
         None
     }
 
-    fn give_back(&self, sender: SendRequest<LimitedBody>) {
+    fn give_back(&self, sender: SendRequest<LimitedBody>, home: usize) {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.lock();
+        let mut idle = self.lock(home);
         if idle.len() < self.max_idle {
             idle.push(Idle {
                 sender,
@@ -214,8 +239,11 @@ impl Connections {
 
     /// The list is only pushed to and removed from whole, so a panic elsewhere while holding
     /// the lock cannot leave it inconsistent.
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    /// `home` is below `self.idle.len()`: every caller takes it modulo that length.
+    fn lock(&self, home: usize) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        self.idle[home]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -225,13 +253,15 @@ impl Connections {
 pub struct Lease {
     connections: Arc<Connections>,
     sender: Option<SendRequest<LimitedBody>>,
+    /// The idle stack it came from: the worker whose runtime drives it.
+    home: usize,
 }
 
 impl Lease {
     /// The exchange is complete: the connection may carry the next request.
     pub fn release(mut self) {
         if let Some(sender) = self.sender.take() {
-            self.connections.give_back(sender);
+            self.connections.give_back(sender, self.home);
         }
     }
 }
@@ -393,7 +423,7 @@ mod tests {
             lease.release();
             // Let the connection task see the upstream's close (polled, not slept).
             let deadline = Instant::now() + Duration::from_secs(5);
-            while connections.lock().iter().any(|i| !i.sender.is_closed()) {
+            while connections.lock(0).iter().any(|i| !i.sender.is_closed()) {
                 assert!(Instant::now() < deadline, "the close was never noticed");
                 tokio::task::yield_now().await;
             }
