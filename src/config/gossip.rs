@@ -113,7 +113,7 @@ pub(super) fn read_gossip(
     if !is_name(&instance) {
         errors.push(
             section.key("instance"),
-            format!("{instance:?}: use 1-63 lowercase letters, digits and inner hyphens, not only digits"),
+            format!("{instance:?}: {NAME_RULE}"),
         );
     }
     let certs_dir = env(ENV_GOSSIP_CERTS).map(PathBuf::from);
@@ -195,7 +195,7 @@ pub(super) fn read_gossip(
         if !is_name(&instance) {
             errors.push(
                 format!("{at}.instance"),
-                format!("{instance:?}: use 1-63 lowercase letters, digits and inner hyphens, not only digits"),
+                format!("{instance:?}: {NAME_RULE}"),
             );
         }
         if let Some(addr) = &addr
@@ -285,6 +285,9 @@ fn parse_peers_env(text: &str) -> Result<Vec<PeerSettings>, String> {
     }
     Ok(peers)
 }
+
+/// What [`is_name`] takes, for error messages.
+const NAME_RULE: &str = "use 1-63 lowercase letters, digits and inner hyphens, not only digits";
 
 /// Instance names are part of the gateway's certificate name, so `tollgate certs` takes the
 /// same ones.
