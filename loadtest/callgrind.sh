@@ -71,7 +71,7 @@ GATEWAY_PID=
 cleanup() {
   for pid in $GATEWAY_PID $UPSTREAM_PID; do kill "$pid" 2>/dev/null || true; done
   for pid in $GATEWAY_PID $UPSTREAM_PID; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
+  [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"; [ -n "${KEEP_WORK:-}" ] && echo "work dir $WORK" >&2
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -277,7 +277,9 @@ measure() {
   IR=
   shift 3
   out="$WORK/callgrind.out.$name.$n"
-  valgrind --tool=callgrind --vgdb=no --callgrind-out-file="$out" "$@" \
+  # --trace-children: the tollgate command starts with `env`, which execs the gateway; without
+  # it valgrind lets the exec run uninstrumented and writes an empty file.
+  valgrind --tool=callgrind --vgdb=no --trace-children=yes --callgrind-out-file="$out" "$@" \
     >"$WORK/gateway.$name.$n.log" 2>&1 &
   GATEWAY_PID=$!
   if ! wait_port "$LISTEN_PORT" "$GATEWAY_PID" 180 ||
