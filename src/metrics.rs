@@ -44,9 +44,10 @@
 //! counters taken from the state machine are sampled when `/metrics` is scraped, so they
 //! cost nothing on the request path. `peer` is `region/instance` from the config.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::{LazyLock, OnceLock, PoisonError, RwLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use ::metrics::{Counter, Histogram};
@@ -170,134 +171,159 @@ pub fn record_request(
     decision: &'static str,
     elapsed: Duration,
 ) {
-    static REQUESTS: LazyLock<Cached<(u16, &'static str), Counter>> = LazyLock::new(Cached::new);
-    static DURATIONS: LazyLock<Cached<(), Histogram>> = LazyLock::new(Cached::new);
+    thread_local! {
+        static REQUESTS: Cached<(u16, &'static str), Counter> = Cached::new();
+    }
+    thread_local! {
+        static DURATIONS: Cached<(), Histogram> = Cached::new();
+    }
     let status = status.as_u16();
-    REQUESTS.with(
-        service,
-        (status, decision),
-        || {
-            ::metrics::counter!(
-                REQUESTS_TOTAL,
-                "service" => service.to_owned(),
-                "status" => status.to_string(),
-                "decision" => decision,
-            )
-        },
-        |counter| counter.increment(1),
-    );
-    DURATIONS.with(
-        service,
-        (),
-        || ::metrics::histogram!(REQUEST_DURATION_SECONDS, "service" => service.to_owned()),
-        |histogram| histogram.record(elapsed.as_secs_f64()),
-    );
+    REQUESTS.with(|cache| {
+        cache.with(
+            service,
+            (status, decision),
+            || {
+                ::metrics::counter!(
+                    REQUESTS_TOTAL,
+                    "service" => service.to_owned(),
+                    "status" => status.to_string(),
+                    "decision" => decision,
+                )
+            },
+            |counter| counter.increment(1),
+        );
+    });
+    DURATIONS.with(|cache| {
+        cache.with(
+            service,
+            (),
+            || ::metrics::histogram!(REQUEST_DURATION_SECONDS, "service" => service.to_owned()),
+            |histogram| histogram.record(elapsed.as_secs_f64()),
+        );
+    });
 }
 
 /// Counts one rate-limit decision of `policy`.
 pub fn count_decision(policy: &str, decision: &'static str) {
-    static DECISIONS: LazyLock<Cached<&'static str, Counter>> = LazyLock::new(Cached::new);
-    DECISIONS.with(
-        policy,
-        decision,
-        || {
-            ::metrics::counter!(
-                RATELIMIT_DECISIONS_TOTAL,
-                "policy" => policy.to_owned(),
-                "decision" => decision,
-            )
-        },
-        |counter| counter.increment(1),
-    );
+    thread_local! {
+        static DECISIONS: Cached<&'static str, Counter> = Cached::new();
+    }
+    DECISIONS.with(|cache| {
+        cache.with(
+            policy,
+            decision,
+            || {
+                ::metrics::counter!(
+                    RATELIMIT_DECISIONS_TOTAL,
+                    "policy" => policy.to_owned(),
+                    "decision" => decision,
+                )
+            },
+            |counter| counter.increment(1),
+        );
+    });
 }
 
 /// Counts one bucket of `policy` decided from its lease.
 pub fn count_lease_served(policy: &str) {
-    static SERVED: LazyLock<Cached<(), Counter>> = LazyLock::new(Cached::new);
-    SERVED.with(
-        policy,
-        (),
-        || ::metrics::counter!(RATELIMIT_LEASE_SERVED_TOTAL, "policy" => policy.to_owned()),
-        |counter| counter.increment(1),
-    );
+    thread_local! {
+        static SERVED: Cached<(), Counter> = Cached::new();
+    }
+    SERVED.with(|cache| {
+        cache.with(
+            policy,
+            (),
+            || ::metrics::counter!(RATELIMIT_LEASE_SERVED_TOTAL, "policy" => policy.to_owned()),
+            |counter| counter.increment(1),
+        );
+    });
 }
 
 /// Records one store round trip of the limiter.
 pub fn record_store_latency(store: &str, elapsed: Duration) {
-    static LATENCY: LazyLock<Cached<(), Histogram>> = LazyLock::new(Cached::new);
-    LATENCY.with(
-        store,
-        (),
-        || ::metrics::histogram!(STORE_LATENCY_SECONDS, "store" => store.to_owned()),
-        |histogram| histogram.record(elapsed.as_secs_f64()),
-    );
+    thread_local! {
+        static LATENCY: Cached<(), Histogram> = Cached::new();
+    }
+    LATENCY.with(|cache| {
+        cache.with(
+            store,
+            (),
+            || ::metrics::histogram!(STORE_LATENCY_SECONDS, "store" => store.to_owned()),
+            |histogram| histogram.record(elapsed.as_secs_f64()),
+        );
+    });
 }
 
 /// Counts one global (cross-region) check of `policy`.
 pub fn count_global_decision(policy: &str, mode: &'static str, admitted: bool) {
-    static GLOBAL: LazyLock<Cached<(&'static str, bool), Counter>> = LazyLock::new(Cached::new);
-    GLOBAL.with(
-        policy,
-        (mode, admitted),
-        || {
-            ::metrics::counter!(
-                GLOBAL_DECISIONS_TOTAL,
-                "policy" => policy.to_owned(),
-                "mode" => mode,
-                "admitted" => if admitted { "true" } else { "false" },
-            )
-        },
-        |counter| counter.increment(1),
-    );
+    thread_local! {
+        static GLOBAL: Cached<(&'static str, bool), Counter> = Cached::new();
+    }
+    GLOBAL.with(|cache| {
+        cache.with(
+            policy,
+            (mode, admitted),
+            || {
+                ::metrics::counter!(
+                    GLOBAL_DECISIONS_TOTAL,
+                    "policy" => policy.to_owned(),
+                    "mode" => mode,
+                    "admitted" => if admitted { "true" } else { "false" },
+                )
+            },
+            |counter| counter.increment(1),
+        );
+    });
 }
 
 /// Metric handles by a name label (a service or policy from the config) and a few small
-/// labels, each made once.
+/// labels, each made once per thread.
 ///
 /// `metrics::counter!` with owned labels allocates its key and looks it up in the registry on
 /// every call: about 4,800 instructions per proxied request in a callgrind profile, more than
 /// routing the request. The label sets are few (services x statuses x decisions), so each is
-/// made once and its handle kept; a hit costs a read lock and two small hash lookups.
+/// made once and its handle kept. Kept per thread, because the proxy's worker threads
+/// (`http::workers`) each serve their own connections: a shared map behind a lock had every
+/// request of every core take the same lock word, a cache line bouncing between cores. The
+/// handles a thread keeps point at the same registry entries as every other thread's.
 struct Cached<K, H> {
-    handles: RwLock<HashMap<Box<str>, HashMap<K, H>>>,
+    handles: RefCell<HashMap<Box<str>, HashMap<K, H, FastHash>, FastHash>>,
 }
+
+/// The maps' keys are config names and small constant labels, not attacker-chosen: a fast
+/// hash needs no flooding resistance here.
+type FastHash = foldhash::fast::FixedState;
 
 impl<K: Copy + Eq + Hash, H> Cached<K, H> {
     fn new() -> Self {
         // Handles are bound to the recorder installed when they are made: install ours first.
         install();
         Self {
-            handles: RwLock::new(HashMap::new()),
+            handles: RefCell::new(HashMap::default()),
         }
     }
 
     /// Runs `use_handle` on the handle for (`name`, `labels`), made by `make` the first time.
     fn with(&self, name: &str, labels: K, make: impl FnOnce() -> H, use_handle: impl FnOnce(&H)) {
-        if let Some(handle) = read(&self.handles)
-            .get(name)
-            .and_then(|by_labels| by_labels.get(&labels))
+        // The borrows end before `make` and `use_handle` run, and neither can reach this
+        // thread's cache (they call the recorder), so no borrow is ever refused.
+        if let Ok(handles) = self.handles.try_borrow()
+            && let Some(handle) = handles
+                .get(name)
+                .and_then(|by_labels| by_labels.get(&labels))
         {
             use_handle(handle);
             return;
         }
-        let mut handles = write(&self.handles);
-        let handle = handles
-            .entry(name.into())
-            .or_default()
-            .entry(labels)
-            .or_insert_with(make);
-        use_handle(handle);
+        let handle = make();
+        use_handle(&handle);
+        if let Ok(mut handles) = self.handles.try_borrow_mut() {
+            handles
+                .entry(name.into())
+                .or_default()
+                .insert(labels, handle);
+        }
     }
-}
-
-/// The maps only ever gain whole entries, so a panic while one is held cannot leave them
-/// half-written: recover the guard rather than propagate the poison.
-fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Samples one upstream service's gauges (called when `/metrics` is scraped).

@@ -81,7 +81,7 @@ pub fn is_acceptable(id: &[u8]) -> bool {
 
 /// Middleware for the services and the admin API: [`traced`] with axum's matched route
 /// template (e.g. `/api/v1/users/{username}`) as `http.route`.
-pub async fn correlate(request: Request, next: Next) -> Response {
+pub async fn correlate(mut request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -91,7 +91,11 @@ pub async fn correlate(request: Request, next: Next) -> Response {
         region: None,
         client: connection_peer(&request),
     };
-    traced(request, |request| next.run(request), server).await
+    let id = RequestId::from_headers(request.headers());
+    // Handlers take the ID as an extractor (`Extension<RequestId>`); the gateway's layers
+    // read it from the header, which `traced` sets, and skip the extension's allocation.
+    request.extensions_mut().insert(id.clone());
+    traced(request, id, |request| next.run(request), server).await
 }
 
 /// The gateway's first layer ([`crate::http::stack`]): [`traced`] with the matched route prefix as
@@ -128,7 +132,8 @@ where
         region: Some(region),
         client: connection,
     };
-    let response = traced(request, next, server).await;
+    let id = RequestId::from_headers(request.headers());
+    let response = traced(request, id, next, server).await;
     crate::metrics::record_request(
         routed.map_or(crate::metrics::UNROUTED, |routed| routed.service),
         response.status(),
@@ -149,23 +154,26 @@ struct Server<'a> {
     client: Option<IpAddr>,
 }
 
-/// Settles the request's ID, forwards it (the request header is overwritten, so whatever
+/// Forwards the request's settled ID `id` (the request header is overwritten, so whatever
 /// reaches the handler or upstream is the validated value), opens the request's server span,
 /// and echoes the ID on the response, errors included.
 ///
 /// The span follows the OpenTelemetry HTTP server conventions and carries `correlation_id`,
 /// so that every log line of the request has it and a trace can be found by it. It continues
 /// the caller's trace when the request brings a valid `traceparent`.
-async fn traced<F, Fut>(mut request: Request, next: F, server: Server<'_>) -> Response
+async fn traced<F, Fut>(
+    mut request: Request,
+    id: RequestId,
+    next: F,
+    server: Server<'_>,
+) -> Response
 where
     F: FnOnce(Request) -> Fut,
     Fut: Future<Output = Response>,
 {
-    let id = RequestId::from_headers(request.headers());
     request
         .headers_mut()
         .insert(X_REQUEST_ID.clone(), id.header_value().clone());
-    request.extensions_mut().insert(id.clone());
     let method = request.method().clone();
     let client = server.client;
     if !telemetry::exporting() {

@@ -378,6 +378,10 @@ where
     for (name, value) in checked.headers {
         headers.insert(name, value);
     }
-    response.extensions_mut().insert(checked.decision);
+    // No decision is what the metrics read from a response without one, and a request no
+    // policy matched (a plain proxy) then costs no extension map of its own.
+    if checked.decision != Decision::NoPolicy {
+        response.extensions_mut().insert(checked.decision);
+    }
     response
 }

@@ -47,13 +47,16 @@ use tokio::net::TcpListener;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 use crate::http::context::{RequestContext, peer_of};
-use crate::http::correlation::{RequestId, correlate_gateway};
+use crate::http::correlation::{X_REQUEST_ID, correlate_gateway};
 use crate::http::ratelimit::{RateLimiter, rate_limit};
 use crate::running::InForce;
 
 /// How long a client may take to send a request's head: a slow client holds a connection, not
 /// the gateway.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Headers the layers add to a request before it goes upstream.
+const FORWARD_HEADERS: usize = 4;
 
 /// How long to back off after `accept` fails (out of file descriptors, mostly): retrying at
 /// once would spin on the same error.
@@ -114,6 +117,9 @@ pub async fn serve(
         let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
             let mut request = request.map(Body::new);
             request.extensions_mut().insert(ConnectInfo(peer));
+            // The layers add X-Request-ID and the three X-Forwarded-* headers: room for them
+            // now is one resize of the header table instead of one per doubling.
+            request.headers_mut().reserve(FORWARD_HEADERS);
             stack.clone().oneshot(request)
         });
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
@@ -236,7 +242,12 @@ impl Service<Request> for Forward {
 }
 
 async fn forward(in_force: Arc<InForce>, request: Request) -> Response {
-    let id = request.extensions().get::<RequestId>().cloned();
+    // The first layer overwrote the header with the settled ID.
+    let id = request
+        .headers()
+        .get(&X_REQUEST_ID)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
     // The context the first layer set (see `correlate_gateway`); a stack built without that
     // layer routes here.
     let context = match RequestContext::of(&request) {
@@ -262,7 +273,7 @@ async fn forward(in_force: Arc<InForce>, request: Request) -> Response {
     match running.proxy.forward(upstream, request, peer).await {
         Ok(response) => response,
         Err(error) => {
-            let correlation_id = id.as_ref().map(RequestId::as_str);
+            let correlation_id = id.as_deref();
             tracing::info!(correlation_id, %error, "request not proxied");
             error.into_response()
         }
