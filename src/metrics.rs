@@ -287,8 +287,11 @@ pub fn count_global_decision(policy: &str, mode: &'static str, admitted: bool) {
 /// request of every core take the same lock word, a cache line bouncing between cores. The
 /// handles a thread keeps point at the same registry entries as every other thread's.
 struct Cached<K, H> {
-    handles: RefCell<HashMap<Box<str>, HashMap<K, H, FastHash>, FastHash>>,
+    handles: RefCell<HashMap<Box<str>, ByLabels<K, H>, FastHash>>,
 }
+
+/// One name's handles, by the rest of their labels.
+type ByLabels<K, H> = HashMap<K, H, FastHash>;
 
 /// The maps' keys are config names and small constant labels, not attacker-chosen: a fast
 /// hash needs no flooding resistance here.
