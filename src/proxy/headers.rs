@@ -39,6 +39,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present == 0 {
         return;
     }
+    // What most upstreams send: `Connection: keep-alive` and no other hop-by-hop header.
+    if present == 1 {
+        let mut values = headers.get_all(header::CONNECTION).iter();
+        if let (Some(value), None) = (values.next(), values.next())
+            && value.as_bytes().eq_ignore_ascii_case(b"keep-alive")
+        {
+            headers.remove(header::CONNECTION);
+            return;
+        }
+    }
     // Other headers the sender declared hop-by-hop. The usual tokens (`keep-alive`, `close`,
     // `upgrade`) name a header removed anyway or, mostly, none; they cost no allocation.
     let mut named: Vec<HeaderName> = Vec::new();
@@ -144,6 +154,30 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert_eq!(headers["x-kept"], "yes");
+    }
+
+    #[test]
+    fn strips_a_lone_keep_alive_connection_header_and_its_companion() {
+        for value in ["keep-alive", "Keep-Alive"] {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONNECTION, HeaderValue::from_static(value));
+            headers.insert("x-kept", HeaderValue::from_static("yes"));
+            strip_hop_by_hop(&mut headers);
+            assert_eq!(headers.len(), 1, "{value}");
+            assert_eq!(headers["x-kept"], "yes");
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        strip_hop_by_hop(&mut headers);
+        assert!(headers.is_empty());
+        // Two Connection values: the general path, which drops what they name.
+        let mut headers = HeaderMap::new();
+        headers.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        headers.append(header::CONNECTION, HeaderValue::from_static("x-secret"));
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers);
+        assert!(headers.is_empty());
     }
 
     #[test]
