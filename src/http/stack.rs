@@ -39,12 +39,11 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request};
 use axum::response::{IntoResponse, Response};
-use futures_util::FutureExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower::{Layer, Service, ServiceBuilder};
 
 use crate::http::context::{RequestContext, peer_of};
 use crate::http::correlation::{X_REQUEST_ID, correlate_gateway};
@@ -82,7 +81,7 @@ pub fn proxy_stack(
             running: running.clone(),
         }))
         .layer(StageLayer(RateLimit(limiter)))
-        .service(Forward(running))
+        .service(Forward::new(running))
 }
 
 /// Serves `stack` on `listener` (HTTP/1.1) until `shutdown` resolves, then stops accepting and
@@ -120,7 +119,7 @@ pub async fn serve(
             // The layers add X-Request-ID and the three X-Forwarded-* headers: room for them
             // now is one resize of the header table instead of one per doubling.
             request.headers_mut().reserve(FORWARD_HEADERS);
-            stack.clone().oneshot(request)
+            stack.serve(request)
         });
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
@@ -134,21 +133,25 @@ pub async fn serve(
     Ok(())
 }
 
-/// The rest of the stack, as a layer sees it.
-pub trait Next:
-    Service<Request, Response = Response, Error = Infallible, Future: Send> + Send + 'static
-{
-}
+/// The rest of the stack, as a layer sees it: served through a shared reference, so a layer
+/// holds the rest of the stack without cloning it for every request.
+pub trait Next: Send + Sync + 'static {
+    fn serve(&self, request: Request) -> ResponseFuture;
 
-impl<S> Next for S where
-    S: Service<Request, Response = Response, Error = Infallible, Future: Send> + Send + 'static
-{
+    /// A copy for one proxy worker thread ([`crate::http::workers`]): the same configuration
+    /// and limiter, but reference counts of its own. Every request clones and drops a layer's
+    /// handle; shared by the workers, that count would be one cache line written by every
+    /// core for every request.
+    fn for_worker(&self) -> Self
+    where
+        Self: Sized;
 }
 
 /// One layer's work around the rest of the stack: the request goes in, `inner` is called (or
 /// not: a refusal answers by itself), and what comes back may be changed on its way out.
 pub trait Stage: Clone + Send + Sync + 'static {
-    fn around<S: Next>(self, request: Request, inner: S) -> impl Future<Output = Response> + Send;
+    fn around<S: Next>(&self, request: Request, inner: &S)
+    -> impl Future<Output = Response> + Send;
 }
 
 /// A [`Stage`] as a tower layer.
@@ -159,21 +162,42 @@ impl<St: Clone, S> Layer<S> for StageLayer<St> {
     type Service = Staged<St, S>;
 
     fn layer(&self, inner: S) -> Staged<St, S> {
-        Staged {
+        Staged(Arc::new(Layered {
             stage: self.0.clone(),
             inner,
-        }
+        }))
     }
 }
 
-/// A [`Stage`] in front of the rest of the stack.
-#[derive(Clone)]
-pub struct Staged<St, S> {
+/// A [`Stage`] in front of the rest of the stack. Cloning it is one reference count.
+pub struct Staged<St, S>(Arc<Layered<St, S>>);
+
+struct Layered<St, S> {
     stage: St,
     inner: S,
 }
 
-impl<St: Stage, S: Next + Clone> Service<Request> for Staged<St, S> {
+impl<St, S> Clone for Staged<St, S> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<St: Stage, S: Next> Next for Staged<St, S> {
+    fn serve(&self, request: Request) -> ResponseFuture {
+        let layered = self.0.clone();
+        Box::pin(async move { Ok(layered.stage.around(request, &layered.inner).await) })
+    }
+
+    fn for_worker(&self) -> Self {
+        Self(Arc::new(Layered {
+            stage: self.0.stage.clone(),
+            inner: self.0.inner.for_worker(),
+        }))
+    }
+}
+
+impl<St: Stage, S: Next> Service<Request> for Staged<St, S> {
     type Response = Response;
     type Error = Infallible;
     type Future = ResponseFuture;
@@ -184,15 +208,7 @@ impl<St: Stage, S: Next + Clone> Service<Request> for Staged<St, S> {
     }
 
     fn call(&mut self, request: Request) -> ResponseFuture {
-        // `map`, not an `async` block around the call: the block would be boxed and then
-        // have the stage's future (kilobytes: every state of the rest of the request) moved
-        // into it on the first poll, one more copy per layer per request.
-        Box::pin(
-            self.stage
-                .clone()
-                .around(request, self.inner.clone())
-                .map(Ok),
-        )
+        self.serve(request)
     }
 }
 
@@ -205,7 +221,7 @@ pub struct Correlate {
 }
 
 impl Stage for Correlate {
-    async fn around<S: Next>(self, request: Request, inner: S) -> Response {
+    async fn around<S: Next>(&self, request: Request, inner: &S) -> Response {
         correlate_gateway(&self.region, &self.running, request, |request| {
             call_inner(inner, request)
         })
@@ -218,14 +234,35 @@ impl Stage for Correlate {
 pub struct RateLimit(Arc<RateLimiter>);
 
 impl Stage for RateLimit {
-    async fn around<S: Next>(self, request: Request, inner: S) -> Response {
+    async fn around<S: Next>(&self, request: Request, inner: &S) -> Response {
         rate_limit(&self.0, request, |request| call_inner(inner, request)).await
     }
 }
 
 /// Layer 3, the innermost service: forwards to the upstream the path routes to.
 #[derive(Clone)]
-pub struct Forward(Arc<InForce>);
+pub struct Forward(Arc<ForwardTo>);
+
+struct ForwardTo {
+    in_force: Arc<InForce>,
+}
+
+impl Forward {
+    fn new(in_force: Arc<InForce>) -> Self {
+        Self(Arc::new(ForwardTo { in_force }))
+    }
+}
+
+impl Next for Forward {
+    fn serve(&self, request: Request) -> ResponseFuture {
+        let to = self.0.clone();
+        Box::pin(async move { Ok(forward(&to.in_force, request).await) })
+    }
+
+    fn for_worker(&self) -> Self {
+        Self::new(self.0.in_force.clone())
+    }
+}
 
 impl Service<Request> for Forward {
     type Response = Response;
@@ -237,11 +274,11 @@ impl Service<Request> for Forward {
     }
 
     fn call(&mut self, request: Request) -> ResponseFuture {
-        Box::pin(forward(self.0.clone(), request).map(Ok))
+        self.serve(request)
     }
 }
 
-async fn forward(in_force: Arc<InForce>, request: Request) -> Response {
+async fn forward(in_force: &InForce, request: Request) -> Response {
     // The first layer overwrote the header with the settled ID.
     let id = request
         .headers()
@@ -282,8 +319,8 @@ async fn forward(in_force: Arc<InForce>, request: Request) -> Response {
 
 /// Calls the next layer. The layers here never fail (errors are responses), so the
 /// `Infallible` error cannot occur.
-async fn call_inner<S: Next>(inner: S, request: Request) -> Response {
-    match inner.oneshot(request).await {
+async fn call_inner<S: Next>(inner: &S, request: Request) -> Response {
+    match inner.serve(request).await {
         Ok(response) => response,
         Err(never) => match never {},
     }

@@ -24,7 +24,7 @@ use futures_util::future::select_all;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
-use super::stack::{ProxyStack, serve};
+use super::stack::{Next, ProxyStack, serve};
 use crate::proxy::client;
 
 /// How many workers `configured` means: itself, or one per core the process may use.
@@ -50,7 +50,7 @@ pub async fn serve_on_workers(
     let mut finished = Vec::with_capacity(workers.get());
     for index in 1..=workers.get() {
         let listener = listener.try_clone()?;
-        let stack = stack.clone();
+        let stack = stack.for_worker();
         let mut stopped = stopped.clone();
         let (done, done_rx) = oneshot::channel::<io::Result<()>>();
         let runtime = tokio::runtime::Builder::new_current_thread()
