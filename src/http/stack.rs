@@ -278,17 +278,16 @@ impl Service<Request> for Forward {
     }
 }
 
-async fn forward(in_force: &InForce, request: Request) -> Response {
-    // The first layer overwrote the header with the settled ID.
-    let id = request
-        .headers()
-        .get(&X_REQUEST_ID)
-        .and_then(|value| value.to_str().ok())
-        .map(str::to_owned);
-    // The context the first layer set (see `correlate_gateway`); a stack built without that
-    // layer routes here.
-    let context = match RequestContext::of(&request) {
-        Some(context) => context.clone(),
+async fn forward(in_force: &InForce, mut request: Request) -> Response {
+    // The first layer overwrote the header with the settled ID (a reference count, kept for
+    // the log line of a request that fails).
+    let id = request.headers().get(&X_REQUEST_ID).cloned();
+    // The context the first layer set (see `correlate_gateway`), taken rather than cloned:
+    // nothing reads it after this layer, and a clone would write the snapshot's reference
+    // count, one cache line every core's requests share. A stack built without that layer
+    // routes here.
+    let context = match request.extensions_mut().remove::<RequestContext>() {
+        Some(context) => context,
         None => {
             let running = in_force.load();
             let upstream = running
@@ -310,7 +309,7 @@ async fn forward(in_force: &InForce, request: Request) -> Response {
     match running.proxy.forward(upstream, request, peer).await {
         Ok(response) => response,
         Err(error) => {
-            let correlation_id = id.as_deref();
+            let correlation_id = id.as_ref().and_then(|id| id.to_str().ok());
             tracing::info!(correlation_id, %error, "request not proxied");
             error.into_response()
         }
