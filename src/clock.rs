@@ -30,13 +30,31 @@ fn origin() -> &'static (Instant, u64) {
 /// per-process origin (see the module docs).
 pub fn now_us() -> u64 {
     let (start, wall) = origin();
-    let elapsed = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
-    wall.saturating_add(elapsed)
+    let now = Instant::now();
+    match now.checked_duration_since(*start) {
+        Some(elapsed) => wall.saturating_add(micros(elapsed)),
+        // Only a paused Tokio clock reads before the origin: the origin was taken on another
+        // runtime's clock (another test's, or one advanced further). Counting back from it
+        // keeps this clock moving with its runtime's instead of standing still until it
+        // catches up, which had a breaker in one test wait for a probe that never came due.
+        None => wall.saturating_sub(micros(*start - now)),
+    }
+}
+
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
 
 pub(crate) fn instant_of(us: u64) -> Instant {
     let (start, wall) = origin();
-    *start + Duration::from_micros(us.saturating_sub(*wall))
+    match us.checked_sub(*wall) {
+        Some(after) => *start + Duration::from_micros(after),
+        // Before the origin (see `now_us`); an instant the platform cannot represent is the
+        // origin itself, the earliest this process's clock normally reads.
+        None => start
+            .checked_sub(Duration::from_micros(wall - us))
+            .unwrap_or(*start),
+    }
 }
 
 /// Seconds since the Unix epoch on the wall clock (0 if the clock is before 1970), for
