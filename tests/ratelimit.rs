@@ -237,11 +237,16 @@ async fn refusals_of_a_known_empty_bucket_do_not_ask_redis() {
 async fn a_thousand_concurrent_requests_on_one_key_admit_exactly_the_burst() {
     let redis = RedisServer::start();
     let hits = Arc::new(AtomicUsize::new(0));
+    // Without a lease: exactly the burst is what the store promises under concurrency. A
+    // lease (here 1 token) may be dropped unused when the key's next request comes more than
+    // a second later, as it did on a loaded machine (99 admitted), which the lease's stated
+    // slack allows (see `limit::lease`) and `two_gateways_leasing_from_one_bucket_never_admit_more_than_it_holds` covers.
     let policy = r#"
 [policies.bulk]
 key = ["api_key"]
 rate = "100/1h"
 burst = 100
+lease = 0
 "#;
     let gw = gateway(
         &redis_top(&redis, "store_timeout = \"2s\""),
