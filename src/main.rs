@@ -227,3 +227,69 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::alloc::{GlobalAlloc, Layout};
+
+    use super::Mimalloc;
+
+    /// Layouts on both sides of the malloc-style rule, awkward sizes included (a 24-byte,
+    /// 16-aligned block is the size class that would be only 8-aligned if mimalloc had one),
+    /// allocated, written, grown across the 1 KiB line and back, and freed.
+    #[test]
+    fn every_block_has_the_alignment_its_layout_asks_for() {
+        let layouts = [
+            (1, 1),
+            (8, 8),
+            (24, 16),
+            (48, 16),
+            (52, 4),
+            (17_000, 16),
+            (64, 64),
+        ];
+        for (size, align) in layouts {
+            let Ok(layout) = Layout::from_size_align(size, align) else {
+                panic!("bad layout {size}/{align}");
+            };
+            // SAFETY: non-zero sizes; each block is written within its size, reallocated with
+            // the layout it was made with, and freed once.
+            unsafe {
+                for zeroed in [false, true] {
+                    let block = if zeroed {
+                        Mimalloc.alloc_zeroed(layout)
+                    } else {
+                        Mimalloc.alloc(layout)
+                    };
+                    assert!(!block.is_null());
+                    assert_eq!(block as usize % align, 0, "{size}/{align}");
+                    if zeroed {
+                        assert!(
+                            std::slice::from_raw_parts(block, size)
+                                .iter()
+                                .all(|b| *b == 0)
+                        );
+                    }
+                    block.write_bytes(0xA5, size);
+                    let grown = Mimalloc.realloc(block, layout, size * 3 + 2_000);
+                    assert!(!grown.is_null());
+                    assert_eq!(grown as usize % align, 0, "{size}/{align} grown");
+                    assert!(
+                        std::slice::from_raw_parts(grown, size)
+                            .iter()
+                            .all(|b| *b == 0xA5)
+                    );
+                    let grown_layout = Layout::from_size_align_unchecked(size * 3 + 2_000, align);
+                    let shrunk = Mimalloc.realloc(grown, grown_layout, size);
+                    assert_eq!(shrunk as usize % align, 0, "{size}/{align} shrunk");
+                    assert!(
+                        std::slice::from_raw_parts(shrunk, size)
+                            .iter()
+                            .all(|b| *b == 0xA5)
+                    );
+                    Mimalloc.dealloc(shrunk, layout);
+                }
+            }
+        }
+    }
+}

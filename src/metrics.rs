@@ -308,8 +308,8 @@ impl<K: Copy + Eq + Hash, H> Cached<K, H> {
 
     /// Runs `use_handle` on the handle for (`name`, `labels`), made by `make` the first time.
     fn with(&self, name: &str, labels: K, make: impl FnOnce() -> H, use_handle: impl FnOnce(&H)) {
-        // The borrows end before `make` and `use_handle` run, and neither can reach this
-        // thread's cache (they call the recorder), so no borrow is ever refused.
+        // `make` and `use_handle` only call the recorder, never this thread's cache, so no
+        // borrow here is ever refused (and a refused one would only skip the cache).
         if let Ok(handles) = self.handles.try_borrow()
             && let Some(handle) = handles
                 .get(name)
