@@ -48,6 +48,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::OnceLock;
+use std::thread::LocalKey;
 use std::time::Duration;
 
 use ::metrics::{Counter, Histogram};
@@ -173,34 +174,30 @@ pub fn record_request(
 ) {
     thread_local! {
         static REQUESTS: Cached<(u16, &'static str), Counter> = Cached::new();
-    }
-    thread_local! {
         static DURATIONS: Cached<(), Histogram> = Cached::new();
     }
     let status = status.as_u16();
-    REQUESTS.with(|cache| {
-        cache.with(
-            service,
-            (status, decision),
-            || {
-                ::metrics::counter!(
-                    REQUESTS_TOTAL,
-                    "service" => service.to_owned(),
-                    "status" => status.to_string(),
-                    "decision" => decision,
-                )
-            },
-            |counter| counter.increment(1),
-        );
-    });
-    DURATIONS.with(|cache| {
-        cache.with(
-            service,
-            (),
-            || ::metrics::histogram!(REQUEST_DURATION_SECONDS, "service" => service.to_owned()),
-            |histogram| histogram.record(elapsed.as_secs_f64()),
-        );
-    });
+    with_cached(
+        &REQUESTS,
+        service,
+        (status, decision),
+        || {
+            ::metrics::counter!(
+                REQUESTS_TOTAL,
+                "service" => service.to_owned(),
+                "status" => status.to_string(),
+                "decision" => decision,
+            )
+        },
+        |counter| counter.increment(1),
+    );
+    with_cached(
+        &DURATIONS,
+        service,
+        (),
+        || ::metrics::histogram!(REQUEST_DURATION_SECONDS, "service" => service.to_owned()),
+        |histogram| histogram.record(elapsed.as_secs_f64()),
+    );
 }
 
 /// Counts one rate-limit decision of `policy`.
@@ -208,20 +205,19 @@ pub fn count_decision(policy: &str, decision: &'static str) {
     thread_local! {
         static DECISIONS: Cached<&'static str, Counter> = Cached::new();
     }
-    DECISIONS.with(|cache| {
-        cache.with(
-            policy,
-            decision,
-            || {
-                ::metrics::counter!(
-                    RATELIMIT_DECISIONS_TOTAL,
-                    "policy" => policy.to_owned(),
-                    "decision" => decision,
-                )
-            },
-            |counter| counter.increment(1),
-        );
-    });
+    with_cached(
+        &DECISIONS,
+        policy,
+        decision,
+        || {
+            ::metrics::counter!(
+                RATELIMIT_DECISIONS_TOTAL,
+                "policy" => policy.to_owned(),
+                "decision" => decision,
+            )
+        },
+        |counter| counter.increment(1),
+    );
 }
 
 /// Counts one bucket of `policy` decided from its lease.
@@ -229,14 +225,13 @@ pub fn count_lease_served(policy: &str) {
     thread_local! {
         static SERVED: Cached<(), Counter> = Cached::new();
     }
-    SERVED.with(|cache| {
-        cache.with(
-            policy,
-            (),
-            || ::metrics::counter!(RATELIMIT_LEASE_SERVED_TOTAL, "policy" => policy.to_owned()),
-            |counter| counter.increment(1),
-        );
-    });
+    with_cached(
+        &SERVED,
+        policy,
+        (),
+        || ::metrics::counter!(RATELIMIT_LEASE_SERVED_TOTAL, "policy" => policy.to_owned()),
+        |counter| counter.increment(1),
+    );
 }
 
 /// Records one store round trip of the limiter.
@@ -244,14 +239,13 @@ pub fn record_store_latency(store: &str, elapsed: Duration) {
     thread_local! {
         static LATENCY: Cached<(), Histogram> = Cached::new();
     }
-    LATENCY.with(|cache| {
-        cache.with(
-            store,
-            (),
-            || ::metrics::histogram!(STORE_LATENCY_SECONDS, "store" => store.to_owned()),
-            |histogram| histogram.record(elapsed.as_secs_f64()),
-        );
-    });
+    with_cached(
+        &LATENCY,
+        store,
+        (),
+        || ::metrics::histogram!(STORE_LATENCY_SECONDS, "store" => store.to_owned()),
+        |histogram| histogram.record(elapsed.as_secs_f64()),
+    );
 }
 
 /// Counts one global (cross-region) check of `policy`.
@@ -259,21 +253,20 @@ pub fn count_global_decision(policy: &str, mode: &'static str, admitted: bool) {
     thread_local! {
         static GLOBAL: Cached<(&'static str, bool), Counter> = Cached::new();
     }
-    GLOBAL.with(|cache| {
-        cache.with(
-            policy,
-            (mode, admitted),
-            || {
-                ::metrics::counter!(
-                    GLOBAL_DECISIONS_TOTAL,
-                    "policy" => policy.to_owned(),
-                    "mode" => mode,
-                    "admitted" => if admitted { "true" } else { "false" },
-                )
-            },
-            |counter| counter.increment(1),
-        );
-    });
+    with_cached(
+        &GLOBAL,
+        policy,
+        (mode, admitted),
+        || {
+            ::metrics::counter!(
+                GLOBAL_DECISIONS_TOTAL,
+                "policy" => policy.to_owned(),
+                "mode" => mode,
+                "admitted" => if admitted { "true" } else { "false" },
+            )
+        },
+        |counter| counter.increment(1),
+    );
 }
 
 /// Metric handles by a name label (a service or policy from the config) and a few small
@@ -288,6 +281,29 @@ pub fn count_global_decision(policy: &str, mode: &'static str, admitted: bool) {
 /// handles a thread keeps point at the same registry entries as every other thread's.
 struct Cached<K, H> {
     handles: RefCell<HashMap<Box<str>, ByLabels<K, H>, FastHash>>,
+}
+
+/// Runs `use_handle` on this thread's handle for (`name`, `labels`) in `cache`, made by `make`
+/// the first time. A thread whose locals are being torn down records through a handle made
+/// for the occasion instead.
+fn with_cached<K: Copy + Eq + Hash, H>(
+    cache: &'static LocalKey<Cached<K, H>>,
+    name: &str,
+    labels: K,
+    make: impl FnOnce() -> H,
+    use_handle: impl FnOnce(&H),
+) {
+    let mut calls = Some((make, use_handle));
+    let cached = cache.try_with(|cache| {
+        if let Some((make, use_handle)) = calls.take() {
+            cache.with(name, labels, make, use_handle);
+        }
+    });
+    if cached.is_err()
+        && let Some((make, use_handle)) = calls.take()
+    {
+        use_handle(&make());
+    }
 }
 
 /// One name's handles, by the rest of their labels.
