@@ -20,6 +20,8 @@
 //!   bookkeeping it needs ([`AckBook`], [`UnackedLog`]), bundled in [`EventualNode`].
 //! - [`bounded`]: strict mode, a bounded counter (escrow) per `(policy, key)` with rights
 //!   transfers and safe restarts ([`BoundedTable`]).
+//! - [`wire`]: decoding a peer's sequences without preallocating what their length prefixes
+//!   claim.
 //!
 //! # Guarantees (each property-tested in its module)
 //!
@@ -42,6 +44,7 @@ pub mod eventual;
 mod hash;
 pub mod usage;
 pub mod window;
+pub mod wire;
 
 pub use actor::{Actor, ActorIdx, ActorTable, Slot};
 pub use bounded::{

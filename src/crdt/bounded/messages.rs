@@ -128,6 +128,7 @@ pub struct Handover {
     pub chunks: u32,
     /// Keys with a non-zero exchange between the two slots, or whose pair epoch is past
     /// `floor`.
+    #[serde(deserialize_with = "crate::crdt::wire::grown_vec")]
     pub entries: Vec<HandoverEntry>,
     /// The sender's epoch floor for the receiver's slot: every key it does not list is, at
     /// the sender, empty at that epoch (or unheld), so the receiver may refuse older epochs

@@ -24,8 +24,10 @@ pub struct Delta {
     /// How many chunks the delta has (at least 1).
     pub chunks: u32,
     /// The actors referenced by this chunk's counts, by position.
+    #[serde(deserialize_with = "crate::crdt::wire::grown_vec")]
     pub actors: Vec<Actor>,
     /// Entries grouped by policy.
+    #[serde(deserialize_with = "crate::crdt::wire::grown_vec")]
     pub policies: Vec<PolicyDelta>,
 }
 
@@ -37,6 +39,7 @@ pub struct PolicyDelta {
     /// Sub-window that entry offsets are relative to (the sender's GC horizon).
     pub base_sub: u64,
     /// The changed `(key, sub-window)` entries.
+    #[serde(deserialize_with = "crate::crdt::wire::grown_vec")]
     pub entries: Vec<DeltaEntry>,
 }
 
@@ -48,6 +51,7 @@ pub struct DeltaEntry {
     /// Sub-window, as an offset from [`PolicyDelta::base_sub`].
     pub sub_off: u32,
     /// `(actor index in Delta::actors, P, N)` for each changed cell.
+    #[serde(deserialize_with = "crate::crdt::wire::grown_vec")]
     pub counts: Vec<(u16, u64, u64)>,
 }
 

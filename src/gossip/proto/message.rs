@@ -66,5 +66,5 @@ pub enum Message {
     /// (see [`crate::crdt::bounded::Settled`]).
     Settled(Settled),
     /// The global quotas the sender is configured with (see [`super::reload`]).
-    Quotas(Vec<(PolicyId, u64)>),
+    Quotas(#[serde(deserialize_with = "crate::crdt::wire::grown_vec")] Vec<(PolicyId, u64)>),
 }
