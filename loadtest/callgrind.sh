@@ -17,7 +17,11 @@
 # Configs (next to this script): `proxy` is proxy.toml (plain proxy). `memory-policy` is
 # redis-policy.toml with TOLLGATE_REDIS_URL="" (so without Redis: its token bucket, limit never
 # reached, lives in the in-memory store); any other name is NAME.toml as it is (a config naming a Redis
-# needs one running). `nginx-proxy` and `nginx-limit-req` are the reference: nginx in one
+# needs one running). `global-eventual` and `global-strict` are those files on the in-memory
+# store too (TOLLGATE_REDIS_URL="", so compare them with `memory-policy`), measured with their
+# two peers running outside valgrind (instances b and c, gossiping on 7412 and 7413 as the files
+# say, so those ports and 7411 must be free); each run waits until the gateway admits before its
+# requests are sent, and a few 429s of that wait are all it adds. `nginx-proxy` and `nginx-limit-req` are the reference: nginx in one
 # process (`master_process off`, so callgrind sees the process that does the work) proxying
 # to the same upstream with keep-alive, as loadtest/run.sh configures it, the second with a
 # `limit_req` never reached; EXCLUDE does not apply to them. Listen addresses and the upstream instance are overridden with the
@@ -68,10 +72,11 @@ fi
 WORK=$(mktemp -d)
 UPSTREAM_PID=
 GATEWAY_PID=
+PEER_PIDS=
 cleanup() {
-  for pid in $GATEWAY_PID $UPSTREAM_PID; do kill "$pid" 2>/dev/null || true; done
-  for pid in $GATEWAY_PID $UPSTREAM_PID; do wait "$pid" 2>/dev/null || true; done
-  [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"; [ -n "${KEEP_WORK:-}" ] && echo "work dir $WORK" >&2
+  for pid in $GATEWAY_PID $PEER_PIDS $UPSTREAM_PID; do kill "$pid" 2>/dev/null || true; done
+  for pid in $GATEWAY_PID $PEER_PIDS $UPSTREAM_PID; do wait "$pid" 2>/dev/null || true; done
+  if [ -n "${KEEP_WORK:-}" ]; then echo "work dir $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -138,12 +143,14 @@ PY
 
 cat >"$WORK/load.py" <<'PY'
 # load.py PORT N CONCURRENCY: N GETs over CONCURRENCY keep-alive connections (each sends its
-# share one after another); exits non-zero unless every answer is a 200.
+# share one after another); exits non-zero unless every answer is a 200. N=0 waits instead
+# until one request is admitted.
 import socket, sys, threading
 
 port, total, conns = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 REQUEST = f"GET /api/v1/users/42 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
 failures = []
+WAIT_FOR_ADMISSION = total == 0
 
 def read_response(sock, buf):
     while b"\r\n\r\n" not in buf:
@@ -190,6 +197,24 @@ def client(count):
         sock.close()
     except Exception as error:
         failures.append(repr(error))
+
+if WAIT_FOR_ADMISSION:
+    # N=0: wait (up to 120 s) until one request is admitted, as a global gateway does once its
+    # peers have told it their counts.
+    import time
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(REQUEST)
+            status, _ = read_response(sock, b"")
+            sock.close()
+            if status == 200:
+                sys.exit(0)
+        except OSError:
+            pass
+        time.sleep(0.2)
+    sys.exit("the gateway never admitted a request")
 
 shares = [total // conns + (1 if i < total % conns else 0) for i in range(conns)]
 threads = [threading.Thread(target=client, args=(n,)) for n in shares]
@@ -283,6 +308,7 @@ measure() {
     >"$WORK/gateway.$name.$n.log" 2>&1 &
   GATEWAY_PID=$!
   if ! wait_port "$LISTEN_PORT" "$GATEWAY_PID" 180 ||
+    { [ -n "$PEER_PIDS" ] && ! python3 "$WORK/load.py" "$LISTEN_PORT" 0 1; } ||
     ! python3 "$WORK/load.py" "$LISTEN_PORT" "$n" "$CONCURRENCY"; then
     echo "run $name/$n failed; its log:" >&2
     tail -20 "$WORK/gateway.$name.$n.log" "$WORK/$name/error.log" 2>/dev/null >&2
@@ -293,6 +319,28 @@ measure() {
   GATEWAY_PID=
   IR=$(python3 "$WORK/ir.py" "$exclude" "$out")
   if [ -n "$KEEP" ]; then mkdir -p "$KEEP"; cp "$out" "$KEEP/"; fi
+}
+
+# start_peers FILE: the two peers of a global config, outside valgrind: instances b and c of the
+# same file (the policies and peer list they compare by digest agree by construction).
+start_peers() {
+  local instance proxy admin gossip
+  for instance in b c; do
+    read -r proxy admin < <(free_ports 2)
+    gossip=$([ "$instance" = b ] && echo 7412 || echo 7413)
+    env -u RUST_LOG TOLLGATE_INSTANCE=$instance TOLLGATE_LISTEN="127.0.0.1:$proxy" \
+      TOLLGATE_ADMIN_LISTEN="127.0.0.1:$admin" TOLLGATE_GOSSIP_LISTEN="127.0.0.1:$gossip" \
+      TOLLGATE_REDIS_URL= TOLLGATE_GOSSIP_CERTS="$WORK/certs" \
+      TOLLGATE_SERVICE_UPSTREAM_INSTANCES="http://127.0.0.1:$UPSTREAM_PORT" \
+      "$BIN" gateway --config "$1" >"$WORK/peer-$instance.log" 2>&1 &
+    PEER_PIDS="$PEER_PIDS $!"
+    wait_port "$proxy" "$!" 30
+  done
+}
+stop_peers() {
+  for pid in $PEER_PIDS; do kill "$pid" 2>/dev/null || true; done
+  for pid in $PEER_PIDS; do wait "$pid" 2>/dev/null || true; done
+  PEER_PIDS=
 }
 
 COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
@@ -312,6 +360,11 @@ for config in $CONFIGS; do
       extra=()
       case $config in
         memory-policy) file=$CONFIG_DIR/redis-policy.toml; extra=(TOLLGATE_REDIS_URL=) ;;
+        global-*)
+          file=$CONFIG_DIR/$config.toml
+          [ -d "$WORK/certs" ] || "$BIN" certs --out "$WORK/certs" --gateways bench/a,bench/b,bench/c >/dev/null
+          extra=(TOLLGATE_REDIS_URL= TOLLGATE_GOSSIP_CERTS="$WORK/certs")
+          start_peers "$file" ;;
         *) file=$CONFIG_DIR/$config.toml ;;
       esac
       [ -f "$file" ] || { echo "no config $file" >&2; exit 1; }
@@ -323,6 +376,7 @@ for config in $CONFIGS; do
   esac
   measure "$config" "$N1" "$exclude" "${cmd[@]}"; read -r ir1 total1 excluded1 <<<"$IR"
   measure "$config" "$N2" "$exclude" "${cmd[@]}"; read -r ir2 total2 excluded2 <<<"$IR"
+  stop_peers
   echo "$config $N1 $total1 $excluded1 $N2 $total2 $excluded2" >>"$WORK/raw"
   python3 -c 'import sys; n1, i1, n2, i2 = map(int, sys.argv[1:5]); print(f"{sys.argv[5]:<16} {(i2 - i1) / (n2 - n1):.0f}")' \
     "$N1" "$ir1" "$N2" "$ir2" "$config"
