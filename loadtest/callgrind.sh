@@ -318,6 +318,11 @@ measure() {
   wait "$GATEWAY_PID" || { echo "$name/$n exited with $?:" >&2; tail -20 "$WORK/gateway.$name.$n.log" >&2; return 1; }
   GATEWAY_PID=
   IR=$(python3 "$WORK/ir.py" "$exclude" "$out")
+  # The proxy worker threads' inclusive cost (their thread body is inlined from workers.rs
+  # into std's thread start): the request path alone, without what other threads do on a
+  # clock (gossip ticks, health checks), which valgrind's slowness puts on more requests.
+  WORKER_IR=$(callgrind_annotate --inclusive=yes --threshold=100 "$out" 2>/dev/null |
+    awk '/http\/workers\.rs:std::sys::backtrace::__rust_begin_short_backtrace/ {gsub(",", "", $1); sum += $1} END {print sum + 0}')
   if [ -n "$KEEP" ]; then mkdir -p "$KEEP"; cp "$out" "$KEEP/"; fi
 }
 
@@ -346,7 +351,7 @@ stop_peers() {
 COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 if ! git diff --quiet HEAD 2>/dev/null; then COMMIT="$COMMIT+uncommitted"; fi
 echo "commit $COMMIT: instructions per proxied request (callgrind Ir${EXCLUDE:+ less $EXCLUDE}; (Ir(N2) - Ir(N1)) / (N2 - N1), N1=$N1 N2=$N2, $CONCURRENCY connection(s), $WORKERS worker thread(s))"
-printf '%-16s %s\n' config instructions/request
+printf '%-16s %-22s %s\n' config instructions/request "proxy worker threads"
 for config in $CONFIGS; do
   cmd=()
   exclude=$EXCLUDE
@@ -374,12 +379,15 @@ for config in $CONFIGS; do
         TOLLGATE_SERVICE_UPSTREAM_INSTANCES="http://127.0.0.1:$UPSTREAM_PORT" "${extra[@]}"
         "$BIN" gateway --config "$file") ;;
   esac
-  measure "$config" "$N1" "$exclude" "${cmd[@]}"; read -r ir1 total1 excluded1 <<<"$IR"
-  measure "$config" "$N2" "$exclude" "${cmd[@]}"; read -r ir2 total2 excluded2 <<<"$IR"
+  measure "$config" "$N1" "$exclude" "${cmd[@]}"; read -r ir1 total1 excluded1 <<<"$IR"; worker1=$WORKER_IR
+  measure "$config" "$N2" "$exclude" "${cmd[@]}"; read -r ir2 total2 excluded2 <<<"$IR"; worker2=$WORKER_IR
   stop_peers
   echo "$config $N1 $total1 $excluded1 $N2 $total2 $excluded2" >>"$WORK/raw"
-  python3 -c 'import sys; n1, i1, n2, i2 = map(int, sys.argv[1:5]); print(f"{sys.argv[5]:<16} {(i2 - i1) / (n2 - n1):.0f}")' \
-    "$N1" "$ir1" "$N2" "$ir2" "$config"
+  python3 -c 'import sys
+n1, i1, n2, i2, w1, w2 = map(int, sys.argv[1:7])
+workers = f"{(w2 - w1) / (n2 - n1):.0f}" if w2 else "-"
+print(f"{sys.argv[7]:<16} {(i2 - i1) / (n2 - n1):<22.0f} {workers}")' \
+    "$N1" "$ir1" "$N2" "$ir2" "$worker1" "$worker2" "$config"
 done
 # The raw figures, on stderr: total Ir per run and what EXCLUDE took out of it.
 awk -v pattern="$EXCLUDE" '{printf "%-16s N=%s Ir %s (excluded %s), N=%s Ir %s (excluded %s)\n", $1, $2, $3, $4, $5, $6, $7}

@@ -27,10 +27,16 @@ impl GlobalLimits {
         applied: &'a [Applied<'a>],
         policies: &GlobalPolicies,
     ) -> Option<(Option<Taken<'a>>, GlobalOutcomes)> {
-        let mut checks = Vec::new();
-        let mut entries: Vec<(usize, &GlobalEntry)> = Vec::new();
+        let global = |a: &Applied<'_>| matches!(a.policy.scope, Scope::Global(_));
+        let count = applied.iter().filter(|a| global(a)).count();
+        if count == 0 {
+            return None;
+        }
+        // Sized once: a push into an empty vector takes the slower growth path.
+        let mut checks = Vec::with_capacity(count);
+        let mut entries: Vec<(usize, &GlobalEntry)> = Vec::with_capacity(count);
         for (i, a) in applied.iter().enumerate() {
-            if !matches!(a.policy.scope, Scope::Global(_)) {
+            if !global(a) {
                 continue;
             }
             let Some(entry) = policies.find(&a.policy.name, a.tier) else {

@@ -62,7 +62,7 @@ use serde::{Deserialize, Serialize};
 
 use super::actor::{Actor, ActorIdx, Slot};
 use super::usage::{
-    Delta, EventualPolicy, MergeReport, PolicyId, UsageError, UsageLimits, UsageTable,
+    Delta, EventualPolicy, MergeReport, PolicyId, UsageError, UsageLimits, UsageTable, clamp,
 };
 
 /// The eventual-mode admission rule: may an actor that sees `merged_count` (everyone's live
@@ -513,25 +513,43 @@ impl EventualNode {
         cost: u64,
         limit: u64,
     ) -> Result<bool, UsageError> {
+        self.try_admit_counted(policy, key, now_us, cost, limit)
+            .map(|(admitted, _)| admitted)
+    }
+
+    /// [`EventualNode::try_admit`], with the merged count of `(policy, key)` after the
+    /// decision: what [`UsageTable::count`] would say next, without reading the cells again
+    /// (the request path reports what remains after every admission).
+    pub fn try_admit_counted(
+        &mut self,
+        policy: PolicyId,
+        key: &str,
+        now_us: u64,
+        cost: u64,
+        limit: u64,
+    ) -> Result<(bool, u64), UsageError> {
         let registered = self
             .table
             .policy(policy)
             .ok_or(UsageError::UnknownPolicy(policy))?;
         let spec = registered.spec;
         let limit = limit.min(registered.quota);
-        let merged = self.table.count(policy, key, now_us);
+        let net = self.table.net(policy, key, now_us);
+        let merged = clamp(net);
         let unacked = self.unacked(policy, key, now_us);
         if !eventual_admit(limit, merged, unacked, self.acks.n_actors(), cost) {
-            return Ok(false);
+            return Ok((false, merged));
         }
         let version = match self.table.record(self.me, policy, key, now_us, cost) {
             Ok(v) => v,
-            Err(UsageError::OverQuota) => return Ok(false),
+            Err(UsageError::OverQuota) => return Ok((false, merged)),
             Err(e) => return Err(e),
         };
         self.log
             .on_admit(policy, key, spec.sub_window(now_us), version, cost);
-        Ok(true)
+        // The record added `cost` to our own cell of the current sub-window and dropped
+        // only cells past the GC horizon, which the sliding sum does not count.
+        Ok((true, clamp(net.saturating_add(i128::from(cost)))))
     }
 
     /// Refunds own admissions (see [`UsageTable::refund`]).

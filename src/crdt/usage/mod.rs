@@ -939,7 +939,7 @@ impl UsageTable {
     }
 }
 
-fn clamp(v: i128) -> u64 {
+pub(super) fn clamp(v: i128) -> u64 {
     u64::try_from(v.max(0)).unwrap_or(u64::MAX)
 }
 

@@ -50,25 +50,34 @@ impl Gossip {
             };
             return vec![refused; checks.len()];
         }
+        // An eventual decision reads the count it leaves: that is what remains, unless a
+        // refund below or another check of the same request changes it (then every count is
+        // read again).
         let mut outcomes: Vec<GlobalOutcome> = checks
             .iter()
-            .map(|check| GlobalOutcome {
-                admitted: match check.mode {
-                    GlobalMode::Eventual => self.try_admit_eventual(
+            .map(|check| match check.mode {
+                GlobalMode::Eventual => {
+                    let (admitted, count) = self.try_admit_eventual_counted(
                         check.policy,
                         check.key,
                         check.cost,
                         check.quota,
                         now_us,
-                    ),
-                    GlobalMode::Strict => {
-                        self.try_admit_strict(check.policy, check.key, check.cost, now_us)
+                    );
+                    GlobalOutcome {
+                        admitted,
+                        remaining: count.map_or(0, |count| check.quota.saturating_sub(count)),
                     }
+                }
+                GlobalMode::Strict => GlobalOutcome {
+                    admitted: self.try_admit_strict(check.policy, check.key, check.cost, now_us),
+                    remaining: 0,
                 },
-                remaining: 0,
             })
             .collect();
-        if outcomes.iter().any(|o| !o.admitted) {
+        let refunded = outcomes.iter().any(|o| !o.admitted);
+        let reread = refunded || checks.len() > 1;
+        if refunded {
             for (check, outcome) in checks.iter().zip(&outcomes) {
                 if outcome.admitted {
                     self.refund_check(check, now_us, now_us);
@@ -76,12 +85,16 @@ impl Gossip {
             }
         }
         for (check, outcome) in checks.iter().zip(&mut outcomes) {
-            outcome.remaining = match check.mode {
-                GlobalMode::Eventual => {
-                    self.remaining_eventual(check.policy, check.key, check.quota, now_us)
+            match check.mode {
+                GlobalMode::Eventual if reread => {
+                    outcome.remaining =
+                        self.remaining_eventual(check.policy, check.key, check.quota, now_us);
                 }
-                GlobalMode::Strict => self.remaining_strict(check.policy, check.key, now_us),
-            };
+                GlobalMode::Eventual => {}
+                GlobalMode::Strict => {
+                    outcome.remaining = self.remaining_strict(check.policy, check.key, now_us);
+                }
+            }
         }
         outcomes
     }
@@ -127,17 +140,33 @@ impl Gossip {
         limit: u64,
         now_us: u64,
     ) -> bool {
+        self.try_admit_eventual_counted(policy, key, cost, limit, now_us)
+            .0
+    }
+
+    /// [`Gossip::try_admit_eventual`], with the merged count after the decision when it was
+    /// read (`None` while learning or for an unknown policy).
+    fn try_admit_eventual_counted(
+        &mut self,
+        policy: PolicyId,
+        key: &str,
+        cost: u64,
+        limit: u64,
+        now_us: u64,
+    ) -> (bool, Option<u64>) {
         if self.is_learning(now_us) {
-            return false;
+            return (false, None);
         }
-        let ok = self
+        let Ok((ok, count)) = self
             .node
-            .try_admit(policy, key, now_us, cost, limit)
-            .unwrap_or(false);
+            .try_admit_counted(policy, key, now_us, cost, limit)
+        else {
+            return (false, None);
+        };
         if ok && cost > 0 {
             self.own_pending = self.own_pending.saturating_add(1);
         }
-        ok
+        (ok, Some(count))
     }
 
     /// Strict mode: admits `cost` on `(policy, key)` if we hold the rights. When short (or

@@ -1019,6 +1019,39 @@ fn a_request_is_admitted_by_all_its_global_policies_or_by_none() {
     assert_eq!(admitted(&outcomes), [false, false]);
 }
 
+/// A lone eventual check reports what remains from the count its own decision read (the
+/// request path's common case): the same as reading the merged count afresh, with the
+/// other nodes' admissions merged in, up to and past the quota.
+#[test]
+fn a_lone_eventual_check_reports_what_a_fresh_read_would() {
+    use crate::limit::policy::GlobalMode;
+    let mut sim = Sim::new(15, calm());
+    sim.run_until(T0 + 3 * SEC);
+    let quota = 40;
+    let check = |key| GlobalCheck {
+        policy: LONG,
+        mode: GlobalMode::Eventual,
+        key,
+        cost: 1,
+        quota,
+    };
+    for round in 0..60 {
+        // Another node admits too, and gossip brings its count here.
+        let now = sim.now;
+        let _ = sim.nodes[1].admit(&[check("k")], now);
+        sim.run_until(now + 20 * MS);
+        let now = sim.now;
+        let node = &mut sim.nodes[0];
+        let outcomes = node.admit(&[check("k")], now);
+        let fresh = quota.saturating_sub(node.count(LONG, "k", now));
+        assert_eq!(outcomes[0].remaining, fresh, "round {round}: {outcomes:?}");
+    }
+    assert!(
+        !sim.nodes[0].admit(&[check("k")], sim.now)[0].admitted,
+        "the quota was reached"
+    );
+}
+
 fn admitted(outcomes: &[GlobalOutcome]) -> Vec<bool> {
     outcomes.iter().map(|o| o.admitted).collect()
 }
