@@ -205,7 +205,7 @@ if WAIT_FOR_ADMISSION:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            sock = socket.create_connection(("127.0.0.1", port))
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
             sock.sendall(REQUEST)
             status, _ = read_response(sock, b"")
             sock.close()
@@ -255,7 +255,8 @@ if exclude and not excluded:
 print(total - excluded, total, excluded)
 PY
 
-read -r UPSTREAM_PORT LISTEN_PORT ADMIN_PORT < <(free_ports 3)
+# Every port at once, so none is handed out twice (the peers' too).
+read -r UPSTREAM_PORT LISTEN_PORT ADMIN_PORT PEER_B_PROXY PEER_B_ADMIN PEER_C_PROXY PEER_C_ADMIN < <(free_ports 7)
 python3 "$WORK/upstream.py" "$UPSTREAM_PORT" & UPSTREAM_PID=$!
 wait_port "$UPSTREAM_PORT" "$UPSTREAM_PID" 10
 
@@ -321,7 +322,7 @@ measure() {
   # The proxy worker threads' inclusive cost (their thread body is inlined from workers.rs
   # into std's thread start): the request path alone, without what other threads do on a
   # clock (gossip ticks, health checks), which valgrind's slowness puts on more requests.
-  WORKER_IR=$(callgrind_annotate --inclusive=yes --threshold=100 "$out" 2>/dev/null |
+  WORKER_IR=$({ callgrind_annotate --auto=no --inclusive=yes --threshold=100 "$out" 2>/dev/null || true; } |
     awk '/http\/workers\.rs:std::sys::backtrace::__rust_begin_short_backtrace/ {gsub(",", "", $1); sum += $1} END {print sum + 0}')
   if [ -n "$KEEP" ]; then mkdir -p "$KEEP"; cp "$out" "$KEEP/"; fi
 }
@@ -331,8 +332,11 @@ measure() {
 start_peers() {
   local instance proxy admin gossip
   for instance in b c; do
-    read -r proxy admin < <(free_ports 2)
-    gossip=$([ "$instance" = b ] && echo 7412 || echo 7413)
+    if [ "$instance" = b ]; then
+      proxy=$PEER_B_PROXY admin=$PEER_B_ADMIN gossip=7412
+    else
+      proxy=$PEER_C_PROXY admin=$PEER_C_ADMIN gossip=7413
+    fi
     env -u RUST_LOG TOLLGATE_INSTANCE=$instance TOLLGATE_LISTEN="127.0.0.1:$proxy" \
       TOLLGATE_ADMIN_LISTEN="127.0.0.1:$admin" TOLLGATE_GOSSIP_LISTEN="127.0.0.1:$gossip" \
       TOLLGATE_REDIS_URL= TOLLGATE_GOSSIP_CERTS="$WORK/certs" \
@@ -367,6 +371,7 @@ for config in $CONFIGS; do
         memory-policy) file=$CONFIG_DIR/redis-policy.toml; extra=(TOLLGATE_REDIS_URL=) ;;
         global-*)
           file=$CONFIG_DIR/$config.toml
+          [ -f "$file" ] || { echo "no config $file" >&2; exit 1; }
           [ -d "$WORK/certs" ] || "$BIN" certs --out "$WORK/certs" --gateways bench/a,bench/b,bench/c >/dev/null
           extra=(TOLLGATE_REDIS_URL= TOLLGATE_GOSSIP_CERTS="$WORK/certs")
           start_peers "$file" ;;

@@ -145,6 +145,46 @@ fn a_claimed_sequence_costs_what_arrived_not_what_it_claims() {
     }
 }
 
+/// Frames that nest claimed sequences, from the fuzz corpus
+/// (`fuzz/corpus/frame_decoder/regress-prealloc-*`, without the harness's first byte): a
+/// `Delta` whose policies, a policy's entries and an entry's counts each claim 2^40, and a
+/// `Handover` whose entries claim 2^40.
+const NESTED_CLAIMS: [(&str, &[u8]); 2] = [
+    (
+        "delta policies, entries and counts",
+        &[
+            0x54, 0x47, 0x01, 0x00, 0x00, 0x00, 0x25, 0x01, 0x00, 0x00, 0x00, 0x01, 0x00, 0xfd,
+            0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x01, 0x00, 0xfd, 0x00, 0x00, 0x00,
+            0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0xfd, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01,
+            0x00, 0x00,
+        ],
+    ),
+    (
+        "handover entries",
+        &[
+            0x54, 0x47, 0x01, 0x00, 0x00, 0x00, 0x11, 0x07, 0x01, 0x01, 0x00, 0x01, 0x01, 0x00,
+            0x01, 0xfd, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00,
+        ],
+    ),
+];
+
+#[test]
+fn nested_claimed_sequences_cost_a_bounded_reservation_each() {
+    for (name, frame) in NESTED_CLAIMS {
+        let (peak, result) = decode_peak(frame);
+        println!("{name}: a {}-byte frame, peak {peak} bytes", frame.len());
+        assert!(
+            matches!(result, Err(CodecError::Payload(_))),
+            "{name}: {result:?}"
+        );
+        assert!(
+            peak <= frame.len() * 32 + ALLOWANCE,
+            "{name}: a {}-byte frame allocated {peak} bytes",
+            frame.len()
+        );
+    }
+}
+
 #[test]
 fn an_honest_frame_decodes_under_the_counting_allocator() {
     let honest = Message::Quotas(vec![(1, 10), (2, 20)]);

@@ -25,10 +25,11 @@ use crate::alloc_meter;
 /// `expansion` covers the buffer (a `BytesMut` doubles as it grows, and a split frame keeps
 /// the old allocation alive next to the new one) and a decoded message's in-memory size
 /// against its varint encoding (an `Actor` or a `DeltaEntry` is ~19 times its smallest
-/// encoding). `slack` is the constant of "its own size plus a constant": serde preallocates
-/// a sequence from its claimed length, up to 1 MiB, before any element decodes (see the
-/// codec's docs), and a `Delta` nests three sequences, so a 44-byte frame holds 3 MiB for
-/// a moment (`corpus/frame_decoder/regress-prealloc-delta-3mib`).
+/// encoding). `slack` is the constant of "its own size plus a constant": a sequence
+/// reserves at most 4 KiB from its claimed length before its elements decode
+/// (`tollgate::crdt::wire`), and a `Delta` nests three sequences, so a 44-byte frame holds
+/// 12 KiB for a moment (`corpus/frame_decoder/regress-prealloc-delta-3mib`; 3 MiB before
+/// the claims stopped being preallocated, which this slack would catch).
 #[derive(Debug, Clone, Copy)]
 pub struct MemoryBound {
     pub expansion: usize,
@@ -36,12 +37,12 @@ pub struct MemoryBound {
 }
 
 impl MemoryBound {
-    /// 48 × fed + 4 MiB, or the slack from `TOLLGATE_FUZZ_FRAME_SLACK` (bytes).
+    /// 48 × fed + 256 KiB, or the slack from `TOLLGATE_FUZZ_FRAME_SLACK` (bytes).
     pub fn from_env() -> Self {
         let slack = std::env::var("TOLLGATE_FUZZ_FRAME_SLACK")
             .ok()
             .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(4 << 20);
+            .unwrap_or(256 << 10);
         Self {
             expansion: 48,
             slack,

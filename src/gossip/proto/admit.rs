@@ -145,7 +145,8 @@ impl Gossip {
     }
 
     /// [`Gossip::try_admit_eventual`], with the merged count after the decision when it was
-    /// read (`None` while learning or for an unknown policy).
+    /// read (`None` while learning, or when the table refused: an unknown policy, a key it
+    /// cannot hold).
     fn try_admit_eventual_counted(
         &mut self,
         policy: PolicyId,
