@@ -98,6 +98,21 @@ fn claim_huge_sequence(honest: &Message, at: usize) -> Vec<u8> {
 /// bounded reservation per nesting level.
 const ALLOWANCE: usize = 16 * 1024;
 
+/// `frame` is refused as an undecodable payload, and its decode peaked within the bound.
+fn assert_refused_within_bound(name: &str, frame: &[u8]) {
+    let (peak, result) = decode_peak(frame);
+    println!("{name}: a {}-byte frame, peak {peak} bytes", frame.len());
+    assert!(
+        matches!(result, Err(CodecError::Payload(_))),
+        "{name}: {result:?}"
+    );
+    assert!(
+        peak <= frame.len() * 32 + ALLOWANCE,
+        "{name}: a {}-byte frame claiming 2^40 elements allocated {peak} bytes",
+        frame.len()
+    );
+}
+
 #[test]
 fn a_claimed_sequence_costs_what_arrived_not_what_it_claims() {
     let empty_delta = Delta {
@@ -130,18 +145,7 @@ fn a_claimed_sequence_costs_what_arrived_not_what_it_claims() {
         ),
     ];
     for (name, honest, at) in cases {
-        let frame = claim_huge_sequence(&honest, at);
-        let (peak, result) = decode_peak(&frame);
-        println!("{name}: a {}-byte frame, peak {peak} bytes", frame.len());
-        assert!(
-            matches!(result, Err(CodecError::Payload(_))),
-            "{name}: {result:?}"
-        );
-        assert!(
-            peak <= frame.len() * 32 + ALLOWANCE,
-            "{name}: a {}-byte frame claiming 2^40 elements allocated {peak} bytes",
-            frame.len()
-        );
+        assert_refused_within_bound(name, &claim_huge_sequence(&honest, at));
     }
 }
 
@@ -171,17 +175,7 @@ const NESTED_CLAIMS: [(&str, &[u8]); 2] = [
 #[test]
 fn nested_claimed_sequences_cost_a_bounded_reservation_each() {
     for (name, frame) in NESTED_CLAIMS {
-        let (peak, result) = decode_peak(frame);
-        println!("{name}: a {}-byte frame, peak {peak} bytes", frame.len());
-        assert!(
-            matches!(result, Err(CodecError::Payload(_))),
-            "{name}: {result:?}"
-        );
-        assert!(
-            peak <= frame.len() * 32 + ALLOWANCE,
-            "{name}: a {}-byte frame allocated {peak} bytes",
-            frame.len()
-        );
+        assert_refused_within_bound(name, frame);
     }
 }
 
