@@ -38,6 +38,7 @@ fn policy(name: &str, routes: &[&str], methods: &[Method], key: Vec<KeySource>) 
         scope: Scope::Region,
         regional: None,
         sub_windows: 10,
+        local_reserve: 0,
         on_store_error: OnStoreError::Local,
         legacy_headers: false,
         lease: Default::default(),

@@ -111,6 +111,8 @@ pub struct GlobalEntry {
     pub quota: u64,
     /// The sliding window.
     pub spec: WindowSpec,
+    /// Eventual mode's local reserve, in thousandths of the quota (see [`Policy`]).
+    pub local_reserve: u16,
 }
 
 /// Every global policy and tier of a configuration, in a deterministic order.
@@ -124,7 +126,7 @@ impl GlobalPolicies {
     /// gateway with the same policies agrees on them. A window the configuration check would
     /// have refused is skipped.
     pub fn from_policies(policies: &[Policy]) -> Self {
-        let mut found: Vec<(String, Option<String>, GlobalMode, Limit, u32)> = Vec::new();
+        let mut found: Vec<(String, Option<String>, GlobalMode, Limit, u32, u16)> = Vec::new();
         for policy in policies {
             let Scope::Global(mode) = policy.scope else {
                 continue;
@@ -135,6 +137,7 @@ impl GlobalPolicies {
                 mode,
                 policy.limit,
                 policy.sub_windows,
+                policy.local_reserve,
             ));
             for (tier, limit) in &policy.tiers {
                 found.push((
@@ -143,6 +146,7 @@ impl GlobalPolicies {
                     mode,
                     *limit,
                     policy.sub_windows,
+                    policy.local_reserve,
                 ));
             }
         }
@@ -150,7 +154,7 @@ impl GlobalPolicies {
         let entries = found
             .into_iter()
             .zip(1..)
-            .filter_map(|((policy, tier, mode, limit, k), id)| {
+            .filter_map(|((policy, tier, mode, limit, k, local_reserve), id)| {
                 let spec = WindowSpec::new(limit.rate.period_us(), k).ok()?;
                 Some(GlobalEntry {
                     policy,
@@ -159,6 +163,7 @@ impl GlobalPolicies {
                     mode,
                     quota: limit.rate.amount,
                     spec,
+                    local_reserve,
                 })
             })
             .collect();
@@ -191,8 +196,8 @@ impl GlobalPolicies {
                 GlobalMode::Eventual => policies.eventual.push((
                     e.id,
                     EventualPolicy {
-                        quota: e.quota,
-                        spec: e.spec,
+                        reserve_permille: e.local_reserve,
+                        ..EventualPolicy::new(e.quota, e.spec)
                     },
                 )),
                 GlobalMode::Strict => policies.strict.push((

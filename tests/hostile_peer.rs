@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use support::peer::{
     CLIENTS, DEADLINE, Deployment, EVENTUAL, EVENTUAL_QUOTA, EVENTUAL_WINDOW_S, Latency, PeerSpec,
-    Role, STRICT, STRICT_QUOTA, STRICT_WINDOW_S, Session, frame, measure, wall_us,
+    RESERVED, Role, STRICT, STRICT_QUOTA, STRICT_WINDOW_S, Session, frame, measure, wall_us,
 };
 use support::prom_value;
 use tollgate::crdt::WindowSpec;
@@ -119,6 +119,11 @@ fn eventual_sub() -> u64 {
 
 /// A delta of eventual-policy cells: `(key, actor, P, N)` in the current sub-window.
 fn cells(d: &Deployment, cells: &[(&str, &Actor, u64, u64)]) -> Message {
+    cells_of(d, EVENTUAL, cells)
+}
+
+/// [`cells`] of another eventual policy with [`EVENTUAL`]'s window.
+fn cells_of(d: &Deployment, policy: &str, cells: &[(&str, &Actor, u64, u64)]) -> Message {
     let mut actors: Vec<Actor> = Vec::new();
     let mut entries = Vec::new();
     for (key, actor, p, n) in cells {
@@ -143,7 +148,7 @@ fn cells(d: &Deployment, cells: &[(&str, &Actor, u64, u64)]) -> Message {
             chunks: 1,
             actors,
             policies: vec![PolicyDelta {
-                policy: d.policy_id(EVENTUAL),
+                policy: d.policy_id(policy),
                 base_sub: eventual_sub(),
                 entries,
             }],
@@ -751,6 +756,52 @@ async fn forged_cells_cannot_block_a_key_at_the_victim() {
         merged <= EVENTUAL_QUOTA,
         "the attacker's own claim counts {merged}"
     );
+    d.assert_serving(VICTIM).await;
+}
+
+/// A liar claiming a key's whole quota makes an eventual policy refuse that key for a window
+/// (eventual mode believes a peer's counts up to the quota: no receiver can tell the claim
+/// from a client that spent its allowance there). A policy with a 10% local reserve still
+/// admits its reserve at the victim, 10 of 100, and not one more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_quota_claim_leaves_a_reserved_policy_its_local_reserve() {
+    let (mut d, endpoint, spec) = attacked().await;
+    let session = establish(&d, &endpoint, &spec).await;
+    let me = session.actor.clone();
+    let client = CLIENTS[3];
+    let key = format!("key:{client}");
+    let claim = [(key.as_str(), &me, EVENTUAL_QUOTA, 0)];
+    session
+        .send(&[cells(&d, &claim), cells_of(&d, RESERVED, &claim)])
+        .await
+        .unwrap();
+    barrier(&d, &session).await;
+    let blocked = d
+        .request(VICTIM, "/eventual", client, REQUEST_DEADLINE)
+        .await;
+    assert_eq!(
+        blocked,
+        Some(429),
+        "without a reserve the claim blocks the key"
+    );
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        statuses.push(
+            d.request(VICTIM, "/reserved", client, REQUEST_DEADLINE)
+                .await,
+        );
+    }
+    assert_eq!(
+        statuses[..10],
+        [Some(200); 10],
+        "{statuses:?}\n{}",
+        d.logs()
+    );
+    assert_eq!(statuses[10..], [Some(429); 2], "{statuses:?}");
+    let reserved = d.limits(VICTIM, RESERVED, client).await.unwrap();
+    assert_eq!(reserved["tiers"][0]["local_reserve"], 10, "{reserved}");
+    let plain = d.limits(VICTIM, EVENTUAL, client).await.unwrap();
+    assert_eq!(plain["tiers"][0]["local_reserve"], 0, "{plain}");
     d.assert_serving(VICTIM).await;
 }
 

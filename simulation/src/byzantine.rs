@@ -79,6 +79,7 @@ pub fn scenario(n: usize) -> Scenario {
         net: crate::net::geographic(),
         skew_us: default_skew(n),
         actions: Vec::new(),
+        local_reserve: 0,
     }
 }
 
@@ -91,6 +92,9 @@ pub struct Case {
     pub mode: GlobalMode,
     /// How many gateways (one of them byzantine).
     pub gateways: usize,
+    /// The eventual policy's local reserve, in thousandths of the quota (0 in
+    /// [`cases`]; `--local-reserve` sets it for a run).
+    pub local_reserve: u16,
 }
 
 impl Case {
@@ -128,6 +132,7 @@ pub fn cases() -> Vec<Case> {
                         strategy,
                         mode,
                         gateways,
+                        local_reserve: 0,
                     })
             })
         })
@@ -145,6 +150,7 @@ pub fn case(strategy: Strategy, mode: GlobalMode, gateways: usize) -> Case {
         strategy,
         mode,
         gateways,
+        local_reserve: 0,
     }
 }
 
@@ -183,7 +189,10 @@ fn honest(region: usize) -> bool {
 /// Runs `case` on `seed`.
 pub fn run_seed(case: Case, seed: u64) -> Result<CaseSeed, SimError> {
     let n = case.gateways;
-    let scenario = scenario(n);
+    let scenario = Scenario {
+        local_reserve: case.local_reserve,
+        ..scenario(n)
+    };
     let requests = scenario.requests(seed);
     let adversary = Box::new(Byzantine::new(case.strategy, ATTACK_START_US));
     let run = world::run_with(

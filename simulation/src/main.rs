@@ -38,6 +38,10 @@ struct Args {
     /// With --byzantine: only the cases among this many gateways (3, 4 or 5).
     #[arg(long)]
     gateways: Option<usize>,
+    /// The eventual policy's local reserve, in thousandths of the quota (a policy's
+    /// `local_reserve`; 170 is 17%).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=500))]
+    local_reserve_permille: u16,
 }
 
 fn main() -> ExitCode {
@@ -61,6 +65,14 @@ fn main() -> ExitCode {
         },
         None => scenario::all(),
     };
+    let scenarios: Vec<scenario::Scenario> = scenarios
+        .into_iter()
+        .map(|s| scenario::Scenario {
+            local_reserve: args.local_reserve_permille,
+            ..s
+        })
+        .collect();
+    print_reserve(args.local_reserve_permille);
     let report = match runner::run(&scenarios, args.seed_start, args.seeds) {
         Ok(r) => r,
         Err(e) => {
@@ -122,7 +134,14 @@ fn run_byzantine(args: &Args) -> ExitCode {
         }
         None => byzantine::cases(),
     };
-    let cases: Vec<byzantine::Case> = cases.into_iter().filter(|c| among(c)).collect();
+    let cases: Vec<byzantine::Case> = cases
+        .into_iter()
+        .filter(|c| among(c))
+        .map(|c| byzantine::Case {
+            local_reserve: args.local_reserve_permille,
+            ..c
+        })
+        .collect();
     if cases.is_empty() {
         eprintln!(
             "no byzantine case among {:?} gateways (see --byzantine --list)",
@@ -137,6 +156,7 @@ fn run_byzantine(args: &Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    print_reserve(args.local_reserve_permille);
     print!("{}", byzantine::table(&report.rows));
     if let Some(path) = &args.csv
         && let Err(e) = std::fs::write(path, byzantine::csv(&report.rows))
@@ -152,5 +172,16 @@ fn run_byzantine(args: &Args) -> ExitCode {
             eprintln!("{v}");
         }
         ExitCode::FAILURE
+    }
+}
+
+/// Names a run's local reserve above its table (none: the default, nothing printed).
+fn print_reserve(permille: u16) {
+    if permille > 0 {
+        println!(
+            "eventual local reserve: {}.{}% of the quota",
+            permille / 10,
+            permille % 10
+        );
     }
 }

@@ -42,9 +42,18 @@ pub fn window() -> Result<WindowSpec, WindowError> {
 
 /// The policies every region runs: one eventual and one strict policy, same limit and window.
 pub fn policies() -> Result<Policies, WindowError> {
+    policies_with_reserve(0)
+}
+
+/// [`policies`], the eventual one with a local reserve of `local_reserve` thousandths.
+pub fn policies_with_reserve(local_reserve: u16) -> Result<Policies, WindowError> {
     let spec = window()?;
+    let eventual = EventualPolicy {
+        reserve_permille: local_reserve,
+        ..EventualPolicy::new(LIMIT, spec)
+    };
     Ok(Policies {
-        eventual: vec![(EVENTUAL, EventualPolicy { quota: LIMIT, spec })],
+        eventual: vec![(EVENTUAL, eventual)],
         strict: vec![(STRICT, StrictPolicy { quota: LIMIT, spec })],
     })
 }
@@ -175,6 +184,10 @@ pub struct Scenario {
     pub skew_us: Vec<i64>,
     /// Faults and repairs, in time order.
     pub actions: Vec<(u64, Action)>,
+    /// The eventual policy's local reserve, in thousandths of the quota (see
+    /// `tollgate::crdt::eventual`, "The local reserve"): 0, the default, in every scenario
+    /// but the byzantine runs that ask for one.
+    pub local_reserve: u16,
 }
 
 /// Small clock offsets every scenario has unless it says otherwise: what NTP keeps regions
@@ -200,6 +213,7 @@ fn steady(name: &'static str, about: &'static str, workload: Workload, kind: Kin
         net: crate::net::geographic(),
         skew_us: default_skew(N_REGIONS),
         actions: Vec::new(),
+        local_reserve: 0,
     }
 }
 

@@ -32,6 +32,7 @@ use tollgate::crdt::{Actor, Slot};
 use tollgate::gossip::codec::{self, DEFAULT_MAX_FRAME, Decoder};
 use tollgate::gossip::proto::{
     GlobalCheck, Gossip, GossipConfig, GossipError, LinkState, Message, PeerId, PeerStatus,
+    Policies,
 };
 use tollgate::limit::policy::GlobalMode as ProductionMode;
 
@@ -39,7 +40,7 @@ use crate::adversary::{Adversary, Outgoing};
 use crate::net::{GATEWAYS, MAX_GATEWAYS, MS, Network};
 use crate::scenario::{
     Action, END_US, EVENTUAL, LIMIT, Request, STRICT, Scenario, TRAFFIC_START_US, key_name,
-    policies,
+    policies_with_reserve,
 };
 
 /// A realistic wall-clock origin (2025), so sub-window numbers look like production ones and
@@ -285,6 +286,8 @@ struct World {
     keys: Vec<String>,
     /// How many gateways the world runs (every one in the slot list from the start).
     gateways: usize,
+    /// The policies every incarnation starts with.
+    policies: Policies,
 }
 
 impl World {
@@ -307,6 +310,7 @@ impl World {
             byzantine,
             keys: (0..scenario.keys()).map(key_name).collect(),
             gateways: scenario.gateways(),
+            policies: policies_with_reserve(scenario.local_reserve)?,
         };
         if !(2..=MAX_GATEWAYS).contains(&scenario.gateways()) {
             return Err(SimError::Gateways(scenario.gateways()));
@@ -336,7 +340,7 @@ impl World {
             me,
             slots(self.gateways),
             gossip_config(),
-            policies()?,
+            self.policies.clone(),
             CONFIG_DIGEST,
             seed,
             now,

@@ -105,6 +105,36 @@ pub fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("invalid address {text:?}: expected ip:port such as 0.0.0.0:8080"))
 }
 
+/// A share written as a percentage with at most one decimal (`"10%"`, `"2.5%"`), held in
+/// thousandths so the pure cores it reaches stay in integers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Permille(pub u16);
+
+impl FromToml for Permille {
+    fn from_toml(value: &Value) -> Result<Self, String> {
+        let expected = "a percentage such as \"10%\" or \"2.5%\"";
+        let text = value.as_str().ok_or_else(|| type_error(expected, value))?;
+        let invalid = || format!("invalid percentage {text:?}: expected {expected}");
+        let number = text.trim().strip_suffix('%').ok_or_else(invalid)?;
+        let (whole, tenths) = match number.split_once('.') {
+            Some((whole, tenth)) if tenth.len() == 1 => (whole, tenth),
+            Some(_) => return Err(invalid()),
+            None => (number, "0"),
+        };
+        let digits = |part: &str| -> Result<u16, String> {
+            if part.is_empty() || part.len() > 3 || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(invalid());
+            }
+            part.parse().map_err(|_| invalid())
+        };
+        let permille = digits(whole)? * 10 + digits(tenths)?;
+        if permille > 1000 {
+            return Err(format!("{text:?} is more than 100%"));
+        }
+        Ok(Permille(permille))
+    }
+}
+
 /// A size in bytes: an integer, or a string with a unit (`"512KiB"`, `"10MiB"`, `"1GB"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
@@ -286,6 +316,22 @@ impl<'t> Section<'t> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percentages() {
+        let read = |text: &str| Permille::from_toml(&Value::String(text.into())).map(|p| p.0);
+        assert_eq!(read("10%"), Ok(100));
+        assert_eq!(read("2.5%"), Ok(25));
+        assert_eq!(read(" 0% "), Ok(0));
+        assert_eq!(read("100%"), Ok(1000));
+        assert!(read("100.1%").unwrap_err().contains("more than 100%"));
+        for bad in [
+            "10", "%", "1.25%", "-1%", ".5%", "5.%", "1e2%", "10000%", "ten%",
+        ] {
+            assert!(read(bad).is_err(), "{bad}");
+        }
+        assert!(Permille::from_toml(&Value::Float(0.1)).is_err());
+    }
 
     #[test]
     fn byte_sizes() {

@@ -8,7 +8,7 @@ use http::{HeaderName, Method};
 use ipnet::IpNet;
 use jsonwebtoken::{Algorithm, DecodingKey};
 
-use super::fields::{Errors, Section};
+use super::fields::{Errors, Permille, Section};
 use crate::limit::identity::{ApiKey, IdentityConfig, JwtConfig, JwtKey};
 use crate::limit::lease::LeaseSize;
 use crate::limit::policy::{GlobalMode, KeySource, Limit, OnStoreError, Policy, Scope};
@@ -336,6 +336,7 @@ fn read_policy(name: &str, mut section: Section<'_>, errors: &mut Errors) -> Opt
         crate::crdt::window::DEFAULT_SUB_WINDOWS,
         errors,
     );
+    let local_reserve = read_local_reserve(&mut section, scope, errors);
     let mut regional = None;
     if !global {
         for key in ["regional_rate", "regional_burst", "sub_windows"] {
@@ -393,10 +394,46 @@ fn read_policy(name: &str, mut section: Section<'_>, errors: &mut Errors) -> Opt
         scope: scope?,
         regional,
         sub_windows,
+        local_reserve,
         on_store_error: on_store_error?,
         legacy_headers,
         lease,
     })
+}
+
+/// Most local reserve accepted: beyond half, two gateways alone could admit twice a key's
+/// limit, and the policy would no longer be global in any useful sense.
+const MAX_LOCAL_RESERVE_PERMILLE: u16 = 500;
+
+/// `local_reserve`: eventual global policies only, at most [`MAX_LOCAL_RESERVE_PERMILLE`].
+fn read_local_reserve(section: &mut Section<'_>, scope: Option<Scope>, errors: &mut Errors) -> u16 {
+    let Some(Permille(permille)) = section.optional::<Permille>("local_reserve", errors) else {
+        return 0;
+    };
+    let key = section.key("local_reserve");
+    match scope {
+        Some(Scope::Global(GlobalMode::Eventual)) if permille > MAX_LOCAL_RESERVE_PERMILLE => {
+            errors.push(
+                key,
+                "at most 50%: each gateway's reserve is admitted beyond the limit",
+            );
+            0
+        }
+        Some(Scope::Global(GlobalMode::Eventual)) => permille,
+        Some(Scope::Global(GlobalMode::Strict)) => {
+            errors.push(
+                key,
+                "only eventual policies take a local reserve: strict mode never lets a peer's \
+                 report take a gateway's own share",
+            );
+            0
+        }
+        Some(Scope::Region) => {
+            errors.push(key, "only global policies take this key");
+            0
+        }
+        None => 0,
+    }
 }
 
 /// `rate` and `burst` (default: the rate's amount) of a policy or tier.

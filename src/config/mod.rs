@@ -936,6 +936,52 @@ cost = 3
     }
 
     #[test]
+    fn a_local_reserve_is_for_eventual_policies_up_to_half() {
+        let policy = |name: &str, extra: &str| {
+            format!("[policies.{name}]\nkey = [\"ip\"]\nrate = \"100/10s\"\n{extra}\n")
+        };
+        let gossip = "[gossip]\nlisten = \"127.0.0.1:7400\"\nca = \"ca.pem\"\ncert = \"c.pem\"\n\
+                      key = \"k.pem\"\n\n[[gossip.peers]]\nregion = \"us-east\"\n\
+                      addr = \"127.0.0.1:7400\"\n";
+        let text = [
+            MINIMAL.to_owned(),
+            gossip.to_owned(),
+            policy("ok", "scope = \"global\"\nlocal_reserve = \"12.5%\""),
+            policy(
+                "strict",
+                "scope = \"global\"\nmode = \"strict\"\nlocal_reserve = \"5%\"",
+            ),
+            policy("regional", "local_reserve = \"5%\""),
+            policy("greedy", "scope = \"global\"\nlocal_reserve = \"50.1%\""),
+            policy("fraction", "scope = \"global\"\nlocal_reserve = 0.1"),
+        ]
+        .concat();
+        let found = problems(&text);
+        let keys: Vec<&str> = found.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "policies.fraction.local_reserve",
+                "policies.greedy.local_reserve",
+                "policies.regional.local_reserve",
+                "policies.strict.local_reserve",
+            ],
+            "{found:?}"
+        );
+        assert!(found[0].message.contains("percentage"), "{found:?}");
+        assert!(found[1].message.contains("at most 50%"), "{found:?}");
+        assert!(found[3].message.contains("only eventual"), "{found:?}");
+        let valid = [
+            MINIMAL.to_owned(),
+            gossip.to_owned(),
+            policy("ok", "scope = \"global\"\nlocal_reserve = \"12.5%\""),
+        ]
+        .concat();
+        let config = parse(&valid).unwrap();
+        assert_eq!(config.policies[0].local_reserve, 125);
+    }
+
+    #[test]
     fn shipped_region_files_are_valid() {
         for region in ["us-east", "eu-west", "ap-south"] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -28,10 +28,12 @@ use http::{StatusCode, header};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::crdt::eventual::local_reserve;
 use crate::global::GlobalLimits;
 use crate::global::strict_wait::is_connected;
 use crate::gossip::proto::PeerStatus;
 use crate::http::correlation::correlate;
+use crate::limit::policy::GlobalMode;
 use crate::problem::Problem;
 use crate::running::InForce;
 use crate::store::backend::Backend;
@@ -275,9 +277,16 @@ async fn limits(
                     "share_reclaimed": s.reclaimed,
                 })
             });
+            // What this gateway admits of a key per window whatever its peers report (of
+            // the quota in force, as the admission rule takes it).
+            let local_reserve = (entry.mode == GlobalMode::Eventual).then(|| {
+                let quota = global.quota_in_force(entry.id).unwrap_or(entry.quota);
+                local_reserve(quota.min(entry.quota), entry.local_reserve)
+            });
             json!({
                 "tier": entry.tier,
                 "quota": entry.quota,
+                "local_reserve": local_reserve,
                 // The smallest of this gateway's and its peers' configured quotas: what is
                 // enforced while a change rolls through the deployment.
                 "quota_in_force": global.quota_in_force(entry.id),

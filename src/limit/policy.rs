@@ -143,6 +143,10 @@ pub struct Policy {
     /// Global policies: sub-windows of the sliding window (a sub-window's admissions are
     /// released once all of it is more than one window old).
     pub sub_windows: u32,
+    /// Eventual global policies: thousandths of a key's limit each gateway admits per window
+    /// whatever its peers report (`local_reserve`; 0: none). See
+    /// [`crate::crdt::eventual`], "The local reserve".
+    pub local_reserve: u16,
     /// What to do when the bucket store fails or the breaker skips it.
     pub on_store_error: OnStoreError,
     /// Also send `X-RateLimit-Limit/Remaining/Reset`.
@@ -305,6 +309,7 @@ mod tests {
             scope: Scope::Region,
             regional: None,
             sub_windows: 10,
+            local_reserve: 0,
             on_store_error: OnStoreError::Local,
             legacy_headers: false,
             lease: Default::default(),

@@ -36,6 +36,9 @@ pub const EVENTUAL: &str = "hop-eventual";
 /// An eventual policy whose quota is never reached: its requests take the gossip lock like
 /// every global one, so their latency shows whether the request path waits behind a flood.
 pub const OPEN: &str = "hop-open";
+/// An eventual policy like [`EVENTUAL`] with a 10% local reserve: each gateway admits 10 of
+/// a key's 100 per window whatever its peers report.
+pub const RESERVED: &str = "hop-reserved";
 /// Frame bound of the test's own endpoint (the gateways' default).
 pub const MAX_FRAME: usize = codec::DEFAULT_MAX_FRAME;
 
@@ -84,6 +87,14 @@ fn tables() -> String {
         &format!("{EVENTUAL_QUOTA}/{EVENTUAL_WINDOW_S}s"),
         "eventual",
     ));
+    text.push_str(&global_policy(
+        RESERVED,
+        "/reserved",
+        &by,
+        &format!("{EVENTUAL_QUOTA}/{EVENTUAL_WINDOW_S}s"),
+        "eventual",
+    ));
+    text.push_str("local_reserve = \"10%\"\n");
     text.push_str(&global_policy(
         OPEN,
         "/open",

@@ -113,18 +113,13 @@ pub fn spec(policy: PolicyId) -> WindowSpec {
 pub fn policies() -> Policies {
     Policies {
         eventual: vec![
-            (
-                LONG,
-                EventualPolicy {
-                    quota: EVENTUAL_QUOTA,
-                    spec: spec(LONG),
-                },
-            ),
+            (LONG, EventualPolicy::new(EVENTUAL_QUOTA, spec(LONG))),
+            // The short policy has a local reserve, so admissions past the rule are fuzzed too.
             (
                 SHORT,
                 EventualPolicy {
-                    quota: EVENTUAL_QUOTA,
-                    spec: spec(SHORT),
+                    reserve_permille: 100,
+                    ..EventualPolicy::new(EVENTUAL_QUOTA, spec(SHORT))
                 },
             ),
         ],

@@ -239,13 +239,7 @@ fn a_full_table_evicts_instead_of_refusing_new_keys() {
     let mut me = EventualNode::with_limits(
         actor(0),
         slots(2),
-        [(
-            1,
-            EventualPolicy {
-                quota: 10,
-                spec: spec(),
-            },
-        )],
+        [(1, EventualPolicy::new(10, spec()))],
         limits,
     )
     .unwrap();
@@ -502,4 +496,50 @@ fn a_lying_relay_cannot_unblock_a_key() {
         admitted + more <= limit,
         "{admitted} + {more} admitted with limit {limit}"
     );
+}
+
+/// A peer claiming a key's whole quota (its own cell and a relayed one for a third actor):
+/// without a local reserve the receiver refuses the key for the window; with a 10% reserve
+/// it still admits exactly its reserve, and never more (the lie is not a licence either).
+#[test]
+fn a_full_quota_claim_leaves_the_local_reserve() {
+    let (limit, liar, third) = (100u64, actor(1), actor(2));
+    let claim = |now| {
+        forged(
+            now,
+            vec![liar.clone(), third.clone()],
+            "k",
+            vec![(0, limit, 0), (1, limit, 0)],
+        )
+    };
+    let admitted = |reserve_permille: u16| {
+        let policy = EventualPolicy {
+            reserve_permille,
+            ..EventualPolicy::new(limit, spec())
+        };
+        let slots = vec![actor(0).slot(), liar.slot(), third.slot()];
+        let mut me = EventualNode::new(actor(0), slots, [(1, policy)]).unwrap();
+        me.set_peers([actor(0), liar.clone(), third.clone()]);
+        let report = me.on_delta(&liar, &claim(T0), T0);
+        assert_eq!(report.cells_changed, 2);
+        assert_eq!(me.table().count(1, "k", T0), 2 * limit);
+        (0..50)
+            .filter(|i| me.try_admit(1, "k", T0 + i * 1_000, 1, limit).unwrap())
+            .count()
+    };
+    assert_eq!(admitted(0), 0);
+    assert_eq!(admitted(100), 10);
+    assert_eq!(admitted(1000), 50);
+    // Rounded down: 5.5% of 100 is 5.
+    assert_eq!(admitted(55), 5);
+}
+
+#[test]
+fn the_local_reserve_is_a_fraction_of_the_limit_rounded_down() {
+    assert_eq!(local_reserve(100, 0), 0);
+    assert_eq!(local_reserve(100, 100), 10);
+    assert_eq!(local_reserve(9, 100), 0);
+    assert_eq!(local_reserve(u64::MAX, 1000), u64::MAX);
+    assert_eq!(local_reserve(u64::MAX, u16::MAX), u64::MAX);
+    assert_eq!(local_reserve(7, 500), 3);
 }

@@ -41,6 +41,20 @@
 //! other peer must still settle each admission), so it buys the liar nothing beyond its own
 //! share.
 //!
+//! # The local reserve: availability against a lying peer, for a bounded excess
+//!
+//! The rule believes every count a peer reports up to the quota per sub-window (more cannot
+//! be honest, and less would let a client that spent its allowance in one region spend it
+//! again in the next). So a peer that claims a key's whole quota makes every actor refuse
+//! that key for a window, and no receiver can tell the claim from a client that really
+//! spent its allowance there. A policy's *local reserve* (`reserve_permille` thousandths of
+//! the key's limit, `R`) trades a bounded excess for availability: an actor also admits a
+//! request the rule refuses while its own live admissions of the key, that one included,
+//! stay within `R`. Only the actor's own cells count, which no peer can write, so no
+//! report can use the reserve up. The cost: `N` actors admit at most `limit + N · R` in any
+//! window (the property test checks it), and a restarted actor is a new one, with a fresh
+//! reserve. `R = 0`, the default, is the rule alone.
+//!
 //! # Peers
 //!
 //! `N` and the peer set are the gossip layer's decision: every configured actor that may
@@ -82,6 +96,14 @@ pub fn eventual_admit(
     let seen = u128::from(merged_count.saturating_sub(my_unacked));
     let headroom = u128::from(limit).saturating_sub(seen);
     n * (u128::from(my_unacked) + u128::from(cost)) <= headroom
+}
+
+/// The local reserve of `limit` at `permille` thousandths, rounded down (see the module
+/// docs); a `permille` above 1000 counts as 1000.
+pub fn local_reserve(limit: u64, permille: u16) -> u64 {
+    let share = u128::from(limit) * u128::from(permille.min(1000)) / 1000;
+    // At most `limit`, since the factor is at most one.
+    u64::try_from(share).unwrap_or(limit)
 }
 
 /// What one actor tells a peer about what it has merged, sent with (or after) its deltas.
@@ -445,7 +467,7 @@ impl EventualNode {
                     policy,
                     EventualPolicy {
                         quota,
-                        spec: registered.spec,
+                        ..registered
                     },
                 );
                 true
@@ -537,7 +559,9 @@ impl EventualNode {
         let net = self.table.net(policy, key, now_us);
         let merged = clamp(net);
         let unacked = self.unacked(policy, key, now_us);
-        if !eventual_admit(limit, merged, unacked, self.acks.n_actors(), cost) {
+        if !eventual_admit(limit, merged, unacked, self.acks.n_actors(), cost)
+            && !self.within_reserve(registered, policy, key, now_us, cost, limit)
+        {
             return Ok((false, merged));
         }
         let version = match self.table.record(self.me, policy, key, now_us, cost) {
@@ -550,6 +574,27 @@ impl EventualNode {
         // The record added `cost` to our own cell of the current sub-window and dropped
         // only cells past the GC horizon, which the sliding sum does not count.
         Ok((true, clamp(net.saturating_add(i128::from(cost)))))
+    }
+
+    /// Whether `cost` more keeps our own live admissions of `(policy, key)` within the
+    /// policy's local reserve of `limit` (see the module docs). Only our own cells count:
+    /// peers cannot write them, so no report of theirs can use up the reserve.
+    fn within_reserve(
+        &self,
+        registered: EventualPolicy,
+        policy: PolicyId,
+        key: &str,
+        now_us: u64,
+        cost: u64,
+        limit: u64,
+    ) -> bool {
+        let reserve = local_reserve(limit, registered.reserve_permille);
+        reserve > 0
+            && self
+                .table
+                .own_count(self.me, policy, key, now_us)
+                .saturating_add(cost)
+                <= reserve
     }
 
     /// Refunds own admissions (see [`UsageTable::refund`]).

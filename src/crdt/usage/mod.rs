@@ -60,15 +60,25 @@ pub struct EventualPolicy {
     pub quota: u64,
     /// The sliding window.
     pub spec: WindowSpec,
+    /// Thousandths of a key's limit that this actor admits per window whatever its peers
+    /// report (0: none). The table only carries it; the admission rule reads it (see
+    /// [`crate::crdt::eventual`], "The local reserve").
+    pub reserve_permille: u16,
 }
 
 impl EventualPolicy {
+    /// A policy of `quota` per window, without a local reserve.
+    pub fn new(quota: u64, spec: WindowSpec) -> Self {
+        Self {
+            quota,
+            spec,
+            reserve_permille: 0,
+        }
+    }
+
     /// A policy whose counts are not bounded (for tables fed only trusted input).
     pub fn unbounded(spec: WindowSpec) -> Self {
-        Self {
-            quota: u64::MAX,
-            spec,
-        }
+        Self::new(u64::MAX, spec)
     }
 }
 
@@ -489,7 +499,7 @@ impl UsageTable {
         if n == 0 {
             return Ok(self.version);
         }
-        let EventualPolicy { quota, spec } = pol.policy;
+        let EventualPolicy { quota, spec, .. } = pol.policy;
         if n > quota {
             return Err(UsageError::OverQuota);
         }
@@ -671,7 +681,7 @@ impl UsageTable {
                 report.unknown_policy += pd.entries.len() as u64;
                 continue;
             };
-            let EventualPolicy { quota, spec } = pol.policy;
+            let EventualPolicy { quota, spec, .. } = pol.policy;
             let horizon = spec.gc_horizon(now_us);
             let newest = spec.max_accepted(now_us);
             for e in &pd.entries {

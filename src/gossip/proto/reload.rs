@@ -220,7 +220,7 @@ mod tests {
         let spec = WindowSpec::new(2_000_000, 10).unwrap();
         let policies = Policies {
             strict: vec![(STRICT, StrictPolicy { quota: 10, spec })],
-            eventual: vec![(EVENTUAL, EventualPolicy { quota: 100, spec })],
+            eventual: vec![(EVENTUAL, EventualPolicy::new(100, spec))],
         };
         let slots = vec![Slot::new("r0", "a"), Slot::new("r1", "a")];
         let me = Actor::new("r0", "a", T0);

@@ -57,18 +57,9 @@ fn policies() -> Policies {
         eventual: vec![
             (
                 LONG,
-                EventualPolicy {
-                    quota: u64::MAX / 4,
-                    spec: WindowSpec::new(60 * SEC, 10).unwrap(),
-                },
+                EventualPolicy::new(u64::MAX / 4, WindowSpec::new(60 * SEC, 10).unwrap()),
             ),
-            (
-                SHORT,
-                EventualPolicy {
-                    quota: SHORT_LIMIT,
-                    spec: short_spec(),
-                },
-            ),
+            (SHORT, EventualPolicy::new(SHORT_LIMIT, short_spec())),
         ],
         strict: vec![(
             STRICT,

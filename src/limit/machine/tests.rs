@@ -31,6 +31,7 @@ fn policy(name: &str, burst: u64, lease: LeaseSize, on_store_error: OnStoreError
         scope: Scope::Region,
         regional: None,
         sub_windows: 10,
+        local_reserve: 0,
         on_store_error,
         legacy_headers: false,
         lease,
