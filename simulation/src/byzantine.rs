@@ -93,7 +93,7 @@ pub struct Case {
     /// How many gateways (one of them byzantine).
     pub gateways: usize,
     /// The eventual policy's local reserve, in thousandths of the quota (0 in
-    /// [`cases`]; `--local-reserve` sets it for a run).
+    /// [`cases`]; `--local-reserve-permille` sets it for a run).
     pub local_reserve: u16,
 }
 

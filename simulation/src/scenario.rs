@@ -185,8 +185,8 @@ pub struct Scenario {
     /// Faults and repairs, in time order.
     pub actions: Vec<(u64, Action)>,
     /// The eventual policy's local reserve, in thousandths of the quota (see
-    /// `tollgate::crdt::eventual`, "The local reserve"): 0, the default, in every scenario
-    /// but the byzantine runs that ask for one.
+    /// `tollgate::crdt::eventual`, "The local reserve"): 0, the default, unless a run asks
+    /// for one (`--local-reserve-permille`).
     pub local_reserve: u16,
 }
 

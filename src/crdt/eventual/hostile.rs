@@ -543,3 +543,58 @@ fn the_local_reserve_is_a_fraction_of_the_limit_rounded_down() {
     assert_eq!(local_reserve(u64::MAX, u16::MAX), u64::MAX);
     assert_eq!(local_reserve(7, 500), 3);
 }
+
+/// The reserve is spent by our own admissions, settled or not: with full gossip rounds (every
+/// admission acknowledged by the honest peer before the next) under a liar's full-quota
+/// claim, each honest actor admits exactly its reserve per window, and is told what is left
+/// of it (a `remaining` of 0 would make a well-behaved client back off from what it is
+/// granted).
+#[test]
+fn settled_admissions_use_the_reserve_up_and_remaining_reports_it() {
+    let (limit, byz) = (100u64, 2usize);
+    let policy = EventualPolicy {
+        reserve_permille: 100,
+        ..EventualPolicy::new(limit, spec())
+    };
+    let mut nodes: Vec<EventualNode> = (0..2)
+        .map(|i| EventualNode::new(actor(i), slots(3), [(1, policy)]).unwrap())
+        .collect();
+    for node in &mut nodes {
+        node.set_peers((0..3).map(actor));
+    }
+    let mut now = T0;
+    let claim = forged(now, vec![actor(byz)], "k", vec![(0, limit, 0)]);
+    for node in &mut nodes {
+        assert_eq!(node.on_delta(&actor(byz), &claim, now).cells_changed, 1);
+    }
+    let mut admitted = [0u64; 2];
+    for _ in 0..30 {
+        now += 10_000;
+        for i in 0..2 {
+            let (ok, remaining) = nodes[i].try_admit_counted(1, "k", now, 1, limit).unwrap();
+            if ok {
+                admitted[i] += 1;
+            }
+            assert_eq!(remaining, 10 - admitted[i], "actor {i}");
+            assert_eq!(nodes[i].remaining(1, "k", limit, now), remaining);
+        }
+        sync(&mut nodes, 0, 1, now);
+        sync(&mut nodes, 1, 0, now);
+        // The liar acknowledges everything too (it would rather we settled).
+        for node in &mut nodes {
+            let version = node.table().version();
+            node.note_sent(&actor(byz), version);
+            let ack = Ack {
+                heard_from_you: version,
+                my_version: 0,
+            };
+            node.on_ack(&actor(byz), ack);
+        }
+    }
+    assert_eq!(admitted, [10, 10]);
+    assert_eq!(
+        nodes[0].unacked(1, "k", now),
+        0,
+        "the rounds settled everything"
+    );
+}

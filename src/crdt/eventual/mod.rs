@@ -51,9 +51,12 @@
 //! the key's limit, `R`) trades a bounded excess for availability: an actor also admits a
 //! request the rule refuses while its own live admissions of the key, that one included,
 //! stay within `R`. Only the actor's own cells count, which no peer can write, so no
-//! report can use the reserve up. The cost: `N` actors admit at most `limit + N · R` in any
-//! window (the property test checks it), and a restarted actor is a new one, with a fresh
-//! reserve. `R = 0`, the default, is the rule alone.
+//! count a peer reports can use the reserve up. The reserve is a part of the quota in force,
+//! so a peer announcing a lower quota lowers it with everything else, for as long as such an
+//! announcement is believed (the gossip layer's rollout window). The cost: `N` actors admit
+//! at most `limit + N · R` in any window (the property test checks it), and since a
+//! restarted actor is a new one with a fresh reserve, each restart within a window can add
+//! `R` more. `R = 0`, the default, is the rule alone.
 //!
 //! # Peers
 //!
@@ -104,6 +107,14 @@ pub fn local_reserve(limit: u64, permille: u16) -> u64 {
     let share = u128::from(limit) * u128::from(permille.min(1000)) / 1000;
     // At most `limit`, since the factor is at most one.
     u64::try_from(share).unwrap_or(limit)
+}
+
+/// What remains of `limit` with `merged` counted, given a local `reserve` of which `own`
+/// is used: the larger of the two headrooms.
+fn remains(limit: u64, merged: u64, reserve: u64, own: u64) -> u64 {
+    limit
+        .saturating_sub(merged)
+        .max(reserve.saturating_sub(own))
 }
 
 /// What one actor tells a peer about what it has merged, sent with (or after) its deltas.
@@ -539,9 +550,9 @@ impl EventualNode {
             .map(|(admitted, _)| admitted)
     }
 
-    /// [`EventualNode::try_admit`], with the merged count of `(policy, key)` after the
-    /// decision: what [`UsageTable::count`] would say next, without reading the cells again
-    /// (the request path reports what remains after every admission).
+    /// [`EventualNode::try_admit`], with what remains of `limit` for `(policy, key)` after
+    /// the decision: what [`EventualNode::remaining`] would say next, without reading the
+    /// cells again (the request path reports what remains after every admission).
     pub fn try_admit_counted(
         &mut self,
         policy: PolicyId,
@@ -555,46 +566,53 @@ impl EventualNode {
             .policy(policy)
             .ok_or(UsageError::UnknownPolicy(policy))?;
         let spec = registered.spec;
-        let limit = limit.min(registered.quota);
+        let in_force = limit.min(registered.quota);
         let net = self.table.net(policy, key, now_us);
         let merged = clamp(net);
         let unacked = self.unacked(policy, key, now_us);
-        if !eventual_admit(limit, merged, unacked, self.acks.n_actors(), cost)
-            && !self.within_reserve(registered, policy, key, now_us, cost, limit)
+        let reserve = local_reserve(in_force, registered.reserve_permille);
+        // Our own count, read only where a reserve can need it.
+        let own = |node: &Self| {
+            if reserve == 0 {
+                0
+            } else {
+                node.table.own_count(node.me, policy, key, now_us)
+            }
+        };
+        let refused = |own: u64| (false, remains(limit, merged, reserve, own));
+        if !eventual_admit(in_force, merged, unacked, self.acks.n_actors(), cost)
+            && (reserve == 0 || own(self).saturating_add(cost) > reserve)
         {
-            return Ok((false, merged));
+            return Ok(refused(own(self)));
         }
         let version = match self.table.record(self.me, policy, key, now_us, cost) {
             Ok(v) => v,
-            Err(UsageError::OverQuota) => return Ok((false, merged)),
+            Err(UsageError::OverQuota) => return Ok(refused(own(self))),
             Err(e) => return Err(e),
         };
         self.log
             .on_admit(policy, key, spec.sub_window(now_us), version, cost);
         // The record added `cost` to our own cell of the current sub-window and dropped
         // only cells past the GC horizon, which the sliding sum does not count.
-        Ok((true, clamp(net.saturating_add(i128::from(cost)))))
+        let after = clamp(net.saturating_add(i128::from(cost)));
+        Ok((true, remains(limit, after, reserve, own(self))))
     }
 
-    /// Whether `cost` more keeps our own live admissions of `(policy, key)` within the
-    /// policy's local reserve of `limit` (see the module docs). Only our own cells count:
-    /// peers cannot write them, so no report of theirs can use up the reserve.
-    fn within_reserve(
-        &self,
-        registered: EventualPolicy,
-        policy: PolicyId,
-        key: &str,
-        now_us: u64,
-        cost: u64,
-        limit: u64,
-    ) -> bool {
-        let reserve = local_reserve(limit, registered.reserve_permille);
-        reserve > 0
-            && self
-                .table
-                .own_count(self.me, policy, key, now_us)
-                .saturating_add(cost)
-                <= reserve
+    /// What remains of `limit` for `(policy, key)`: the headroom the merged count leaves, or
+    /// what is left of our local reserve if that is more (a client told `0` while the
+    /// reserve would admit it would back off from what the policy grants it).
+    pub fn remaining(&self, policy: PolicyId, key: &str, limit: u64, now_us: u64) -> u64 {
+        let merged = self.table.count(policy, key, now_us);
+        let Some(registered) = self.table.policy(policy) else {
+            return limit.saturating_sub(merged);
+        };
+        let reserve = local_reserve(limit.min(registered.quota), registered.reserve_permille);
+        let own = if reserve == 0 {
+            0
+        } else {
+            self.table.own_count(self.me, policy, key, now_us)
+        };
+        remains(limit, merged, reserve, own)
     }
 
     /// Refunds own admissions (see [`UsageTable::refund`]).

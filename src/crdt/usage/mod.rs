@@ -391,7 +391,7 @@ impl UsageTable {
     pub fn add_policy(&mut self, id: PolicyId, policy: EventualPolicy) {
         if let Some(p) = self.policies.get_mut(&id) {
             if p.policy.spec == policy.spec {
-                p.policy.quota = policy.quota;
+                p.policy = policy;
                 return;
             }
             self.key_count -= p.keys.len();

@@ -57,7 +57,7 @@ impl Gossip {
             .iter()
             .map(|check| match check.mode {
                 GlobalMode::Eventual => {
-                    let (admitted, count) = self.try_admit_eventual_counted(
+                    let (admitted, remaining) = self.try_admit_eventual_counted(
                         check.policy,
                         check.key,
                         check.cost,
@@ -66,7 +66,7 @@ impl Gossip {
                     );
                     GlobalOutcome {
                         admitted,
-                        remaining: count.map_or(0, |count| check.quota.saturating_sub(count)),
+                        remaining: remaining.unwrap_or(0),
                     }
                 }
                 GlobalMode::Strict => GlobalOutcome {
@@ -144,9 +144,9 @@ impl Gossip {
             .0
     }
 
-    /// [`Gossip::try_admit_eventual`], with the merged count after the decision when it was
-    /// read (`None` while learning, or when the table refused: an unknown policy, a key it
-    /// cannot hold).
+    /// [`Gossip::try_admit_eventual`], with what remains after the decision when the count
+    /// was read (`None` while learning, or when the table refused: an unknown policy, a key
+    /// it cannot hold).
     fn try_admit_eventual_counted(
         &mut self,
         policy: PolicyId,
@@ -158,7 +158,7 @@ impl Gossip {
         if self.is_learning(now_us) {
             return (false, None);
         }
-        let Ok((ok, count)) = self
+        let Ok((ok, remaining)) = self
             .node
             .try_admit_counted(policy, key, now_us, cost, limit)
         else {
@@ -167,7 +167,7 @@ impl Gossip {
         if ok && cost > 0 {
             self.own_pending = self.own_pending.saturating_add(1);
         }
-        (ok, Some(count))
+        (ok, Some(remaining))
     }
 
     /// Strict mode: admits `cost` on `(policy, key)` if we hold the rights. When short (or
@@ -277,9 +277,10 @@ impl Gossip {
             .refund(policy, key, admitted_at_us, cost, now_us)
     }
 
-    /// Eventual mode: what is left of `limit` for `(policy, key)` as merged here.
+    /// Eventual mode: what is left of `limit` for `(policy, key)` as merged here, or of our
+    /// local reserve if that is more (see [`crate::crdt::eventual::EventualNode::remaining`]).
     pub fn remaining_eventual(&self, policy: PolicyId, key: &str, limit: u64, now_us: u64) -> u64 {
-        limit.saturating_sub(self.node.table().count(policy, key, now_us))
+        self.node.remaining(policy, key, limit, now_us)
     }
 
     /// Strict mode: the rights we hold for `(policy, key)`.
