@@ -279,9 +279,10 @@ async fn limits(
             });
             // What this gateway admits of a key per window whatever its peers report (of
             // the quota in force, as the admission rule takes it).
+            let quota_in_force = global.quota_in_force(entry.id);
             let local_reserve = (entry.mode == GlobalMode::Eventual).then(|| {
-                let quota = global.quota_in_force(entry.id).unwrap_or(entry.quota);
-                local_reserve(quota.min(entry.quota), entry.local_reserve)
+                let quota = quota_in_force.unwrap_or(entry.quota).min(entry.quota);
+                local_reserve(quota, entry.local_reserve)
             });
             json!({
                 "tier": entry.tier,
@@ -289,7 +290,7 @@ async fn limits(
                 "local_reserve": local_reserve,
                 // The smallest of this gateway's and its peers' configured quotas: what is
                 // enforced while a change rolls through the deployment.
-                "quota_in_force": global.quota_in_force(entry.id),
+                "quota_in_force": quota_in_force,
                 "window_s": entry.spec.window_us() as f64 / 1e6,
                 "sub_windows": entry.spec.sub_windows(),
                 "eventual": eventual,

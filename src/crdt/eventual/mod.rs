@@ -104,6 +104,10 @@ pub fn eventual_admit(
 /// The local reserve of `limit` at `permille` thousandths, rounded down (see the module
 /// docs); a `permille` above 1000 counts as 1000.
 pub fn local_reserve(limit: u64, permille: u16) -> u64 {
+    if permille == 0 {
+        // The default, on every eventual decision: no 128-bit division for it.
+        return 0;
+    }
     let share = u128::from(limit) * u128::from(permille.min(1000)) / 1000;
     // At most `limit`, since the factor is at most one.
     u64::try_from(share).unwrap_or(limit)
@@ -571,23 +575,18 @@ impl EventualNode {
         let merged = clamp(net);
         let unacked = self.unacked(policy, key, now_us);
         let reserve = local_reserve(in_force, registered.reserve_permille);
-        // Our own count, read only where a reserve can need it.
-        let own = |node: &Self| {
-            if reserve == 0 {
-                0
-            } else {
-                node.table.own_count(node.me, policy, key, now_us)
+        if !eventual_admit(in_force, merged, unacked, self.acks.n_actors(), cost) {
+            let own = self.reserve_used(reserve, policy, key, now_us);
+            if reserve == 0 || own.saturating_add(cost) > reserve {
+                return Ok((false, remains(limit, merged, reserve, own)));
             }
-        };
-        let refused = |own: u64| (false, remains(limit, merged, reserve, own));
-        if !eventual_admit(in_force, merged, unacked, self.acks.n_actors(), cost)
-            && (reserve == 0 || own(self).saturating_add(cost) > reserve)
-        {
-            return Ok(refused(own(self)));
         }
         let version = match self.table.record(self.me, policy, key, now_us, cost) {
             Ok(v) => v,
-            Err(UsageError::OverQuota) => return Ok(refused(own(self))),
+            Err(UsageError::OverQuota) => {
+                let own = self.reserve_used(reserve, policy, key, now_us);
+                return Ok((false, remains(limit, merged, reserve, own)));
+            }
             Err(e) => return Err(e),
         };
         self.log
@@ -595,7 +594,18 @@ impl EventualNode {
         // The record added `cost` to our own cell of the current sub-window and dropped
         // only cells past the GC horizon, which the sliding sum does not count.
         let after = clamp(net.saturating_add(i128::from(cost)));
-        Ok((true, remains(limit, after, reserve, own(self))))
+        let own = self.reserve_used(reserve, policy, key, now_us);
+        Ok((true, remains(limit, after, reserve, own)))
+    }
+
+    /// Our own live admissions of `(policy, key)`, what uses a local `reserve` up: read only
+    /// when there is a reserve (0 otherwise, which is all [`remains`] needs then).
+    fn reserve_used(&self, reserve: u64, policy: PolicyId, key: &str, now_us: u64) -> u64 {
+        if reserve == 0 {
+            0
+        } else {
+            self.table.own_count(self.me, policy, key, now_us)
+        }
     }
 
     /// What remains of `limit` for `(policy, key)`: the headroom the merged count leaves, or
@@ -607,12 +617,12 @@ impl EventualNode {
             return limit.saturating_sub(merged);
         };
         let reserve = local_reserve(limit.min(registered.quota), registered.reserve_permille);
-        let own = if reserve == 0 {
-            0
-        } else {
-            self.table.own_count(self.me, policy, key, now_us)
-        };
-        remains(limit, merged, reserve, own)
+        remains(
+            limit,
+            merged,
+            reserve,
+            self.reserve_used(reserve, policy, key, now_us),
+        )
     }
 
     /// Refunds own admissions (see [`UsageTable::refund`]).
